@@ -1,0 +1,141 @@
+"""Placed fleet → the desired Ray Serve config (a plain dict, the body of Serve's PUT). Pure: no I/O.
+
+One application per model (so one model restarts alone) plus the OpenAI router at "/". Fields are
+laid out so that what needs no engine restart travels as in-place options: the idle timeout and
+always-on in `user_config`, replica counts in `num_replicas`, the router's model list in its
+`user_config`. What changes the engine (source, engine args, GPUs) lives in the app's `args`.
+See docs/contracts.md for the shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .placement import PlacedFleet, PlacedModel
+from .spec import ROUTER_APP
+
+ENGINE_IMPORT = "serve_app.engine:app"
+ROUTER_IMPORT = "serve_app.router:app"
+FLEET_IMPORT_PREFIX = "serve_app."
+ENGINE_DEPLOYMENT = "engine"
+ROUTER_DEPLOYMENT = "router"
+TASK_RUNNER = {"generate": "generate", "embed": "pooling"}  # vLLM's --runner for each task
+
+
+def gpu_resource(index: int) -> str:
+    """The Ray custom resource that stands for one GPU (declared with capacity 1 at `ray start`)."""
+    return f"fleet_gpu_{index}"
+
+
+def engine_argv(engine: Mapping[str, Any]) -> list[str]:
+    """vLLM engine args as argv elements, keys sorted so reordering the YAML restarts nothing.
+
+    true → --flag, false → --no-flag, a list → --flag a b, a mapping → --flag '<json>'. Values are
+    separate argv elements, never joined into a shell string.
+    """
+    argv: list[str] = []
+    for key in sorted(engine):
+        flag = "--" + key.replace("_", "-")
+        value = engine[key]
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + flag[2:])
+        elif isinstance(value, list):
+            argv += [flag, *(_scalar(v) for v in value)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value, sort_keys=True)]
+        else:
+            argv += [flag, _scalar(value)]
+    return argv
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def model_argv(model: PlacedModel) -> list[str]:
+    """The fleet-decided flags first (runner, revision, parallelism, GPU share), then the user's."""
+    argv = ["--runner", TASK_RUNNER[model.task]]
+    if model.source.startswith("hf://") and "@" in model.source:
+        argv += ["--revision", model.source.rsplit("@", 1)[1]]
+    if model.tensor_parallel > 1:
+        argv += ["--tensor-parallel-size", str(model.tensor_parallel)]
+    if model.gpu_memory is not None:
+        argv += ["--gpu-memory-utilization", f"{model.gpu_memory:g}"]
+    return argv + engine_argv(model.engine)
+
+
+def actor_options(model: PlacedModel) -> dict[str, Any]:
+    """Ray schedules the replica on its GPUs' custom resources, so shares can never exceed a card."""
+    opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": 0}
+    if model.gpus:
+        opts["resources"] = {gpu_resource(i): model.gpu_memory for i in model.gpus}
+    return opts
+
+
+def model_app(model: PlacedModel) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "route_prefix": None,
+        "import_path": ENGINE_IMPORT,
+        "args": {
+            "model": model.name,
+            "source": model.source.split("@", 1)[0] if model.source.startswith("hf://") else model.source,
+            "task": model.task,
+            "engine_argv": model_argv(model),
+            "env": dict(sorted(model.env.items())),
+            "gpus": list(model.gpus),
+            "start_timeout_s": _finite(model.start_timeout_s),
+        },
+        "deployments": [{
+            "name": ENGINE_DEPLOYMENT,
+            "num_replicas": model.replicas,
+            "max_ongoing_requests": 1000,
+            "health_check_period_s": 10.0,
+            "health_check_timeout_s": 30.0,
+            "graceful_shutdown_timeout_s": 20.0,
+            "ray_actor_options": actor_options(model),
+            "user_config": {"idle_timeout_s": model.idle_timeout_s, "always_on": model.always_on},
+        }],
+    }
+
+
+def router_app(fleet: PlacedFleet) -> dict[str, Any]:
+    return {
+        "name": ROUTER_APP,
+        "route_prefix": "/",
+        "import_path": ROUTER_IMPORT,
+        "args": {},
+        "deployments": [{
+            "name": ROUTER_DEPLOYMENT,
+            "num_replicas": 1,
+            "max_ongoing_requests": 1000,
+            "ray_actor_options": {"num_cpus": 0},
+            "user_config": {
+                "models": {m.name: {"task": m.task, "always_on": m.always_on} for m in fleet.models},
+                "api_key_envs": list(fleet.openai.api_keys),
+                "load_timeout_s": _finite(fleet.openai.load_timeout),
+            },
+        }],
+    }
+
+
+def _finite(seconds: float) -> float | None:
+    """JSON has no infinity; None means "no bound" ("never")."""
+    return None if math.isinf(seconds) else seconds
+
+
+def compile_serve_config(fleet: PlacedFleet) -> dict[str, Any]:
+    """The whole desired Serve config: always-on models first, so apply can bring them up first."""
+    models = sorted(fleet.models, key=lambda m: not m.always_on)
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": fleet.openai.host, "port": fleet.openai.port},
+        "applications": [router_app(fleet), *(model_app(m) for m in models)],
+    }

@@ -1,0 +1,67 @@
+"""The GPUs a fleet can use: from NVML where GPUs exist, else the fleet's declared inventory, else none."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .spec import Inventory as DeclaredInventory
+
+InventorySource = Literal["nvml", "declared", "cpu"]
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    memory_bytes: int
+    node: str | None = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Inventory:
+    gpus: tuple[GpuInfo, ...]
+    source: InventorySource
+
+    def find(self, index: int, node: str | None) -> GpuInfo | None:
+        return next((g for g in self.gpus if g.index == index and g.node == node), None)
+
+    def describe(self) -> str:
+        if not self.gpus:
+            return "this box has no GPUs (NVML found none and the fleet declares no inventory)"
+        listed = ", ".join(str(g.index) if g.node is None else f"{g.node}:{g.index}" for g in self.gpus)
+        origin = "found by NVML" if self.source == "nvml" else "declared in inventory:"
+        return f"GPUs {listed} ({origin})"
+
+
+def nvml_gpus() -> tuple[GpuInfo, ...]:
+    """The local GPUs as NVML reports them; empty when there is no NVIDIA driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return ()
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return ()
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            out.append(GpuInfo(i, int(mem.total), None, name.decode() if isinstance(name, bytes) else name))
+        return tuple(out)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def discover(declared: DeclaredInventory | None) -> Inventory:
+    """NVML first (the real box), then the declared inventory (planning for another box), else CPU-only."""
+    found = nvml_gpus()
+    if found:
+        return Inventory(found, "nvml")
+    if declared is not None and declared.gpus:
+        return Inventory(tuple(GpuInfo(g.index, g.memory, g.node, g.name or "") for g in declared.gpus),
+                         "declared")
+    return Inventory((), "cpu")

@@ -1,0 +1,26 @@
+"""Fleet files → desired Serve config in one call: load, validate, place, compile. The CLI and daemon use this."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .compile import compile_serve_config
+from .inventory import Inventory
+from .placement import PlacedFleet, place
+from .validate import LoadedFleet, load_fleet
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    loaded: LoadedFleet
+    placed: PlacedFleet
+    config: dict[str, Any]
+
+
+def desired_state(path: str | os.PathLike[str] = ".", inventory: Inventory | None = None) -> DesiredState:
+    """Raise SpecError (every problem, with file:line) when the files are invalid or do not fit."""
+    loaded = load_fleet(path)
+    placed = place(loaded.spec, loaded.origins, loaded.root, inventory)
+    return DesiredState(loaded, placed, compile_serve_config(placed))

@@ -1,0 +1,218 @@
+"""Place every model of a fleet on GPUs (or the CPU) and check that it fits. Pure but for reading sizes.
+
+Declared placements are checked (GPU exists, tensor parallel divides the heads, shares on one GPU add
+up to at most 1, always-on models fit together, weights fit their share); models without `gpus` are
+placed best-fit by their memory estimate. The result is plain data for the compile stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import estimate
+from .errors import Problem, SpecError
+from .inventory import GpuInfo, Inventory, discover
+from .loader import Origins
+from .spec import Fleet, Model, OpenAISettings, RaySettings, Settings
+from .units import format_size
+
+DEFAULT_GPU_SHARE = 0.9  # vLLM's own default gpu_memory_utilization, for a model alone on its GPUs
+HEADROOM = 1.25  # weights plus room for KV cache and activations, for automatic placement
+SHARE_STEP = 0.01
+
+
+@dataclass(frozen=True)
+class PlacedModel:
+    """One model with every default applied and its GPUs decided."""
+
+    name: str
+    source: str  # as written, local paths made absolute
+    task: Literal["generate", "embed"]
+    engine: Mapping[str, Any]
+    env: Mapping[str, str]
+    gpus: tuple[int, ...]  # () = on the CPU
+    node: str | None
+    gpu_memory: float | None  # share of each of its GPUs; None on the CPU
+    tensor_parallel: int
+    always_on: bool
+    idle_timeout_s: float | None  # None = never unloaded
+    start_timeout_s: float
+    replicas: int
+    weights_bytes: int | None
+    placed_by: Literal["declared", "auto", "cpu"]
+
+
+@dataclass(frozen=True)
+class PlacedFleet:
+    models: tuple[PlacedModel, ...]
+    inventory: Inventory
+    ray: RaySettings
+    openai: OpenAISettings
+    settings: Settings
+    root: str = field(default=".")
+
+    def model(self, name: str) -> PlacedModel:
+        return next(m for m in self.models if m.name == name)
+
+
+def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
+          inventory: Inventory | None = None) -> PlacedFleet:
+    """Decide where each model runs; raise SpecError (every problem, with file:line) when it can't fit."""
+    origins = origins or Origins()
+    root = Path(root)
+    inv = inventory if inventory is not None else discover(fleet.inventory)
+    problems: list[Problem] = []
+
+    def problem(path: tuple[str | int, ...], message: str) -> None:
+        from .errors import field_path
+
+        problems.append(Problem(origins.of(path), field_path(path), message))
+
+    used: dict[tuple[str | None, int], list[tuple[str, float, bool]]] = defaultdict(list)
+    placed: dict[str, PlacedModel] = {}
+    # read once: a local folder's safetensors headers, or the Hub's metadata when it answers
+    weights = {name: estimate.weights_bytes(m.source, root, m.size) if inv.gpus else m.size
+               for name, m in fleet.models.items()}
+    auto: list[tuple[str, Model]] = []
+    for name, model in fleet.models.items():
+        if model.gpus is None:
+            auto.append((name, model))
+            continue
+        result = _check_declared(name, model, inv, root, weights[name], problem)
+        if result is not None:
+            placed[name] = _placed(fleet, name, model, root, result, model.node, "declared", weights[name])
+            for idx in result[0]:
+                used[(model.node, idx)].append((name, result[1], model.always_on))
+    _check_shares(used, fleet, problem)
+    for name, model in sorted(auto, key=lambda item: weights[item[0]] or 0, reverse=True):
+        if not inv.gpus:
+            placed[name] = _placed(fleet, name, model, root, ((), None), None, "cpu", weights[name])
+            continue
+        auto_result = _auto_place(name, model, inv, weights[name], used, problem)
+        if auto_result is not None:
+            node, result = auto_result
+            placed[name] = _placed(fleet, name, model, root, result, node, "auto", weights[name])
+    if problems:
+        raise SpecError(problems)
+    ordered = tuple(placed[n] for n in fleet.models)
+    return PlacedFleet(ordered, inv, fleet.ray, fleet.openai, fleet.settings, str(root))
+
+
+def _check_declared(name: str, model: Model, inv: Inventory, root: Path, weights: int | None,
+                    problem: Any) -> tuple[tuple[int, ...], float] | None:
+    gpus = tuple(model.gpus or ())
+    ok = True
+    for i, idx in enumerate(gpus):
+        if inv.find(idx, model.node) is None:
+            where = f" on node {model.node!r}" if model.node else ""
+            problem(("models", name, "gpus", i), f"GPU {idx}{where} does not exist; {inv.describe()}")
+            ok = False
+    if not ok:
+        return None
+    tp = len(gpus)
+    config = estimate.model_config(model.source, root)
+    heads = estimate.attention_heads(config) if config else None
+    if heads and heads % tp:
+        field_name = "tensor_parallel" if model.tensor_parallel else "gpus"
+        problem(("models", name, field_name), (
+            f"tensor parallel size {tp} does not divide the model's {heads} attention heads; "
+            f"use a GPU count that divides {heads}"))
+        return None
+    share = model.gpu_memory if model.gpu_memory is not None else DEFAULT_GPU_SHARE
+    for idx in gpus:
+        gpu = inv.find(idx, model.node)
+        assert gpu is not None
+        if weights is not None and weights / tp > share * gpu.memory_bytes:
+            problem(("models", name, "gpu_memory" if model.gpu_memory is not None else "gpus"), (
+                f"the weights need {format_size(weights / tp)} per GPU but a share of {share:g} of GPU "
+                f"{idx} is {format_size(share * gpu.memory_bytes)}; raise gpu_memory or add GPUs"))
+            return None
+    return gpus, share
+
+
+def _check_shares(used: Mapping[tuple[str | None, int], list[tuple[str, float, bool]]], fleet: Fleet,
+                  problem: Any) -> None:
+    for (node, idx), users in sorted(used.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+        gpu = f"GPU {idx}" if node is None else f"GPU {idx} on node {node!r}"
+        always = [(n, s) for n, s, on in users if on]
+        total_always = sum(s for _, s in always)
+        total = sum(s for _, s, _ in users)
+        last = users[-1][0]
+        if total_always > 1 + 1e-9:
+            listed = ", ".join(f"{n} ({s:g})" for n, s in always)
+            problem(("models", always[-1][0], "gpu_memory"), (
+                f"always-on models {listed} need {total_always:g} of {gpu}; always-on models stay "
+                "loaded together, so their shares must add up to at most 1"))
+        elif total > 1 + 1e-9:
+            listed = ", ".join(f"{n} ({s:g})" for n, s, _ in users)
+            path = ("models", last, "gpu_memory") if fleet.models[last].gpu_memory is not None else (
+                "models", last, "gpus")
+            problem(path, (f"{gpu} is shared by {listed}: {total:g} of its memory in all, more than 1; "
+                           "lower their gpu_memory shares so they add up to at most 1"))
+
+
+def _auto_place(name: str, model: Model, inv: Inventory, weights: int | None,
+                used: dict[tuple[str | None, int], list[tuple[str, float, bool]]], problem: Any
+                ) -> tuple[str | None, tuple[tuple[int, ...], float]] | None:
+    """Best fit: the GPU(s) that will have the least memory left over; the error gives the numbers."""
+    if weights is None:
+        problem(("models", name), (
+            "cannot place this model automatically: its size is unknown (no safetensors in a local folder, "
+            "and the Hub gave none); set size: (e.g. 16GiB) or gpus: [...]"))
+        return None
+    tp = model.tensor_parallel or 1
+    need = weights * HEADROOM / tp
+    candidates = [g for g in inv.gpus if model.node is None or g.node == model.node]
+    free = {(g.node, g.index): 1.0 - sum(s for _, s, _ in used[(g.node, g.index)]) for g in candidates}
+
+    def share_of(g: GpuInfo) -> float:
+        return math.ceil(need / g.memory_bytes / SHARE_STEP) * SHARE_STEP
+    fitting = [g for g in candidates if share_of(g) <= free[(g.node, g.index)] + 1e-9]
+    fitting.sort(key=lambda g: (free[(g.node, g.index)] * g.memory_bytes - need, g.index))
+    if len(fitting) < tp or (fitting and len({g.node for g in fitting[:tp]}) > 1):
+        best = max(candidates, key=lambda g: free[(g.node, g.index)] * g.memory_bytes)
+        most = free[(best.node, best.index)] * best.memory_bytes
+        per = " per GPU" if tp > 1 else ""
+        problem(("models", name), (
+            f"does not fit: it needs {format_size(need)}{per} ({format_size(weights)} of weights"
+            f"{f' over {tp} GPUs' if tp > 1 else ''} + {int((HEADROOM - 1) * 100)}% for KV cache), but the most "
+            f"free is {format_size(most)} on GPU {best.index} ({free[(best.node, best.index)]:.2f} of "
+            f"{format_size(best.memory_bytes)}); {format_size(need - most)} missing. Free a GPU share, "
+            "or set gpus: and gpu_memory: by hand"))
+        return None
+    chosen = fitting[:tp]
+    share = max(share_of(g) for g in chosen)
+    for g in chosen:
+        used[(g.node, g.index)].append((name, share, model.always_on))
+    return chosen[0].node, (tuple(sorted(g.index for g in chosen)), round(share, 4))
+
+
+def _placed(fleet: Fleet, name: str, model: Model, root: Path, where: tuple[tuple[int, ...], float | None],
+            node: str | None, by: Literal["declared", "auto", "cpu"], weights: int | None) -> PlacedModel:
+    d = fleet.defaults
+    gpus, share = where
+    idle = model.idle_timeout if model.idle_timeout is not None else d.idle_timeout
+    start = model.start_timeout if model.start_timeout is not None else d.start_timeout
+    folder = estimate.local_folder(model.source, root)
+    return PlacedModel(
+        name=name,
+        source=str(folder) if folder is not None else model.source,
+        task=model.task,
+        engine={**d.engine, **model.engine},
+        env={**d.env, **model.env},
+        gpus=gpus,
+        node=node,
+        gpu_memory=share if gpus else None,
+        tensor_parallel=max(len(gpus), 1),
+        always_on=model.always_on,
+        idle_timeout_s=None if math.isinf(idle) or model.always_on else idle,
+        start_timeout_s=start,
+        replicas=model.replicas or d.replicas,
+        weights_bytes=weights,
+        placed_by=by,
+    )

@@ -1,0 +1,214 @@
+"""The fleet spec: what people write in fleet.yaml, as pydantic models. Pure data and its own checks.
+
+Fleet-wide `defaults` are inherited by every model (see `Fleet.resolved`); what needs the machine
+(GPU inventory, model sizes) is checked later, in placement.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from .units import parse_duration, parse_size
+
+ROUTER_APP = "router"  # the Serve application of the OpenAI router; no model may take this name
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENGINE_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
+HF_SOURCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+PKG_SOURCE = re.compile(r"^pkg://(?P<package>[A-Za-z_]\w*)(?:/(?P<path>.+))?$")
+SECRET_ENV = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY)$", re.IGNORECASE)
+ENV_REF = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+# Engine args the fleet sets itself, and the field that says it instead.
+FLEET_OWNED_ARGS = {
+    "model": "source",
+    "served_model_name": "the model's name (its key under models:)",
+    "host": "openai.host (the router is the endpoint; engines listen on loopback)",
+    "port": "openai.port (the router is the endpoint; engines get a free port)",
+    "tensor_parallel_size": "tensor_parallel (or the number of gpus)",
+    "gpu_memory_utilization": "gpu_memory",
+    "revision": "source (hf://org/name@revision)",
+    "task": "task",
+    "runner": "task",
+}
+SECRET_ARGS = {"api_key", "hf_token", "token"}
+
+
+def _duration(value: object) -> float:
+    seconds = parse_duration(value)
+    return math.inf if seconds is None else seconds
+
+
+def _model_name(value: str) -> str:
+    if not MODEL_NAME.match(value):
+        raise ValueError(
+            f"{value!r} cannot name a model: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (it becomes both the Serve application name and the OpenAI model id)")
+    if value == ROUTER_APP:
+        raise ValueError(f"{value!r} is the name of the fleet's OpenAI router application; pick another name")
+    return value
+
+
+def _source(value: str) -> str:
+    if HF_SOURCE.match(value) or PKG_SOURCE.match(value) or value.startswith(("/", "./", "../", "~/")):
+        return value
+    scheme = value.split("://", 1)[0] if "://" in value else None
+    if scheme:
+        raise ValueError(f"unsupported source scheme {scheme!r}; use hf://org/name[@revision], "
+                         "pkg://package/path, or a local path (/abs or ./relative)")
+    if re.match(r"^[\w.-]+/[\w.-]+$", value):
+        raise ValueError(f"{value!r} is ambiguous; write hf://{value} for the Hugging Face Hub "
+                         f"or ./{value} for a local folder")
+    raise ValueError(f"{value!r} is not a source; use hf://org/name[@revision], pkg://package/path, "
+                     "or a local path (/abs or ./relative)")
+
+
+def _api_key_env(value: str) -> str:
+    if ENV_NAME.match(value) and value.upper() == value:
+        return value
+    if len(value) >= 12 or value.startswith(("sk-", "hf_")):
+        raise ValueError("this looks like an inline secret; put the key in an environment variable "
+                         "and name the variable here, e.g. api_keys: [FLEET_API_KEY]")
+    raise ValueError(f"{value!r} is not an environment-variable name (e.g. FLEET_API_KEY)")
+
+
+Duration = Annotated[float, BeforeValidator(_duration), Field(
+    json_schema_extra={"type": ["string", "number"],
+                       "description": 'seconds, or a duration such as "90s", "15m", "1h30m", or "never"'})]
+Size = Annotated[int, BeforeValidator(parse_size), Field(
+    json_schema_extra={"type": ["string", "integer"], "description": 'bytes, or e.g. "24GiB", "16GB"'})]
+ModelName = Annotated[str, AfterValidator(_model_name)]
+Source = Annotated[str, AfterValidator(_source), Field(
+    description="hf://org/name[@revision], pkg://python_package/path, or a local path")]
+EnvVarName = Annotated[str, AfterValidator(_api_key_env)]
+EngineScalar = str | int | float | bool
+EngineValue = EngineScalar | list[EngineScalar] | dict[str, Any]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors; specs never change after loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_engine(engine: dict[str, Any]) -> dict[str, Any]:
+    for key in engine:
+        norm = key.replace("-", "_")
+        if not ENGINE_KEY.match(key):
+            raise ValueError(f"engine arg {key!r} is not a vLLM option name (e.g. max_model_len)")
+        if norm in SECRET_ARGS:
+            raise ValueError(f"engine arg {key!r} would put a secret in the fleet file; set it through "
+                             "an environment variable (openai.api_keys names the variables for API keys)")
+        if norm in FLEET_OWNED_ARGS:
+            raise ValueError(f"engine arg {key!r} is set by the fleet; use {FLEET_OWNED_ARGS[norm]} instead")
+    return engine
+
+
+def _check_env(env: dict[str, str]) -> dict[str, str]:
+    for key, value in env.items():
+        if not ENV_NAME.match(key):
+            raise ValueError(f"{key!r} is not an environment-variable name")
+        if SECRET_ENV.search(key) and not ENV_REF.match(value):
+            raise ValueError(f"{key} holds an inline secret; write {key}: \"${{{key}}}\" to pass it "
+                             "through from the environment instead")
+    return env
+
+
+EngineArgs = Annotated[dict[str, EngineValue], AfterValidator(_check_engine), Field(
+    description="vLLM engine args (as for `vllm serve`, without dashes: max_model_len: 8192)")]
+Env = Annotated[dict[str, str], AfterValidator(_check_env), Field(
+    description="environment for the engine process; secrets as \"${NAME}\" references")]
+
+
+class RaySettings(Strict):
+    address: str = Field("auto", description="the Ray cluster to use; `fleetctl up` starts one when none runs")
+    dashboard_url: str = Field("http://127.0.0.1:8265", pattern=r"^https?://",
+                               description="Ray's dashboard (Serve REST API)")
+
+
+class OpenAISettings(Strict):
+    host: str = Field("127.0.0.1", description="address the OpenAI endpoint binds; 0.0.0.0 for all")
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[EnvVarName] = Field(
+        default_factory=list, description="names of environment variables holding accepted API keys")
+    load_timeout: Duration = Field(600.0, description="how long a request waits for its model to come up")
+
+
+class Settings(Strict):
+    foreign_apps: Literal["keep", "delete"] = Field(
+        "keep", description="what apply does with Serve applications the fleet does not own")
+
+
+class Defaults(Strict):
+    """Values every model inherits unless it sets its own."""
+
+    idle_timeout: Duration = Field(900.0, description="idle time before a model is unloaded; never = stays")
+    start_timeout: Duration = Field(600.0, description="bound on an engine's start-up")
+    engine: EngineArgs = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
+    replicas: int = Field(1, ge=1)
+
+
+class Gpu(Strict):
+    index: int = Field(ge=0)
+    memory: Size = Field(description="the card's memory, e.g. 24GiB")
+    node: str | None = Field(None, description="Ray node the card is on; omit on a single box")
+    name: str | None = None
+
+
+class Inventory(Strict):
+    gpus: list[Gpu] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Inventory:
+        seen: set[tuple[str | None, int]] = set()
+        for gpu in self.gpus:
+            if (gpu.node, gpu.index) in seen:
+                raise ValueError(f"GPU {gpu.index} is declared twice")
+            seen.add((gpu.node, gpu.index))
+        return self
+
+
+class Model(Strict):
+    source: Source
+    task: Literal["generate", "embed"] = "generate"
+    engine: EngineArgs = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
+    gpus: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="GPU indices; tensor parallel across them. Omit to place automatically")
+    node: str | None = Field(None, description="Ray node for the model's GPUs")
+    gpu_memory: float | None = Field(None, gt=0, le=1, description="share of each of its GPUs' memory")
+    tensor_parallel: int | None = Field(None, ge=1, description="defaults to the number of gpus")
+    always_on: bool = Field(False, description="kept loaded always (e.g. the embedding model)")
+    idle_timeout: Duration | None = None
+    start_timeout: Duration | None = None
+    replicas: int | None = Field(None, ge=1)
+    size: Size | None = Field(None, description="memory the weights need, for automatic placement")
+
+    @model_validator(mode="after")
+    def _tp_matches_gpus(self) -> Model:
+        if self.gpus is not None and self.tensor_parallel is not None and self.tensor_parallel != len(self.gpus):
+            raise ValueError(f"tensor_parallel is {self.tensor_parallel} but {len(self.gpus)} gpus are listed; "
+                             "tensor parallel size equals the number of GPUs — list that many or drop it")
+        if len(set(self.gpus or [])) != len(self.gpus or []):
+            raise ValueError("a GPU is listed twice in gpus")
+        return self
+
+
+class Fleet(Strict):
+    """A whole fleet: every file merged."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="vLLM Fleet",
+                              json_schema_extra={"description": "fleet.yaml and fleet.d/*.yaml of vLLM Fleet"})
+
+    ray: RaySettings = Field(default_factory=RaySettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    settings: Settings = Field(default_factory=Settings)
+    defaults: Defaults = Field(default_factory=Defaults)
+    inventory: Inventory | None = Field(None, description="GPUs to plan for when NVML finds none")
+    models: dict[ModelName, Model] = Field(default_factory=dict)
