@@ -71,7 +71,8 @@ def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
     def problem(path: tuple[str | int, ...], message: str) -> None:
         from .errors import field_path
 
-        problems.append(Problem(origins.of(path), field_path(path), message))
+        on_model = len(path) == 2  # a whole model: point at its name
+        problems.append(Problem(origins.of(path, key=on_model), field_path(path), message))
 
     used: dict[tuple[str | None, int], list[tuple[str, float, bool]]] = defaultdict(list)
     placed: dict[str, PlacedModel] = {}

@@ -47,7 +47,8 @@ def _problem(err: Any, origins: Origins, data: dict[str, Any]) -> Problem:
     if kind == "missing":
         return Problem(origins.of(loc, key=True), field_path(loc),
                        f"is required; add {loc[-1]}: to {field_path(loc[:-1]) or 'the top level'}")
-    return Problem(origins.of(loc), field_path(loc), _message(err))
+    on_key = "[key]" in err["loc"]  # a mapping key itself is wrong (e.g. a model name)
+    return Problem(origins.of(loc, key=on_key), field_path(loc), _message(err))
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[str | int, ...]:

@@ -1,0 +1,150 @@
+"""Bad fleets, as data: the files, then every error line `fleetctl validate` must print for them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BASE = """\
+models:
+  chat:
+    source: hf://org/chat
+"""
+
+GPU3 = """\
+inventory:
+  gpus:
+    - {index: 0, memory: 24GiB}
+    - {index: 1, memory: 24GiB}
+    - {index: 2, memory: 24GiB}
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    files: dict[str, str | bytes]
+    errors: list[str]
+    model_dirs: dict[str, dict[str, str]] = field(default_factory=dict)  # local model folders to create
+
+
+CASES = [
+    Case("yaml-syntax", {"fleet.yaml": "models:\n  chat:\n    source: [hf://org/chat\n"},
+         ["fleet.yaml:4:1: YAML syntax error: expected ',' or ']', but got '<stream end>'"]),
+    Case("tab-indent", {"fleet.yaml": "models:\n\tchat: {}\n"},
+         ["fleet.yaml:2:1: YAML syntax error: found character '\\t' that cannot start any token"]),
+    Case("duplicate-key-in-file", {"fleet.yaml": "models:\n  chat:\n    source: hf://a/b\n    source: hf://a/c\n"},
+         ["fleet.yaml:4:5: duplicate key 'source' in one mapping; keep one"]),
+    Case("empty-file", {"fleet.yaml": ""},
+         ["fleet.yaml:1:1: file is empty; a fleet file is a mapping such as `models: {...}` — add content or "
+          "delete the file"]),
+    Case("empty-extra-file", {"fleet.yaml": BASE, "fleet.d/10-more.yaml": "# nothing yet\n"},
+         ["fleet.d/10-more.yaml:1:1: file is empty; a fleet file is a mapping such as `models: {...}` — add "
+          "content or delete the file"]),
+    Case("top-level-list", {"fleet.yaml": "- chat\n- embed\n"},
+         ["fleet.yaml:1:1: the top level must be a mapping (keys such as models:, defaults:), not a list"]),
+    Case("top-level-string", {"fleet.yaml": "just some text\n"},
+         ["fleet.yaml:1:1: the top level must be a mapping (keys such as models:, defaults:), not a string"]),
+    Case("huge-file", {"fleet.yaml": b"# " + b"x" * (5 * 1024 * 1024) + b"\n"},
+         ["fleet.yaml:1:1: file is 5.2 MB; fleet files are limited to 1024 KiB — is this the right file?"]),
+    Case("unknown-top-key", {"fleet.yaml": BASE + "colour: blue\n"},
+         ["fleet.yaml:4:1: colour: unknown key 'colour'; allowed here: defaults, inventory, models, openai, ray, "
+          "settings"]),
+    Case("typo-model-key", {"fleet.yaml": "models:\n  chat:\n    source: hf://org/chat\n    gpu_memroy: 0.5\n"},
+         ["fleet.yaml:4:5: models.chat.gpu_memroy: unknown key 'gpu_memroy'; did you mean 'gpu_memory'?"]),
+    Case("typo-top-key", {"fleet.yaml": "model:\n  chat:\n    source: hf://org/chat\n"},
+         ["fleet.yaml:1:1: model: unknown key 'model'; did you mean 'models'?"]),
+    Case("typo-defaults-key", {"fleet.yaml": BASE + "defaults:\n  idle_timout: 5m\n"},
+         ["fleet.yaml:5:3: defaults.idle_timout: unknown key 'idle_timout'; did you mean 'idle_timeout'?"]),
+    Case("wrong-type-replicas", {"fleet.yaml": BASE + "    replicas: two\n"},
+         ["fleet.yaml:4:15: models.chat.replicas: Input should be a valid integer, unable to parse string as an "
+          "integer (got 'two')"]),
+    Case("wrong-type-gpus", {"fleet.yaml": BASE + "    gpus: 0\n"},
+         ["fleet.yaml:4:11: models.chat.gpus: Input should be a valid list (got 0)"]),
+    Case("missing-source", {"fleet.yaml": "models:\n  chat:\n    task: generate\n"},
+         ["fleet.yaml:2:3: models.chat.source: is required; add source: to models.chat"]),
+    Case("bad-task", {"fleet.yaml": BASE + "    task: chat\n"},
+         ["fleet.yaml:4:11: models.chat.task: Input should be 'generate' or 'embed' (got 'chat')"]),
+    Case("duplicate-model-across-files",
+         {"fleet.yaml": BASE, "fleet.d/20-chat.yaml": "models:\n  chat:\n    source: hf://org/other\n"},
+         ["fleet.d/20-chat.yaml:2:3: models.chat: model 'chat' is defined twice: here and at fleet.yaml:2:3; "
+          "keep one definition"]),
+    Case("duplicate-setting-across-files",
+         {"fleet.yaml": BASE + "openai:\n  port: 8000\n", "fleet.d/a.yaml": "openai:\n  port: 9000\n"},
+         ["fleet.d/a.yaml:2:3: openai.port: 'openai.port' is defined twice: here and at fleet.yaml:5:3; "
+          "keep one definition"]),
+    Case("bad-duration", {"fleet.yaml": BASE + "    idle_timeout: 15 minutes\n"},
+         ["fleet.yaml:4:19: models.chat.idle_timeout: '15 minutes' is not a duration; write e.g. 90s, 15m, 1h30m, "
+          "or never"]),
+    Case("negative-duration", {"fleet.yaml": BASE + "defaults:\n  idle_timeout: -5\n"},
+         ["fleet.yaml:5:17: defaults.idle_timeout: a duration cannot be negative"]),
+    Case("bad-source-scheme", {"fleet.yaml": "models:\n  chat:\n    source: s3://bucket/model\n"},
+         ["fleet.yaml:3:13: models.chat.source: unsupported source scheme 's3'; use hf://org/name[@revision], "
+          "pkg://package/path, or a local path (/abs or ./relative)"]),
+    Case("ambiguous-source", {"fleet.yaml": "models:\n  chat:\n    source: Qwen/Qwen2.5-7B\n"},
+         ["fleet.yaml:3:13: models.chat.source: 'Qwen/Qwen2.5-7B' is ambiguous; write hf://Qwen/Qwen2.5-7B for "
+          "the Hugging Face Hub or ./Qwen/Qwen2.5-7B for a local folder"]),
+    Case("inline-api-key", {"fleet.yaml": BASE + "openai:\n  api_keys: [sk-live-0123456789abcdef]\n"},
+         ["fleet.yaml:5:14: openai.api_keys[0]: this looks like an inline secret; put the key in an environment "
+          "variable and name the variable here, e.g. api_keys: [FLEET_API_KEY]"]),
+    Case("inline-hf-token-env", {"fleet.yaml": BASE + "    env:\n      HF_TOKEN: hf_abcdefabcdef\n"},
+         ["fleet.yaml:5:7: models.chat.env: HF_TOKEN holds an inline secret; write HF_TOKEN: \"${HF_TOKEN}\" to "
+          "pass it through from the environment instead"]),
+    Case("engine-api-key", {"fleet.yaml": BASE + "    engine:\n      api_key: abc\n"},
+         ["fleet.yaml:5:7: models.chat.engine: engine arg 'api_key' would put a secret in the fleet file; set it "
+          "through an environment variable (openai.api_keys names the variables for API keys)"]),
+    Case("engine-owned-arg", {"fleet.yaml": BASE + "    engine:\n      tensor_parallel_size: 2\n"},
+         ["fleet.yaml:5:7: models.chat.engine: engine arg 'tensor_parallel_size' is set by the fleet; use "
+          "tensor_parallel (or the number of gpus) instead"]),
+    Case("model-name-slash", {"fleet.yaml": "models:\n  org/chat:\n    source: hf://org/chat\n"},
+         ["fleet.yaml:2:3: models.org/chat: 'org/chat' cannot name a model: use 1-64 letters, digits, '.', '_' or "
+          "'-', starting with a letter or digit (it becomes both the Serve application name and the OpenAI "
+          "model id)"]),
+    Case("model-name-router", {"fleet.yaml": "models:\n  router:\n    source: hf://org/chat\n"},
+         ["fleet.yaml:2:3: models.router: 'router' is the name of the fleet's OpenAI router application; pick "
+          "another name"]),
+    Case("gpu-out-of-range", {"fleet.yaml": GPU3 + BASE + "    gpus: [3]\n"},
+         ["fleet.yaml:9:12: models.chat.gpus[0]: GPU 3 does not exist; GPUs 0, 1, 2 (declared in inventory:)"]),
+    Case("gpu-on-cpu-box", {"fleet.yaml": BASE + "    gpus: [0]\n"},
+         ["fleet.yaml:4:12: models.chat.gpus[0]: GPU 0 does not exist; this box has no GPUs (NVML found none and "
+          "the fleet declares no inventory)"]),
+    Case("shares-over-one", {"fleet.yaml": GPU3 + """\
+models:
+  a: {source: hf://org/a, gpus: [2], gpu_memory: 0.6}
+  b: {source: hf://org/b, gpus: [2], gpu_memory: 0.5}
+"""}, ["fleet.yaml:8:50: models.b.gpu_memory: GPU 2 is shared by a (0.6), b (0.5): 1.1 of its memory in all, "
+       "more than 1; lower their gpu_memory shares so they add up to at most 1"]),
+    Case("two-default-shares", {"fleet.yaml": GPU3 + """\
+models:
+  a: {source: hf://org/a, gpus: [1]}
+  b: {source: hf://org/b, gpus: [1]}
+"""}, ["fleet.yaml:8:33: models.b.gpus: GPU 1 is shared by a (0.9), b (0.9): 1.8 of its memory in all, more than "
+       "1; lower their gpu_memory shares so they add up to at most 1"]),
+    Case("always-on-dont-fit", {"fleet.yaml": GPU3 + """\
+models:
+  embed-a: {source: hf://org/a, task: embed, gpus: [0], gpu_memory: 0.6, always_on: true}
+  embed-b: {source: hf://org/b, task: embed, gpus: [0], gpu_memory: 0.5, always_on: true}
+"""}, ["fleet.yaml:8:69: models.embed-b.gpu_memory: always-on models embed-a (0.6), embed-b (0.5) need 1.1 of "
+       "GPU 0; always-on models stay loaded together, so their shares must add up to at most 1"]),
+    Case("tp-heads", {"fleet.yaml": GPU3 + "models:\n  chat:\n    source: ./m/chat\n    gpus: [0, 1, 2]\n"},
+         ["fleet.yaml:9:11: models.chat.gpus: tensor parallel size 3 does not divide the model's 32 attention "
+          "heads; use a GPU count that divides 32"],
+         model_dirs={"m/chat": {"config.json": '{"num_attention_heads": 32}'}}),
+    Case("tp-mismatch", {"fleet.yaml": GPU3 + BASE + "    gpus: [0, 1]\n    tensor_parallel: 3\n"},
+         ["fleet.yaml:8:5: models.chat: tensor_parallel is 3 but 2 gpus are listed; tensor parallel size equals "
+          "the number of GPUs — list that many or drop it"]),
+    Case("share-above-one", {"fleet.yaml": GPU3 + BASE + "    gpus: [0]\n    gpu_memory: 1.5\n"},
+         ["fleet.yaml:10:17: models.chat.gpu_memory: Input should be less than or equal to 1 (got 1.5)"]),
+    Case("weights-exceed-share", {"fleet.yaml": GPU3 + BASE + "    gpus: [0]\n    gpu_memory: 0.2\n    size: 16GiB\n"},
+         ["fleet.yaml:10:17: models.chat.gpu_memory: the weights need 16.0 GiB per GPU but a share of 0.2 of GPU 0 "
+          "is 4.8 GiB; raise gpu_memory or add GPUs"]),
+    Case("bad-size", {"fleet.yaml": GPU3 + BASE + "    size: sixteen gigs\n"},
+         ["fleet.yaml:9:11: models.chat.size: 'sixteen gigs' is not a size; write e.g. 24GiB, 16GB or 512MiB"]),
+    Case("port-out-of-range", {"fleet.yaml": BASE + "openai:\n  port: 80000\n"},
+         ["fleet.yaml:5:9: openai.port: Input should be less than or equal to 65535 (got 80000)"]),
+    Case("many-errors-listed", {"fleet.yaml": BASE + "    replicas: 0\n    tsk: embed\n",
+                                "fleet.d/b.yaml": "models:\n  two:\n    source: ftp://x\n"},
+         ["fleet.d/b.yaml:3:13: models.two.source: unsupported source scheme 'ftp'; use hf://org/name[@revision], "
+          "pkg://package/path, or a local path (/abs or ./relative)",
+          "fleet.yaml:4:15: models.chat.replicas: Input should be greater than or equal to 1 (got 0)",
+          "fleet.yaml:5:5: models.chat.tsk: unknown key 'tsk'; did you mean 'task'?"]),
+]

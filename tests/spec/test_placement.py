@@ -1,0 +1,142 @@
+"""Placement: declared GPUs are kept exactly; automatic placement packs by size and explains a misfit."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from reconciler.errors import SpecError
+from reconciler.pipeline import desired_state
+from reconciler.units import parse_size
+
+from .test_bad_fleets import write_fleet
+
+REPO = Path(__file__).resolve().parents[2]
+GPU3 = "inventory:\n  gpus:\n" + "".join(f"    - {{index: {i}, memory: 24GiB}}\n" for i in range(3))
+
+
+def test_three_gpu_example_places_exactly_as_declared(tmp_path: Path) -> None:
+    shutil.copy(REPO / "fleet.d" / "gpu-box.yaml.example", tmp_path / "fleet.yaml")
+    placed = desired_state(tmp_path).placed
+    where = {m.name: (m.gpus, m.gpu_memory, m.tensor_parallel, m.always_on) for m in placed.models}
+    assert placed.inventory.source == "declared"
+    assert where == {
+        "qwen2.5-14b-instruct": ((0, 1), 0.9, 2, False),
+        "llama-3.1-8b-instruct": ((2,), 0.7, 1, False),
+        "bge-m3": ((2,), 0.2, 1, True),
+    }
+
+
+def test_three_gpu_example_compiles_to_gpu_resources_and_flags(tmp_path: Path) -> None:
+    shutil.copy(REPO / "fleet.d" / "gpu-box.yaml.example", tmp_path / "fleet.yaml")
+    apps = {a["name"]: a for a in desired_state(tmp_path).config["applications"]}
+    qwen = apps["qwen2.5-14b-instruct"]
+    assert qwen["deployments"][0]["ray_actor_options"]["resources"] == {"fleet_gpu_0": 0.9, "fleet_gpu_1": 0.9}
+    assert qwen["args"]["gpus"] == [0, 1]
+    argv = qwen["args"]["engine_argv"]
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    bge = apps["bge-m3"]
+    assert bge["deployments"][0]["ray_actor_options"]["resources"] == {"fleet_gpu_2": 0.2}
+    assert bge["args"]["engine_argv"][:2] == ["--runner", "pooling"]
+
+
+def _sized(models: dict[str, str]) -> str:
+    return GPU3 + "models:\n" + "".join(
+        f"  {name}: {{source: hf://org/{name}, size: {size}}}\n" for name, size in models.items())
+
+
+def test_automatic_placement_packs_models_best_fit(tmp_path: Path) -> None:
+    # needs (weights x 1.25): big 20 GiB, mid 15 GiB, two smalls of 7.5 GiB, tiny 2.5 GiB
+    write_fleet(tmp_path, {"fleet.yaml": _sized(
+        {"big": "16GiB", "mid": "12GiB", "small-a": "6GiB", "small-b": "6GiB", "tiny": "2GiB"})})
+    placed = desired_state(tmp_path).placed
+    gpus = {m.name: m.gpus for m in placed.models}
+    shares = {m.name: m.gpu_memory for m in placed.models}
+    assert all(m.placed_by == "auto" for m in placed.models)
+    # every model on exactly one GPU, and no GPU over its memory
+    per_gpu: dict[int, float] = {}
+    for m in placed.models:
+        assert len(m.gpus) == 1
+        per_gpu[m.gpus[0]] = per_gpu.get(m.gpus[0], 0) + (m.gpu_memory or 0)
+    assert all(total <= 1.0 + 1e-9 for total in per_gpu.values())
+    # best fit: the two big ones take a GPU each; the rest fill the gaps instead of spreading out
+    assert gpus["big"] != gpus["mid"]
+    assert shares["big"] == pytest.approx(20 / 24, abs=0.01)
+    assert len(per_gpu) == 3
+
+
+def test_automatic_placement_refuses_with_the_numbers(tmp_path: Path) -> None:
+    write_fleet(tmp_path, {"fleet.yaml": _sized({"a": "16GiB", "b": "16GiB", "c": "16GiB", "d": "16GiB"})})
+    with pytest.raises(SpecError) as e:
+        desired_state(tmp_path)
+    [problem] = e.value.problems
+    assert str(problem) == (
+        "fleet.yaml:10:3: models.d: does not fit: it needs 20.0 GiB (16.0 GiB of weights + 25% for KV cache), "
+        "but the most free is 3.8 GiB on GPU 0 (0.16 of 24.0 GiB); 16.2 GiB missing. Free a GPU share, "
+        "or set gpus: and gpu_memory: by hand")
+
+
+def test_automatic_placement_reads_sizes_from_safetensors_headers(tmp_path: Path) -> None:
+    import json
+    import struct
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [1024, 1024, 1024], "data_offsets": [0, 0]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    write_fleet(tmp_path, {"fleet.yaml": GPU3 + "models:\n  m: {source: ./m}\n"})
+    [m] = desired_state(tmp_path).placed.models
+    assert m.weights_bytes == 2 * 1024**3
+    assert m.gpu_memory == pytest.approx(0.11)  # 2 GiB x 1.25 of 24 GiB, rounded up to 0.01
+
+
+def test_unknown_size_on_a_gpu_box_asks_for_size(tmp_path: Path) -> None:
+    write_fleet(tmp_path, {"fleet.yaml": GPU3 + "models:\n  m: {source: ./nowhere}\n"})
+    with pytest.raises(SpecError) as e:
+        desired_state(tmp_path)
+    assert "set size: (e.g. 16GiB) or gpus: [...]" in str(e.value)
+
+
+def test_cpu_only_box_runs_models_on_the_cpu(tmp_path: Path) -> None:
+    write_fleet(tmp_path, {"fleet.yaml": "models:\n  m: {source: hf://org/m}\n"})
+    [m] = desired_state(tmp_path).placed.models
+    assert (m.gpus, m.gpu_memory, m.placed_by) == ((), None, "cpu")
+
+
+def test_defaults_are_inherited_and_overridden(tmp_path: Path) -> None:
+    write_fleet(tmp_path, {"fleet.yaml": (
+        "defaults:\n  idle_timeout: 15m\n  engine: {dtype: float32, max_model_len: 512}\n  env: {A: '1'}\n"
+        "models:\n  a: {source: hf://o/a}\n"
+        "  b: {source: hf://o/b, idle_timeout: never, engine: {max_model_len: 4096}, env: {B: '2'}}\n"
+        "  c: {source: hf://o/c, idle_timeout: 90s, always_on: true}\n")})
+    models = {m.name: m for m in desired_state(tmp_path).placed.models}
+    assert models["a"].idle_timeout_s == 900
+    assert dict(models["a"].engine) == {"dtype": "float32", "max_model_len": 512}
+    assert models["b"].idle_timeout_s is None
+    assert dict(models["b"].engine) == {"dtype": "float32", "max_model_len": 4096}
+    assert dict(models["b"].env) == {"A": "1", "B": "2"}
+    assert models["c"].idle_timeout_s is None  # always-on models are never unloaded
+
+
+def test_fleet_d_files_merge_in_sorted_order(tmp_path: Path) -> None:
+    write_fleet(tmp_path, {
+        "fleet.yaml": "models:\n  a: {source: hf://o/a}\n",
+        "fleet.d/20-c.yaml": "models:\n  c: {source: hf://o/c}\n",
+        "fleet.d/10-b.yaml": "models:\n  b: {source: hf://o/b}\n",
+        "fleet.d/notes.txt": "not a fleet file",
+    })
+    state = desired_state(tmp_path)
+    assert state.loaded.files == ("fleet.yaml", "fleet.d/10-b.yaml", "fleet.d/20-c.yaml")
+    assert [m.name for m in state.placed.models] == ["a", "b", "c"]
+
+
+def test_units() -> None:
+    from reconciler.units import parse_duration
+
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("90s") == 90
+    assert parse_duration("never") is None
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("16 GB") == 16 * 10**9
