@@ -60,10 +60,12 @@ def _scalar(value: Any) -> str:
 
 
 def model_argv(model: PlacedModel) -> list[str]:
-    """The fleet-decided flags first (runner, revision, parallelism, GPU share), then the user's."""
+    """The fleet-decided flags first (runner, parallelism, GPU share), then the user's.
+
+    The source (and an hf:// revision) is turned into --model/--revision by the engine replica,
+    which alone can resolve pkg:// paths and convert GGUF files on its node.
+    """
     argv = ["--runner", TASK_RUNNER[model.task]]
-    if model.source.startswith("hf://") and "@" in model.source:
-        argv += ["--revision", model.source.rsplit("@", 1)[1]]
     if model.tensor_parallel > 1:
         argv += ["--tensor-parallel-size", str(model.tensor_parallel)]
     if model.gpu_memory is not None:
@@ -86,7 +88,7 @@ def model_app(model: PlacedModel) -> dict[str, Any]:
         "import_path": ENGINE_IMPORT,
         "args": {
             "model": model.name,
-            "source": model.source.split("@", 1)[0] if model.source.startswith("hf://") else model.source,
+            "source": model.source,
             "task": model.task,
             "engine_argv": model_argv(model),
             "env": dict(sorted(model.env.items())),

@@ -51,8 +51,15 @@ def hub_bytes(source: str) -> int | None:
 
 
 def local_folder(source: str, root: Path) -> Path | None:
-    """The folder of a local-path source, resolved against the fleet's folder."""
-    if source.startswith(("hf://", "pkg://")):
+    """The folder of a local-path or pkg:// source (local paths resolved against the fleet's folder)."""
+    if source.startswith("pkg://"):
+        from serve_app.model_source import SourceError, local_path
+
+        try:
+            return local_path(source)
+        except SourceError:
+            return None
+    if source.startswith("hf://"):
         return None
     path = Path(source).expanduser()
     return path if path.is_absolute() else (root / path).resolve()

@@ -193,16 +193,22 @@ def _auto_place(name: str, model: Model, inv: Inventory, weights: int | None,
     return chosen[0].node, (tuple(sorted(g.index for g in chosen)), round(share, 4))
 
 
+def _absolute(source: str, root: Path) -> str:
+    """Local paths relative to the fleet's folder become absolute; other sources stay as written."""
+    if source.startswith(("./", "../", "~/")):
+        return str((root / Path(source).expanduser()).resolve())
+    return source
+
+
 def _placed(fleet: Fleet, name: str, model: Model, root: Path, where: tuple[tuple[int, ...], float | None],
             node: str | None, by: Literal["declared", "auto", "cpu"], weights: int | None) -> PlacedModel:
     d = fleet.defaults
     gpus, share = where
     idle = model.idle_timeout if model.idle_timeout is not None else d.idle_timeout
     start = model.start_timeout if model.start_timeout is not None else d.start_timeout
-    folder = estimate.local_folder(model.source, root)
     return PlacedModel(
         name=name,
-        source=str(folder) if folder is not None else model.source,
+        source=_absolute(model.source, root),
         task=model.task,
         engine={**d.engine, **model.engine},
         env={**d.env, **model.env},
