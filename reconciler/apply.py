@@ -1,0 +1,192 @@
+"""Apply a Plan to the live Serve: PUT the full desired config, then wait until it has settled.
+
+The only module that changes Serve. Serve's PUT replaces the whole set of declarative apps
+(DESIGN choice 6), so every PUT carries every app we keep. When an always-on model is being
+created or restarted together with other changes, a first PUT holds the always-on apps at
+their desired config and every other app at its live config; once those are up, the full
+config follows, so the always-on model is never queued behind the others.
+
+Waiting reads the live state each second (level-triggered) and judges each changed app:
+RUNNING with every deployment HEALTHY, and for a restart every running replica id new.
+
+Errors:
+    ApplyError            Serve refused the PUT, or did not settle in time
+    └── AppFailed         an app went DEPLOY_FAILED; carries Serve's message (the engine's error)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from reconciler import live as live_mod
+from reconciler.errors import FleetError
+from reconciler.live import AppLive, LiveState
+from reconciler.plan import Action, Change, Plan
+
+Report = Callable[[str], None]
+_FAILED = "DEPLOY_FAILED"
+# An app that was DEPLOY_FAILED before our PUT may still show that for a moment afterwards.
+_FAILURE_GRACE_S = 3.0
+DEFAULT_MARGIN_S = 120.0
+
+
+class ApplyError(FleetError):
+    """Serve refused the config, or the fleet did not settle in time."""
+
+
+class AppFailed(ApplyError):
+    def __init__(self, app: str, message: str) -> None:
+        self.app = app
+        self.serve_message = message
+        super().__init__(f"{app} failed to deploy:\n{_tail(message)}")
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    changed: tuple[str, ...]
+    seconds: float
+    puts: int
+    live: LiveState
+
+
+def _noop_report(_: str) -> None:
+    return None
+
+
+def apply_plan(plan: Plan, dashboard_url: str, *, live_before: LiveState,
+               timeout_s: float | None = None, report: Report = _noop_report,
+               client: httpx.Client | None = None, poll_s: float = 1.0) -> ApplyResult:
+    """PUT what the plan says and wait for every changed app. A plan with no changes PUTs nothing."""
+    t0 = time.monotonic()
+    changed = tuple(c for c in plan.changes if c.action is not Action.NOOP)
+    if not changed:
+        return ApplyResult((), time.monotonic() - t0, 0, live_before)
+    deadline = t0 + (timeout_s if timeout_s is not None else default_timeout(changed))
+    own = client is None
+    c = client or live_mod.make_client(dashboard_url, timeout=60.0)
+    try:
+        puts = 0
+        state = live_before
+        for body, targets in phases(plan):
+            names = ", ".join(t.model for t in targets)
+            report(f"sending the config to Serve ({len(body['applications'])} apps; waiting for {names})")
+            put_config(c, dashboard_url, body)
+            puts += 1
+            state = wait_settled(c, dashboard_url, targets, live_before, deadline=deadline,
+                                 report=report, poll_s=poll_s)
+        return ApplyResult(tuple(t.model for t in changed), time.monotonic() - t0, puts, state)
+    finally:
+        if own:
+            c.close()
+
+
+def default_timeout(changes: Sequence[Change]) -> float:
+    """The longest engine start bound among the changed apps, plus a margin for Serve."""
+    bounds = [float((c.after or {}).get("args", {}).get("start_timeout_s") or 0) for c in changes]
+    return max(bounds, default=0.0) + DEFAULT_MARGIN_S
+
+
+def phases(plan: Plan) -> list[tuple[dict[str, Any], tuple[Change, ...]]]:
+    """The PUT bodies in order, each with the changes it must bring about."""
+    changed = [c for c in plan.changes if c.action is not Action.NOOP]
+    first = [c for c in changed if c.always_on and c.action in (Action.CREATE, Action.RESTART)]
+    full = (dict(plan.put_config), tuple(changed))
+    if not first or len(first) == len(changed):
+        return [full]
+    return [(_always_on_first_body(plan, {c.model for c in first}), tuple(first)), full]
+
+
+def _always_on_first_body(plan: Plan, first: set[str]) -> dict[str, Any]:
+    """Always-on apps as desired; every other app exactly as it is live (so unchanged)."""
+    by_name = {c.model: c for c in plan.changes}
+    apps: list[Mapping[str, Any]] = []
+    for app in plan.put_config["applications"]:
+        c = by_name.get(app["name"])
+        if c is None or c.model in first or c.action is Action.NOOP:
+            apps.append(app)  # foreign apps kept, unchanged apps, the always-on ones
+        elif c.before is not None:
+            apps.append(c.before)
+    # Apps the full config deletes stay until the second PUT.
+    apps += [c.before for c in plan.changes if c.action is Action.DELETE and c.before is not None]
+    body = copy.deepcopy(dict(plan.put_config))
+    body["applications"] = copy.deepcopy(apps)
+    return body
+
+
+def put_config(client: httpx.Client, dashboard_url: str, body: Mapping[str, Any]) -> None:
+    try:
+        resp = client.put(live_mod.APPLICATIONS_PATH, json=body)
+    except httpx.HTTPError as e:
+        raise live_mod.LiveStateError(f"cannot reach the Ray dashboard at {dashboard_url}: {e}") from e
+    if resp.status_code == 400:
+        raise ApplyError(f"Serve refused the config: {resp.text.strip()[:4000]}")
+    live_mod.check_response(resp, dashboard_url, "accept the config")
+
+
+def wait_settled(client: httpx.Client, dashboard_url: str, targets: Sequence[Change],
+                 before: LiveState, *, deadline: float, report: Report, poll_s: float = 1.0) -> LiveState:
+    """Poll until every target has settled; raise AppFailed / ApplyError otherwise."""
+    started = time.monotonic()
+    last_line = ""
+    while True:
+        state = live_mod.read_live_state(dashboard_url, client=client)
+        pending: list[str] = []
+        for change in targets:
+            verdict = judge(change, state.apps.get(change.model), before.apps.get(change.model))
+            if verdict == "ok":
+                continue
+            if verdict.startswith(_FAILED) and time.monotonic() - started >= _FAILURE_GRACE_S:
+                app = state.apps[change.model]
+                raise AppFailed(change.model, _failure_message(app))
+            pending.append(f"{change.model}: {verdict}")
+        if not pending:
+            return state
+        line = "; ".join(pending)
+        if line != last_line:
+            report(f"  [{time.monotonic() - started:5.0f}s] {line}")
+            last_line = line
+        if time.monotonic() >= deadline:
+            raise ApplyError(f"Serve did not settle in time; still waiting for {line}")
+        time.sleep(poll_s)
+
+
+def judge(change: Change, now: AppLive | None, before: AppLive | None) -> str:
+    """'ok', or what is still awaited ('DEPLOY_FAILED…' when the app has failed)."""
+    if change.action is Action.DELETE:
+        return "ok" if now is None else f"being deleted ({now.status})"
+    if now is None:
+        return "not yet known to Serve"
+    if now.status == _FAILED or any(d.status == _FAILED for d in now.deployments):
+        return f"{_FAILED}"
+    if now.status != "RUNNING":
+        return now.status.lower()
+    for d in now.deployments:
+        if d.status != "HEALTHY":
+            return f"{d.name} {d.status.lower()}"
+        if d.target_num_replicas is not None and d.running_replicas != d.target_num_replicas:
+            return f"{d.name} {d.running_replicas}/{d.target_num_replicas} replicas running"
+    if change.action is Action.RESTART and before is not None:
+        old = {r for ids in before.replica_ids().values() for r in ids}
+        if old & {r for ids in now.replica_ids().values() for r in ids}:
+            return "old replicas still running"
+    return "ok"
+
+
+def _failure_message(app: AppLive) -> str:
+    parts = [app.message] + [f"{d.name}: {d.message}" for d in app.deployments
+                             if d.message and d.message not in app.message]
+    return "\n".join(p for p in parts if p) or "(Serve gave no message)"
+
+
+def _tail(message: str, lines: int = 40) -> str:
+    """Serve's messages carry whole tracebacks; the engine's own error is at the end."""
+    kept = message.strip().splitlines()
+    if len(kept) > lines:
+        kept = ["  ..."] + kept[-lines:]
+    return "\n".join(f"  {line}" for line in kept)

@@ -1,0 +1,271 @@
+"""`fleetctl plan / apply / status / up / down`: parse arguments, call the stages, print.
+
+No decisions here: the plan comes from reconciler.plan, text from reconciler.render, changes to
+Serve from reconciler.apply. Exit codes: 0 success (plan: no changes), 1 error, 2 changes
+(plan --detailed-exitcode). Errors print as one `error: ...` line each on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from reconciler import apply as apply_mod
+from reconciler import live as live_mod
+from reconciler import lock as lock_mod
+from reconciler import render
+from reconciler.errors import FleetError, SpecError
+from reconciler.plan import Action, Plan, PlanFormatError, make_plan, plan_from_dict, plan_to_dict
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+PLAN_FILE_KIND = "vllm-fleet-plan"
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What the files say, with the settings plan/apply need."""
+
+    config: dict[str, Any]
+    dashboard_url: str
+    foreign_apps: str
+    path: Path
+    placed: Any  # reconciler.placement.PlacedFleet
+
+
+def load_desired(path: Path) -> Desired:
+    """Fleet files -> desired Serve config (raises SpecError with every problem)."""
+    from reconciler.pipeline import desired_state
+
+    state = desired_state(path)
+    return Desired(config=state.config, dashboard_url=state.placed.ray.dashboard_url,
+                   foreign_apps=state.placed.settings.foreign_apps, path=path.resolve(), placed=state.placed)
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(click.style("error: ", fg="red", bold=True) + message, err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def fail_spec(e: SpecError) -> NoReturn:
+    for p in e.problems:
+        click.echo(click.style("error: ", fg="red", bold=True) + str(p), err=True)
+    n = len(e.problems)
+    click.echo(f"{n} error{'s' if n != 1 else ''}; the live fleet is unchanged.", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def _desired_or_exit(path: Path) -> Desired:
+    try:
+        return load_desired(path)
+    except SpecError as e:
+        fail_spec(e)
+
+
+def _live_or_exit(dashboard_url: str) -> live_mod.LiveState:
+    try:
+        return live_mod.read_live_state(dashboard_url)
+    except live_mod.LiveStateError as e:
+        fail(str(e))
+
+
+def _color() -> bool:
+    return sys.stdout.isatty()
+
+
+def _progress(line: str) -> None:
+    click.echo(line, err=True)
+
+
+# ---- plan ---------------------------------------------------------------------------------
+
+@click.command("plan")
+@click.argument("path", default=".", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as versioned JSON.")
+@click.option("--detailed-exitcode", is_flag=True,
+              help="Exit 0 when nothing would change, 2 when something would, 1 on error.")
+@click.option("-out", "--out", "out_file", type=click.Path(path_type=Path),
+              help="Save the plan to FILE; `fleetctl apply FILE` applies exactly it.")
+def plan_cmd(path: Path, as_json: bool, detailed_exitcode: bool, out_file: Path | None) -> None:
+    """Show what apply would change on the live Ray Serve, and why."""
+    desired = _desired_or_exit(path)
+    live = _live_or_exit(desired.dashboard_url)
+    plan = make_plan(desired.config, live, foreign_apps=desired.foreign_apps)
+    click.echo(render.format_json(plan) if as_json else render.format_text(plan, color=_color()), nl=False)
+    if out_file is not None:
+        save_plan(plan, desired, out_file)
+        if not as_json:
+            click.echo(f"Saved the plan to {out_file}; `fleetctl apply {out_file}` applies exactly it.")
+    if detailed_exitcode and plan.has_changes:
+        sys.exit(EXIT_CHANGES)
+
+
+def save_plan(plan: Plan, desired: Desired, out_file: Path) -> None:
+    data = plan_to_dict(plan)
+    data["kind"] = PLAN_FILE_KIND
+    data["fleet"] = {"path": str(desired.path), "dashboard_url": desired.dashboard_url}
+    out_file.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_saved_plan(path: Path) -> tuple[Plan, Mapping[str, Any]] | None:
+    """(plan, its fleet section) when PATH is a saved plan file; None when it is fleet files."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, OSError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") != PLAN_FILE_KIND:
+        return None
+    try:
+        return plan_from_dict(data), data.get("fleet") or {}
+    except PlanFormatError as e:
+        fail(f"{path}: {e}")
+
+
+# ---- apply --------------------------------------------------------------------------------
+
+@click.command("apply")
+@click.argument("target", default=".", type=click.Path(path_type=Path))
+@click.option("--auto-approve", is_flag=True, help="Apply without asking.")
+@click.option("--timeout", "timeout_s", type=float, default=None,
+              help="Seconds to wait for the changed models (default: their start bound + 2 min).")
+@click.option("--lock-wait", type=float, default=10.0, show_default=True,
+              help="Seconds to wait for another apply to finish before giving up.")
+def apply_cmd(target: Path, auto_approve: bool, timeout_s: float | None, lock_wait: float) -> None:
+    """Make the live Serve match the fleet files (or apply a saved plan exactly)."""
+    saved = read_saved_plan(target)
+    if saved is None:
+        desired = _desired_or_exit(target)
+        dashboard_url = desired.dashboard_url
+    else:
+        fleet_path = Path(saved[1].get("path") or ".")
+        desired = _desired_or_exit(fleet_path)
+        dashboard_url = desired.dashboard_url
+    try:
+        with lock_mod.apply_lock(dashboard_url, wait_s=lock_wait, on_wait=_progress):
+            run_apply(desired, saved[0] if saved else None, auto_approve=auto_approve, timeout_s=timeout_s)
+    except apply_mod.AppFailed as e:
+        fail(f"{e}\nThe other apps were left as Serve has them; fix the model and apply again.")
+    except FleetError as e:
+        fail(str(e))
+
+
+def run_apply(desired: Desired, saved: Plan | None, *, auto_approve: bool, timeout_s: float | None) -> None:
+    """Under the apply lock: (re)check the plan, ask, apply, report."""
+    live = live_mod.read_live_state(desired.dashboard_url)
+    fresh = make_plan(desired.config, live, foreign_apps=desired.foreign_apps)
+    if saved is not None:
+        check_not_stale(saved, fresh)
+        plan = saved
+    else:
+        plan = fresh
+    click.echo(render.format_text(plan, color=_color()), nl=False)
+    if not plan.has_changes:
+        return
+    if not auto_approve and not _confirm():
+        fail("apply cancelled; nothing was changed")
+    result = apply_mod.apply_plan(plan, desired.dashboard_url, live_before=live, timeout_s=timeout_s,
+                                  report=_progress)
+    click.echo(click.style("Apply complete: ", fg="green", bold=True)
+               + f"{_done_line(plan)} in {result.seconds:.1f} s.")
+
+
+def check_not_stale(saved: Plan, fresh: Plan) -> None:
+    if saved.desired_fingerprint != fresh.desired_fingerprint:
+        raise FleetError("the saved plan is stale: the fleet files changed since it was made; "
+                         "run `fleetctl plan -out FILE` again")
+    if saved.live_fingerprint != fresh.live_fingerprint:
+        raise FleetError("the saved plan is stale: the live Serve changed since it was made; "
+                         "run `fleetctl plan -out FILE` again")
+
+
+def _confirm() -> bool:
+    if not sys.stdin.isatty():
+        fail("apply needs an answer but standard input is not a terminal; pass --auto-approve")
+    return click.confirm("Apply these changes?", default=False)
+
+
+def _done_line(plan: Plan) -> str:
+    return (f"{plan.count(Action.CREATE)} created, {plan.count(Action.UPDATE)} updated in place, "
+            f"{plan.count(Action.RESTART)} restarted, {plan.count(Action.DELETE)} deleted")
+
+
+# ---- status -------------------------------------------------------------------------------
+
+_HEALTH = {"RUNNING": "Healthy", "DEPLOYING": "Progressing", "DEPLOY_FAILED": "Degraded",
+           "UNHEALTHY": "Degraded", "DELETING": "Progressing", "NOT_STARTED": "Missing"}
+
+
+@click.command("status")
+@click.argument("path", default=".", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def status_cmd(path: Path, as_json: bool) -> None:
+    """Models: desired vs live, health, replicas, GPUs."""
+    desired = _desired_or_exit(path)
+    live = _live_or_exit(desired.dashboard_url)
+    plan = make_plan(desired.config, live, foreign_apps=desired.foreign_apps)
+    rows = status_rows(plan, live)
+    if as_json:
+        click.echo(json.dumps({"format_version": "1", "serve_running": live.serve_running,
+                               "in_sync": not plan.has_changes, "models": rows}, indent=2))
+        return
+    click.echo(format_status_table(rows))
+    if plan.has_changes:
+        click.echo(f"\nOut of sync: {render.summary_line(plan)}. `fleetctl plan` shows the details.")
+
+
+def status_rows(plan: Plan, live: live_mod.LiveState) -> list[dict[str, Any]]:
+    rows = []
+    names = [c.model for c in plan.changes] + [f.name for f in plan.foreign
+                                                if f.name not in {c.model for c in plan.changes}]
+    for name in names:
+        change = plan.change_for(name)
+        app = live.apps.get(name)
+        cfg = (change.after if change and change.after else None) or (app.config if app else None) or {}
+        running = sum(d.running_replicas for d in app.deployments) if app else 0
+        target = sum(d.target_num_replicas or 0 for d in app.deployments) if app else 0
+        rows.append({
+            "model": name,
+            "desired": "absent" if change is None or change.after is None else "present",
+            "live": app.status if app else "absent",
+            "sync": "Synced" if change is not None and change.action is Action.NOOP
+                    else ("Foreign" if change is None else f"OutOfSync ({change.action.value})"),
+            "health": _HEALTH.get(app.status, "Unknown") if app else "Missing",
+            "replicas": f"{running}/{target}" if app else "0/0",
+            "gpus": _gpus(cfg),
+            "message": (app.message if app and app.status != "RUNNING" else ""),
+        })
+    return rows
+
+
+def _gpus(app_config: Mapping[str, Any]) -> str:
+    args = app_config.get("args") or {}
+    gpus = args.get("gpus") if isinstance(args, Mapping) else None
+    if not gpus:
+        return "cpu" if str(app_config.get("import_path", "")).startswith("serve_app.engine") else "-"
+    return ",".join(str(g) for g in gpus)
+
+
+def format_status_table(rows: list[dict[str, Any]]) -> str:
+    cols = ("model", "desired", "live", "sync", "health", "replicas", "gpus")
+    table = [tuple(c.upper() for c in cols)] + [tuple(str(r[c]) for c in cols) for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip() for t in table]
+    for r in rows:
+        if r["message"]:
+            lines.append(f"{r['model']}: {r['message'].strip().splitlines()[-1][:300]}")
+    return "\n".join(lines)
+
+
+def _elapsed(t0: float) -> str:
+    return f"{time.monotonic() - t0:.0f} s"
+
+
+COMMANDS: list[click.Command] = [plan_cmd, apply_cmd, status_cmd]

@@ -1,0 +1,164 @@
+"""Read the live Ray Serve state from the dashboard REST API and return it as plain data.
+
+`GET {dashboard}/api/serve/applications/` answers with every app's `deployed_app_config`
+(the config as applied), its status and message, and per deployment the status and the
+replicas (id, state, pid). `parse_live_state` turns that answer into frozen dataclasses and
+does no I/O; `read_live_state` is the one function here that talks to the network.
+
+Errors:
+    LiveStateError        the dashboard cannot be read (permanent for this command; the CLI
+    │                     prints it as one line and exits 1)
+    └── AuthError         Ray asks for a token (Ray >= 2.59 token auth) or refused ours
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from reconciler.errors import FleetError
+
+APPLICATIONS_PATH = "/api/serve/applications/"
+
+
+class LiveStateError(FleetError):
+    """The live Serve state could not be read."""
+
+
+class AuthError(LiveStateError):
+    """The dashboard wants an auth token we do not have, or refused the one we sent."""
+
+
+@dataclass(frozen=True)
+class Replica:
+    replica_id: str
+    state: str
+    pid: int | None = None
+    node_id: str | None = None
+
+
+@dataclass(frozen=True)
+class DeploymentLive:
+    name: str
+    status: str
+    message: str = ""
+    replicas: tuple[Replica, ...] = ()
+    target_num_replicas: int | None = None
+
+    @property
+    def running_replicas(self) -> int:
+        return sum(1 for r in self.replicas if r.state == "RUNNING")
+
+
+@dataclass(frozen=True)
+class AppLive:
+    name: str
+    status: str
+    message: str = ""
+    config: Mapping[str, Any] | None = None  # deployed_app_config; None for serve.run apps
+    deployments: tuple[DeploymentLive, ...] = ()
+
+    def replica_ids(self) -> dict[str, tuple[str, ...]]:
+        """Per deployment the ids of replicas that are up: what tells a restart apart."""
+        return {d.name: tuple(sorted(r.replica_id for r in d.replicas if r.state == "RUNNING"))
+                for d in self.deployments}
+
+
+@dataclass(frozen=True)
+class LiveState:
+    apps: Mapping[str, AppLive] = field(default_factory=dict)
+    globals: Mapping[str, Any] = field(default_factory=dict)  # proxy_location, http_options
+    serve_running: bool = False
+
+    def configs(self) -> dict[str, Mapping[str, Any] | None]:
+        return {name: app.config for name, app in self.apps.items()}
+
+
+EMPTY = LiveState()
+
+
+def parse_live_state(payload: Mapping[str, Any]) -> LiveState:
+    """The dashboard's answer -> LiveState. An empty answer means Serve is not running."""
+    apps = {name: _parse_app(name, a) for name, a in (payload.get("applications") or {}).items()}
+    running = bool(payload.get("controller_info")) or bool(apps)
+    globals_ = {k: payload[k] for k in ("proxy_location", "http_options") if payload.get(k) is not None}
+    return LiveState(apps=apps, globals=globals_ if running else {}, serve_running=running)
+
+
+def _parse_app(name: str, a: Mapping[str, Any]) -> AppLive:
+    deployments = tuple(_parse_deployment(dn, d) for dn, d in sorted((a.get("deployments") or {}).items()))
+    return AppLive(name=name, status=str(a.get("status", "UNKNOWN")), message=a.get("message") or "",
+                   config=a.get("deployed_app_config"), deployments=deployments)
+
+
+def _parse_deployment(name: str, d: Mapping[str, Any]) -> DeploymentLive:
+    replicas = tuple(
+        Replica(replica_id=str(r.get("replica_id", "")), state=str(r.get("state", "")),
+                pid=r.get("pid"), node_id=r.get("node_id"))
+        for r in d.get("replicas") or []
+    )
+    return DeploymentLive(name=name, status=str(d.get("status", "UNKNOWN")), message=d.get("message") or "",
+                          replicas=replicas, target_num_replicas=d.get("target_num_replicas"))
+
+
+def auth_token() -> str | None:
+    """Ray's token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (Ray's order)."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def auth_headers() -> dict[str, str]:
+    token = auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def make_client(dashboard_url: str, timeout: float = 10.0) -> httpx.Client:
+    """An HTTP client for the dashboard with the auth header set when a token exists."""
+    return httpx.Client(base_url=dashboard_url.rstrip("/"), headers=auth_headers(), timeout=timeout)
+
+
+def read_live_state(dashboard_url: str, *, client: httpx.Client | None = None,
+                    timeout: float = 10.0) -> LiveState:
+    """GET the live Serve state. Raises LiveStateError with one clear sentence."""
+    own = client is None
+    c = client or make_client(dashboard_url, timeout)
+    try:
+        resp = c.get(APPLICATIONS_PATH)
+    except httpx.HTTPError as e:
+        raise LiveStateError(f"cannot reach the Ray dashboard at {dashboard_url}: {_short(e)}") from e
+    finally:
+        if own:
+            c.close()
+    check_response(resp, dashboard_url, "read the Serve state")
+    try:
+        return parse_live_state(resp.json())
+    except ValueError as e:
+        raise LiveStateError(f"the Ray dashboard at {dashboard_url} answered with something that is "
+                             f"not Serve's JSON: {_short(e)}") from e
+
+
+def check_response(resp: httpx.Response, dashboard_url: str, doing: str) -> None:
+    """Turn a non-2xx answer into LiveStateError / AuthError."""
+    if resp.status_code in (401, 403):
+        hint = ("set RAY_AUTH_TOKEN or put the token in ~/.ray/auth_token" if resp.status_code == 401
+                else "the token in RAY_AUTH_TOKEN / ~/.ray/auth_token is not this cluster's")
+        raise AuthError(f"the Ray dashboard at {dashboard_url} refused to {doing} "
+                        f"({resp.status_code} {resp.text.strip()[:200]}): {hint}")
+    if resp.status_code >= 400:
+        raise LiveStateError(f"the Ray dashboard at {dashboard_url} could not {doing}: "
+                             f"{resp.status_code} {resp.text.strip()[:2000]}")
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
