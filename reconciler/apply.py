@@ -34,6 +34,7 @@ _FAILED = "DEPLOY_FAILED"
 # An app that was DEPLOY_FAILED before our PUT may still show that for a moment afterwards.
 _FAILURE_GRACE_S = 3.0
 DEFAULT_MARGIN_S = 120.0
+NO_BOUND_S = 3600.0
 
 
 class ApplyError(FleetError):
@@ -88,8 +89,10 @@ def apply_plan(plan: Plan, dashboard_url: str, *, live_before: LiveState,
 
 def default_timeout(changes: Sequence[Change]) -> float:
     """The longest engine start bound among the changed apps, plus a margin for Serve."""
-    bounds = [float((c.after or {}).get("args", {}).get("start_timeout_s") or 0) for c in changes]
-    return max(bounds, default=0.0) + DEFAULT_MARGIN_S
+    bounds = [(c.after or {}).get("args", {}).get("start_timeout_s", 0.0) for c in changes]
+    if any(b is None for b in bounds):  # "never": the engine has no bound, so neither do we, nearly
+        return NO_BOUND_S
+    return max((float(b or 0.0) for b in bounds), default=0.0) + DEFAULT_MARGIN_S
 
 
 def phases(plan: Plan) -> list[tuple[dict[str, Any], tuple[Change, ...]]]:

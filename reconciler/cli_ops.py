@@ -7,7 +7,11 @@ Serve from reconciler.apply. Exit codes: 0 success (plan: no changes), 1 error, 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -268,4 +272,159 @@ def _elapsed(t0: float) -> str:
     return f"{time.monotonic() - t0:.0f} s"
 
 
-COMMANDS: list[click.Command] = [plan_cmd, apply_cmd, status_cmd]
+# ---- up / down ----------------------------------------------------------------------------
+# `up` records the head it started in a small state file (per dashboard URL) so that `down`
+# stops exactly that head and nothing else on the box.
+
+def head_state_path(dashboard_url: str) -> Path:
+    return lock_mod.lock_path(dashboard_url).with_name(
+        lock_mod.lock_path(dashboard_url).name.replace("apply-", "head-").replace(".lock", ".json"))
+
+
+@click.command("up")
+@click.argument("path", default=".", type=click.Path(path_type=Path))
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Seconds to wait for the models.")
+def up_cmd(path: Path, timeout_s: float | None) -> None:
+    """Start a local Ray head if none answers, prepare the models, apply, print the endpoint."""
+    desired = _desired_or_exit(path)
+    try:
+        live_mod.read_live_state(desired.dashboard_url)
+        _progress(f"Ray answers at {desired.dashboard_url}; using it")
+    except live_mod.AuthError as e:
+        fail(str(e))
+    except live_mod.LiveStateError:
+        start_local_head(desired)
+    prepare_models(desired)
+    try:
+        with lock_mod.apply_lock(desired.dashboard_url, on_wait=_progress):
+            run_apply(desired, None, auto_approve=True, timeout_s=timeout_s)
+    except FleetError as e:
+        fail(f"{e}\n`fleetctl status` shows the fleet; `fleetctl down` stops what up started.")
+    openai = desired.placed.openai
+    host = "127.0.0.1" if openai.host in ("0.0.0.0", "::") else openai.host
+    click.echo(click.style("OpenAI endpoint: ", fg="green", bold=True) + f"http://{host}:{openai.port}/v1")
+
+
+def start_local_head(desired: Desired) -> None:
+    from urllib.parse import urlsplit
+
+    from reconciler import cluster
+    from reconciler.inventory import nvml_gpus
+
+    url = urlsplit(desired.dashboard_url)
+    if url.hostname not in ("127.0.0.1", "localhost", "::1"):
+        fail(f"no Ray answers at {desired.dashboard_url}, and `up` starts a head only on this box "
+             "(dashboard_url on 127.0.0.1); start Ray there, or point ray.dashboard_url at it")
+    gpus = len(nvml_gpus())
+    cpus = _logical_cpus(desired.config)
+    _progress(f"starting a local Ray head ({cpus} CPUs, {gpus} GPUs as fleet_gpu_<i>) ...")
+    t0 = time.monotonic()
+    try:
+        head = cluster.start_head(num_cpus=cpus, resources=cluster.gpu_resources(gpus),
+                                  dashboard_port=url.port or 8265, detach=True)
+    except cluster.HeadError as e:
+        fail(f"the Ray head did not start: {e}")
+    head_state_path(desired.dashboard_url).write_text(json.dumps(head.__dict__))
+    _progress(f"Ray head up in {_elapsed(t0)} (pid {head.pid}, logs in {head.temp_dir})")
+
+
+def _logical_cpus(config: Mapping[str, Any]) -> int:
+    """Ray's CPU count is bookkeeping: enough for every replica's num_cpus, at least the cores."""
+    wanted = sum(float((d.get("ray_actor_options") or {}).get("num_cpus", 1)) * int(d.get("num_replicas") or 1)
+                 for a in config.get("applications") or [] for d in a.get("deployments") or [])
+    return max(os.cpu_count() or 1, math.ceil(wanted) + 1)
+
+
+def prepare_models(desired: Desired) -> None:
+    """Convert / download every model's weights before Serve starts the engines."""
+    from serve_app import model_source
+
+    models = desired.placed.models
+    for i, m in enumerate(models, 1):
+        t0 = time.monotonic()
+        _progress(f"[{i}/{len(models)}] preparing {m.name} ({m.source}) ...")
+        try:
+            model_source.prepare(m.source)
+        except Exception as e:  # any failure here is the model's, and the user must see it
+            fail(f"{m.name}: cannot prepare {m.source}: {e}")
+        _progress(f"[{i}/{len(models)}] {m.name} ready ({_elapsed(t0)})")
+
+
+@click.command("down")
+@click.argument("path", default=".", type=click.Path(path_type=Path))
+def down_cmd(path: Path) -> None:
+    """Stop what `fleetctl up` started: the fleet's apps, its Ray head, every engine process."""
+    desired = _desired_or_exit(path)
+    state_file = head_state_path(desired.dashboard_url)
+    if not state_file.exists():
+        fail(f"`fleetctl up` started no Ray head for {desired.dashboard_url}; nothing to stop "
+             "(a Ray that up did not start is left alone)")
+    from reconciler import cluster
+
+    head = cluster.Head(**json.loads(state_file.read_text()))
+    t0 = time.monotonic()
+    ours = descendants(set(cluster.session_processes(head.pid)))
+    try:  # stop Serve first so engines shut down gracefully; the head stop below is the backstop
+        with live_mod.make_client(head.dashboard_url, timeout=90.0) as c:
+            c.delete(live_mod.APPLICATIONS_PATH)
+    except Exception as e:  # a dead Serve must not stop us from stopping the head
+        _progress(f"Serve did not shut down cleanly ({e}); stopping the head anyway")
+    ours |= descendants(set(cluster.session_processes(head.pid)))
+    cluster.stop_head(head)
+    left = kill_leftovers(ours)
+    state_file.unlink(missing_ok=True)
+    if left:
+        fail(f"processes still running after down: {sorted(left)}")
+    click.echo(f"Stopped the Ray head and every engine in {_elapsed(t0)}.")
+
+
+def _ppids() -> dict[int, int]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text(errors="replace")
+            except OSError:
+                continue
+            out[int(entry.name)] = int(stat[stat.rfind(")") + 2:].split()[1])
+    return out
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """roots and every process below them, whatever session they moved to (engines use their own)."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _ppids().items():
+        children.setdefault(ppid, []).append(pid)
+    seen, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo += children.get(pid, [])
+    return seen
+
+
+def kill_leftovers(pids: set[int], wait_s: float = 20.0) -> set[int]:
+    """Wait for pids to exit (their guards end them); SIGKILL the rest. Returns the survivors."""
+    def alive() -> set[int]:
+        return {p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)}
+
+    deadline = time.monotonic() + wait_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    time.sleep(0.5)
+    return alive()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2:].split()[0] == "Z"
+
+
+COMMANDS: list[click.Command] = [plan_cmd, apply_cmd, status_cmd, up_cmd, down_cmd]

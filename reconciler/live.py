@@ -123,18 +123,22 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def make_client(dashboard_url: str, timeout: float = 10.0) -> httpx.Client:
+# The first request to a fresh dashboard connects it to Ray, which takes seconds on a busy box.
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def make_client(dashboard_url: str, timeout: float = DEFAULT_TIMEOUT_S) -> httpx.Client:
     """An HTTP client for the dashboard with the auth header set when a token exists."""
     return httpx.Client(base_url=dashboard_url.rstrip("/"), headers=auth_headers(), timeout=timeout)
 
 
 def read_live_state(dashboard_url: str, *, client: httpx.Client | None = None,
-                    timeout: float = 10.0) -> LiveState:
+                    timeout: float = DEFAULT_TIMEOUT_S) -> LiveState:
     """GET the live Serve state. Raises LiveStateError with one clear sentence."""
     own = client is None
     c = client or make_client(dashboard_url, timeout)
     try:
-        resp = c.get(APPLICATIONS_PATH)
+        resp = _get(c)
     except httpx.HTTPError as e:
         raise LiveStateError(f"cannot reach the Ray dashboard at {dashboard_url}: {_short(e)}") from e
     finally:
@@ -146,6 +150,14 @@ def read_live_state(dashboard_url: str, *, client: httpx.Client | None = None,
     except ValueError as e:
         raise LiveStateError(f"the Ray dashboard at {dashboard_url} answered with something that is "
                              f"not Serve's JSON: {_short(e)}") from e
+
+
+def _get(c: httpx.Client) -> httpx.Response:
+    # One retry on a timeout: a fresh or busy dashboard is slow once, then answers in ms.
+    try:
+        return c.get(APPLICATIONS_PATH)
+    except httpx.TimeoutException:
+        return c.get(APPLICATIONS_PATH)
 
 
 def check_response(resp: httpx.Response, dashboard_url: str, doing: str) -> None:

@@ -1,0 +1,35 @@
+"""Fixtures for plan/apply against a real Ray Serve with real vLLM on the CPU.
+
+These tests own their Serve instance (apply replaces the whole set of apps), so they get a
+Ray head of their own per module rather than the session head other tests share. Stopped by
+pid, never with a global `ray stop`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reconciler import cluster
+
+from .helpers import Fleet
+
+
+@pytest.fixture(scope="module")
+def apply_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Head]:
+    logs = tmp_path_factory.mktemp("vllm-logs")
+    head = cluster.start_head(num_cpus=8, resources={}, object_store_bytes=256 * 1024**2,
+                              env={"FLEET_LOG_DIR": str(logs)})
+    try:
+        yield head
+    finally:
+        cluster.stop_head(head)
+
+
+@pytest.fixture(scope="module")
+def fleet(apply_head: cluster.Head, tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    root = tmp_path_factory.mktemp("fleet")
+    return Fleet(root, apply_head.dashboard_url, cluster.free_port(), tmp_path_factory.mktemp("locks"),
+                 tiny_llama_path)

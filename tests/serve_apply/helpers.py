@@ -1,0 +1,88 @@
+"""Helpers for the plan/apply tests: write fleet files, run `fleetctl` as a subprocess, and read
+replica ids and vLLM child pids. Restarts are judged by those, never by timestamps
+(last_deployed_time_s moves on every PUT).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reconciler import live
+from reconciler.cli_ops import descendants
+
+ENGINE_DEFAULTS = "{dtype: float32, enforce_eager: true, max_model_len: 256}"
+
+
+@dataclass
+class Fleet:
+    """A fleet folder bound to one Ray head, and ways to drive fleetctl against it."""
+
+    root: Path
+    dashboard_url: str
+    port: int
+    lock_dir: Path
+    model_dir: Path
+
+    def write(self, models: dict[str, dict[str, Any]], extra: str = "") -> None:
+        lines = [
+            "ray:", f"  dashboard_url: {self.dashboard_url}",
+            "openai:", "  host: 127.0.0.1", f"  port: {self.port}",
+            "defaults:", "  idle_timeout: 15m", f"  engine: {ENGINE_DEFAULTS}",
+            "  env: {VLLM_CPU_KVCACHE_SPACE: \"1\"}",
+            "models:",
+        ]  # fmt: skip
+        for name, fields in models.items():
+            lines.append(f"  {name}:")
+            lines.append(f"    source: {self.model_dir}")
+            lines += [f"    {k}: {v}" for k, v in fields.items()]
+        (self.root / "fleet.yaml").write_text("\n".join(lines) + "\n" + extra)
+
+    def fleetctl(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(fleetctl_argv(*args), cwd=self.root, env=self.env(), capture_output=True,
+                              text=True, timeout=timeout)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(fleetctl_argv(*args), cwd=self.root, env=self.env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "FLEET_LOCK_DIR": str(self.lock_dir), "NO_COLOR": "1"}
+
+    def live(self) -> live.LiveState:
+        return live.read_live_state(self.dashboard_url)
+
+
+def fleetctl_argv(*args: str) -> list[str]:
+    exe = shutil.which("fleetctl")
+    return [exe, *args] if exe else [sys.executable, "-c", "from reconciler.cli import main; main()", *args]
+
+
+def vllm_child_pids(replica_pid: int | None) -> set[int]:
+    """The vLLM server processes under one replica (through its guard)."""
+    if replica_pid is None:
+        return set()
+    out = set()
+    for pid in descendants({replica_pid}) - {replica_pid}:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in cmd:
+            out.add(pid)
+    return out
+
+
+def fingerprint(state: live.LiveState) -> dict[str, Any]:
+    """Per app: the running replica ids and the vLLM child pids. Equal means not restarted."""
+    out = {}
+    for name, app in state.apps.items():
+        replicas = [r for d in app.deployments for r in d.replicas if r.state == "RUNNING"]
+        out[name] = {"replicas": sorted(r.replica_id for r in replicas),
+                     "children": sorted(p for r in replicas for p in vllm_child_pids(r.pid))}
+    return out

@@ -1,0 +1,199 @@
+"""plan/apply against a real Serve with real vLLM on the CPU, one scenario after another.
+
+The tests share one Ray head and the deployments of the previous test (vLLM starts cost about
+a minute each here), so they run in file order. In every scenario the action the plan predicts
+for each app must equal what happened, judged by replica ids and vLLM child pids.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from reconciler.plan import fingerprint_live
+
+from .helpers import Fleet, fingerprint
+
+pytestmark = pytest.mark.serve
+
+MODELS: dict[str, dict[str, Any]] = {"tiny-a": {}, "tiny-b": {}}
+# What each predicted action must look like in replica ids / child pids.
+EXPECTED = {"noop": "kept", "update": "kept", "restart": "replaced", "create": "new", "delete": "gone"}
+
+
+def plan_json(fleet: Fleet) -> dict[str, Any]:
+    r = fleet.fleetctl("plan", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def predicted(plan: dict[str, Any]) -> dict[str, str]:
+    return {c["model"]: EXPECTED[c["action"]] for c in plan["changes"]}
+
+
+def observed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for name in set(before) | set(after):
+        if name not in after:
+            out[name] = "gone"
+        elif name not in before:
+            out[name] = "new"
+        elif before[name] == after[name]:
+            out[name] = "kept"
+        elif not set(before[name]["replicas"]) & set(after[name]["replicas"]):
+            out[name] = "replaced"
+        else:
+            out[name] = f"changed {before[name]} -> {after[name]}"
+    return out
+
+
+def apply_and_compare(fleet: Fleet) -> dict[str, Any]:
+    """Plan, apply, and check that each app did what the plan said. Returns the plan."""
+    plan = plan_json(fleet)
+    before = fingerprint(fleet.live())
+    r = fleet.fleetctl("apply", "--auto-approve")
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = fingerprint(fleet.live())
+    assert observed(before, after) == predicted(plan)
+    return plan
+
+
+def actions(plan: dict[str, Any]) -> dict[str, str]:
+    return {c["model"]: c["action"] for c in plan["changes"]}
+
+
+def test_first_apply_creates_everything(fleet: Fleet) -> None:
+    fleet.write(MODELS)
+    r = fleet.fleetctl("plan", "--detailed-exitcode")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "3 to create, 0 to update in place, 0 to restart, 0 to delete" in r.stdout
+    plan = apply_and_compare(fleet)
+    assert actions(plan) == {"router": "create", "tiny-a": "create", "tiny-b": "create"}
+    state = fleet.live()
+    assert all(app.status == "RUNNING" for app in state.apps.values())
+    assert all(fingerprint(state)[m]["children"] for m in MODELS)  # a vLLM child each
+
+
+def test_second_plan_says_no_changes_and_apply_restarts_nothing(fleet: Fleet) -> None:
+    r = fleet.fleetctl("plan", "--detailed-exitcode")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "No changes. The live fleet matches the files." in r.stdout
+    before = fingerprint(fleet.live())
+    r = fleet.fleetctl("apply", "--auto-approve")
+    assert r.returncode == 0 and "No changes" in r.stdout
+    assert fingerprint(fleet.live()) == before
+
+
+def test_idle_timeout_is_updated_in_place(fleet: Fleet) -> None:
+    fleet.write({"tiny-a": {"idle_timeout": "30m"}, "tiny-b": {}})
+    plan = apply_and_compare(fleet)
+    assert actions(plan) == {"router": "noop", "tiny-a": "update", "tiny-b": "noop"}
+    [a] = [c for c in plan["changes"] if c["model"] == "tiny-a"]
+    assert [f["path"] for f in a["fields"]] == ["deployments.engine.user_config.idle_timeout_s"]
+    cfg = fleet.live().apps["tiny-a"].config
+    assert cfg is not None and cfg["deployments"][0]["user_config"]["idle_timeout_s"] == 1800.0
+
+
+def test_engine_arg_restarts_only_that_model(fleet: Fleet) -> None:
+    fleet.write({"tiny-a": {"idle_timeout": "30m", "engine": "{max_model_len: 128}"}, "tiny-b": {}})
+    plan = apply_and_compare(fleet)
+    assert actions(plan) == {"router": "noop", "tiny-a": "restart", "tiny-b": "noop"}
+    [a] = [c for c in plan["changes"] if c["model"] == "tiny-a"]
+    assert a["restart_fields"] == ["args.engine_argv"]
+
+
+def test_adding_a_model_creates_only_it(fleet: Fleet) -> None:
+    fleet.write({"tiny-a": {"idle_timeout": "30m", "engine": "{max_model_len: 128}"}, "tiny-b": {}, "tiny-c": {}})
+    plan = apply_and_compare(fleet)
+    # The router learns the new name in place (its user_config): its replica is kept.
+    assert actions(plan) == {"router": "update", "tiny-a": "noop", "tiny-b": "noop", "tiny-c": "create"}
+
+
+def test_removing_a_model_deletes_only_it(fleet: Fleet) -> None:
+    fleet.write({"tiny-a": {"idle_timeout": "30m", "engine": "{max_model_len: 128}"}, "tiny-b": {}})
+    plan = apply_and_compare(fleet)
+    assert actions(plan) == {"router": "update", "tiny-a": "noop", "tiny-b": "noop", "tiny-c": "delete"}
+    assert "tiny-c" not in fleet.live().apps
+
+
+CURRENT = {"tiny-a": {"idle_timeout": "30m", "engine": "{max_model_len: 128}"}, "tiny-b": {}}
+
+
+def _put_live(fleet: Fleet, edit: Any) -> None:
+    """Change Serve behind fleetctl's back (as a person with curl would)."""
+    raw = httpx.get(fleet.dashboard_url + "/api/serve/applications/").json()
+    apps = [a["deployed_app_config"] for a in raw["applications"].values()]
+    for app in apps:
+        edit(app)
+    body = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": fleet.port},
+            "applications": apps}
+    assert httpx.put(fleet.dashboard_url + "/api/serve/applications/", json=body, timeout=60).status_code == 200
+
+
+def _set_b_idle(seconds: float) -> Any:
+    def edit(app: dict[str, Any]) -> None:
+        if app["name"] == "tiny-b":
+            app["deployments"][0]["user_config"]["idle_timeout_s"] = seconds
+    return edit
+
+
+def test_stale_saved_plan_is_refused(fleet: Fleet) -> None:
+    fleet.write({**CURRENT, "tiny-b": {"idle_timeout": "20m"}})
+    r = fleet.fleetctl("plan", "-out", "saved.plan")
+    assert r.returncode == 0, r.stderr
+    # 1. the files move on
+    fleet.write({**CURRENT, "tiny-b": {"idle_timeout": "25m"}})
+    r = fleet.fleetctl("apply", "saved.plan", "--auto-approve")
+    assert r.returncode == 1 and "the fleet files changed" in r.stderr
+    # 2. the files are back, but someone changes Serve by hand
+    fleet.write({**CURRENT, "tiny-b": {"idle_timeout": "20m"}})
+    _put_live(fleet, _set_b_idle(600.0))
+    r = fleet.fleetctl("apply", "saved.plan", "--auto-approve")
+    assert r.returncode == 1 and "the live Serve changed" in r.stderr
+    # 3. Serve put back as it was: the saved plan applies, exactly
+    _put_live(fleet, _set_b_idle(900.0))
+    before = fingerprint(fleet.live())
+    r = fleet.fleetctl("apply", "saved.plan", "--auto-approve")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert fingerprint(fleet.live()) == before
+    cfg = fleet.live().apps["tiny-b"].config
+    assert cfg is not None and cfg["deployments"][0]["user_config"]["idle_timeout_s"] == 1200.0
+
+
+def test_two_concurrent_applies(fleet: Fleet) -> None:
+    fleet.write({**CURRENT, "tiny-b": {"idle_timeout": "40m"}})
+    before = fingerprint(fleet.live())
+    procs = [fleet.popen("apply", "--auto-approve", "--lock-wait", "60") for _ in range(2)]
+    results = [(p.wait(300), *p.communicate()) for p in procs]
+    for rc, out, err in results:
+        assert rc == 0 or "another apply is running" in err, out + err
+    waited = [err for _, _, err in results if "waiting up to" in err]
+    assert any(rc == 0 for rc, _, _ in results)
+    assert waited or any(rc == 1 for rc, _, _ in results)  # one of them saw the other
+    assert fleet.fleetctl("plan", "--detailed-exitcode").returncode == 0
+    assert fingerprint(fleet.live()) == before
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("models:\n  tiny-a: {source: /x\n", "fleet.yaml:"),  # YAML syntax
+    ("models:\n  tiny-a:\n    source: /x\n    gpus: lots\n", "fleet.yaml:4:"),  # schema
+])
+def test_invalid_fleet_file_changes_nothing(fleet: Fleet, text: str, where: str) -> None:
+    state = fleet.live()
+    before, live_fp = fingerprint(state), fingerprint_live(state)
+    good = (fleet.root / "fleet.yaml").read_text()
+    (fleet.root / "fleet.yaml").write_text(text)
+    try:
+        for cmd in (["plan"], ["apply", "--auto-approve"]):
+            r = fleet.fleetctl(*cmd)
+            assert r.returncode == 1, r.stdout + r.stderr
+            assert where in r.stderr and "the live fleet is unchanged" in r.stderr
+        time.sleep(1)
+        after = fleet.live()
+        assert fingerprint(after) == before and fingerprint_live(after) == live_fp
+    finally:
+        (fleet.root / "fleet.yaml").write_text(good)
