@@ -1,0 +1,176 @@
+"""A local Ray head for `fleetctl up` and the tests: start it, wait for it, stop exactly it.
+
+The head runs as ``ray start --head --block`` in its own session, so stopping it means ending
+that one process group and nothing else: never a global ``ray stop``, which would take down
+other clusters on the same box. Every port is picked free up front for the same reason.
+Temp dirs stay short (/tmp/rf-XXXX) because Ray puts unix sockets under them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+LOOPBACK = "127.0.0.1"
+
+
+class HeadError(RuntimeError):
+    """The Ray head did not come up (the message has the tail of its log)."""
+
+
+@dataclass(frozen=True)
+class Head:
+    """A running local Ray head started by `start_head`."""
+
+    gcs_address: str
+    dashboard_url: str
+    pid: int  # leads the process group holding every process of this head
+    temp_dir: str
+    log_path: str
+
+
+def gpu_resources(n: int) -> dict[str, float]:
+    """The per-GPU custom resources of a node with ``n`` GPUs (see docs/contracts.md)."""
+    return {f"fleet_gpu_{i}": 1.0 for i in range(n)}
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_start_argv(
+    *, num_cpus: int, resources: dict[str, float], port: int, dashboard_port: int, temp_dir: str,
+    object_store_bytes: int | None,
+) -> list[str]:  # fmt: skip
+    argv = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        "--port", str(port),
+        "--dashboard-port", str(dashboard_port),
+        "--dashboard-host", LOOPBACK,
+        "--disable-usage-stats",
+        "--num-cpus", str(num_cpus),
+        "--num-gpus", "0",  # GPUs are claimed through fleet_gpu_<i>; vLLM pins them itself
+        "--resources", json.dumps(resources),
+        "--temp-dir", temp_dir,
+    ]  # fmt: skip
+    # Fixed defaults (10001, 52365, ...) would collide with other heads on this box.
+    for flag in (
+        "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port",
+    ):  # fmt: skip
+        argv += [flag, str(free_port())]
+    if object_store_bytes:
+        argv += ["--object-store-memory", str(object_store_bytes)]
+    return argv
+
+
+def start_head(
+    *,
+    num_cpus: int,
+    resources: dict[str, float],
+    port: int | None = None,
+    dashboard_port: int | None = None,
+    temp_dir: str | None = None,
+    detach: bool = False,
+    object_store_bytes: int | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 120.0,
+) -> Head:
+    """Start a Ray head and wait until its dashboard answers.
+
+    ``detach=False`` ties the head to this process (through serve_app.guard): if we die, even
+    by SIGKILL, the head goes too. ``detach=True`` leaves it running for `fleetctl up`.
+    ``env`` adds variables that every Ray worker (hence every replica) inherits.
+    """
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="rf-", dir="/tmp")
+    port = port or free_port()
+    dashboard_port = dashboard_port or free_port()
+    argv = _ray_start_argv(
+        num_cpus=num_cpus, resources=resources, port=port, dashboard_port=dashboard_port,
+        temp_dir=temp_dir, object_store_bytes=object_store_bytes,
+    )  # fmt: skip
+    if not detach:
+        argv = [sys.executable, "-m", "serve_app.guard", "--", *argv]
+    log_path = str(Path(temp_dir) / "ray-start.log")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    head = Head(f"{LOOPBACK}:{port}", f"http://{LOOPBACK}:{dashboard_port}", proc.pid, temp_dir, log_path)
+    try:
+        _wait_dashboard(head, proc, timeout_s)
+    except BaseException:
+        stop_head(head)
+        raise
+    return head
+
+
+def _wait_dashboard(head: Head, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise HeadError(f"ray start exited with code {proc.returncode}:\n{_tail(head.log_path)}")
+        try:
+            if httpx.get(head.dashboard_url + "/api/version", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise HeadError(f"the Ray dashboard did not answer within {timeout_s:.0f} s:\n{_tail(head.log_path)}")
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"(no log: {e})"
+
+
+def session_processes(sid: int) -> list[int]:
+    """Pids of live (non-zombie) processes whose session id is ``sid``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # state ppid pgrp session ...
+        if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
+def stop_head(head: Head, *, timeout_s: float = 60.0) -> None:
+    """Stop this head only: SIGTERM its process group, SIGKILL what is left, wait until gone."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            _reap(head.pid)
+            if not session_processes(head.pid):
+                return
+            time.sleep(0.2)
+
+
+def _reap(pid: int) -> None:
+    # The head's leader may be our child: collect it so it is not left as a zombie.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)

@@ -1,0 +1,79 @@
+"""One shared two-model fleet on real Ray Serve + vLLM (CPU) for the tests in this folder.
+
+Each vLLM start costs about a minute on this box, so the fleet is started once per session:
+a tiny random Llama (generate) and all-MiniLM-L6-v2 (embed) behind the router.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from tests.fixtures import serve_api
+
+GEN, EMB = "tiny-chat", "minilm"
+
+
+@dataclass
+class Fleet:
+    """The running test fleet and how to reach it."""
+
+    dashboard: str
+    base_url: str  # the router's OpenAI base, …/v1
+    apps: dict[str, dict[str, Any]]  # application name → its config
+    put: Callable[[list[dict[str, Any]]], None]
+
+    def client(self, api_key: str = "unused", **kw: Any) -> OpenAI:
+        return OpenAI(base_url=self.base_url, api_key=api_key, **{"max_retries": 0, "timeout": 120.0, **kw})
+
+    def apply(self, **router_kw: Any) -> None:
+        """PUT the current apps with a router whose user_config takes ``router_kw``."""
+        models = {n: a["args"]["task"] for n, a in self.apps.items()}
+        self.put([serve_api.router_app(models, **router_kw), *self.apps.values()])
+
+
+@pytest.fixture(scope="session")
+def fleet(
+    dashboard: str, serve_http_port: int, serve_put: Callable[..., None], tiny_llama_path: Path, minilm_path: Path
+) -> Iterator[Fleet]:
+    apps = {
+        GEN: serve_api.engine_app(GEN, tiny_llama_path, "generate", serve_api.GENERATE_ARGV),
+        EMB: serve_api.engine_app(EMB, minilm_path, "embed", serve_api.EMBED_ARGV),
+    }
+    fleet = Fleet(dashboard, f"http://127.0.0.1:{serve_http_port}/v1", apps, serve_put)
+    fleet.apply(load_timeout_s=300.0)
+    serve_api.wait_running(dashboard, ["router", GEN, EMB])
+    yield fleet
+
+
+@pytest.fixture(scope="session")
+def ray_driver(ray_head: Any) -> Iterator[None]:
+    """This test process joined to the test cluster, to ask engines for their info()."""
+    import ray
+
+    ray.init(address=ray_head.gcs_address, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def engine_info(model: str) -> dict[str, Any]:
+    """The engine replica's info(): url, replica_pid, guard_pid, log_path, ... (needs ray_driver)."""
+    from ray import serve
+
+    return dict(serve.get_app_handle(model).info.remote().result(timeout_s=60))
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+    return total

@@ -1,0 +1,88 @@
+"""When things die: a crashed vLLM, a SIGKILLed replica, a deleted model (real Serve + vLLM).
+
+These run after test_relay.py (file order) because they restart or remove engines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.fixtures import serve_api
+from tests.fixtures.procs import alive, children, wait_session_gone
+from tests.serve.conftest import EMB, GEN, Fleet, engine_info
+
+pytestmark = pytest.mark.serve
+RECOVERY_S = 900.0  # a bound for the test, not an expectation: a vLLM start is ~1 min here
+
+
+def _chat(fleet: Fleet) -> str:
+    reply = fleet.client(timeout=400.0).chat.completions.create(
+        model=GEN, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    return reply.choices[0].message.content or ""
+
+
+def _answers_again(fleet: Fleet) -> list[int]:
+    """Retry until the model answers; return the status of every failed attempt."""
+    failures = []
+    deadline = time.monotonic() + RECOVERY_S
+    while time.monotonic() < deadline:
+        try:
+            _chat(fleet)
+            return failures
+        except openai.APIStatusError as e:
+            failures.append(e.status_code)
+            time.sleep(1.0)
+    raise AssertionError(f"{GEN} did not answer again; failures: {failures}")
+
+
+def test_killed_vllm_gives_503_then_serve_replaces_the_replica(fleet: Fleet, ray_driver: None) -> None:
+    before = engine_info(GEN)
+    (vllm_pid,) = children(before["guard_pid"])
+    os.kill(vllm_pid, signal.SIGKILL)
+    while alive(before["guard_pid"]):  # the guard follows its command out
+        time.sleep(0.1)
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        _chat(fleet)
+    assert caught.value.status_code == 503
+    error = caught.value.response.json()["error"]
+    assert error["code"] == "model_unavailable" and "exited with code" in error["message"]
+
+    assert set(_answers_again(fleet)) <= {503}  # while it comes back: 503s or a held request
+    after = engine_info(GEN)
+    assert after["replica_pid"] != before["replica_pid"]
+    assert wait_session_gone(before["guard_pid"]) == []
+
+
+def test_sigkilled_replica_leaves_no_vllm_process(fleet: Fleet, ray_driver: None) -> None:
+    before = engine_info(GEN)
+    assert len(children(before["guard_pid"])) == 1  # the vLLM server, with its engine core below
+    os.kill(before["replica_pid"], signal.SIGKILL)
+    assert wait_session_gone(before["guard_pid"], timeout_s=30) == []
+    assert set(_answers_again(fleet)) <= {503}
+    assert engine_info(GEN)["replica_pid"] != before["replica_pid"]
+
+
+def test_deleting_a_model_leaves_no_vllm_process(fleet: Fleet, ray_driver: None) -> None:
+    before = engine_info(EMB)
+    router_before = {r["replica_id"] for r in serve_api.replicas(fleet.dashboard, "router", "router")}
+    fleet.apps.pop(EMB)
+    fleet.apply(load_timeout_s=300.0)
+    serve_api.wait_absent(fleet.dashboard, EMB)
+    assert wait_session_gone(before["guard_pid"], timeout_s=30) == []
+    assert not alive(before["replica_pid"])
+
+    deadline = time.monotonic() + 60  # the router's model list changes in place, shortly after
+    while EMB in {m["id"] for m in httpx.get(fleet.base_url + "/models").json()["data"]}:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    with pytest.raises(openai.NotFoundError):
+        fleet.client().embeddings.create(model=EMB, input="hi")
+    assert {r["replica_id"] for r in serve_api.replicas(fleet.dashboard, "router", "router")} == router_before
