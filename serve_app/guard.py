@@ -134,6 +134,8 @@ def _anchor(guard: int, parent: int) -> int:
     while True:
         pid, status = os.waitpid(guard, os.WNOHANG)
         if pid:
+            # The guard may have been SIGKILLed itself: take down whatever it left in our group.
+            _kill_rest_of_group(2.0)
             return os.waitstatus_to_exitcode(status) % 256
         if (_Flags.stop or os.getppid() != parent) and not told:
             os.kill(guard, signal.SIGTERM)

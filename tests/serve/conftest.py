@@ -25,28 +25,30 @@ class Fleet:
 
     dashboard: str
     base_url: str  # the router's OpenAI base, …/v1
-    apps: dict[str, dict[str, Any]]  # application name → its config
+    root: Path  # where the fleet file is written
+    models: dict[str, dict[str, Any]]  # the fleet's models: section
     put: Callable[[list[dict[str, Any]]], None]
 
     def client(self, api_key: str = "unused", **kw: Any) -> OpenAI:
         return OpenAI(base_url=self.base_url, api_key=api_key, **{"max_retries": 0, "timeout": 120.0, **kw})
 
-    def apply(self, **router_kw: Any) -> None:
-        """PUT the current apps with a router whose user_config takes ``router_kw``."""
-        models = {n: a["args"]["task"] for n, a in self.apps.items()}
-        self.put([serve_api.router_app(models, **router_kw), *self.apps.values()])
+    def apply(self, **fleet_kw: Any) -> None:
+        """Compile the current models (with openai settings ``fleet_kw``) and PUT them, as apply does."""
+        self.put(serve_api.compile_apps(self.root, self.models, **fleet_kw))
 
 
 @pytest.fixture(scope="session")
 def fleet(
-    dashboard: str, serve_http_port: int, serve_put: Callable[..., None], tiny_llama_path: Path, minilm_path: Path
+    dashboard: str, serve_http_port: int, serve_put: Callable[..., None], tiny_llama_path: Path, minilm_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Fleet]:
-    apps = {
-        GEN: serve_api.engine_app(GEN, tiny_llama_path, "generate", serve_api.GENERATE_ARGV),
-        EMB: serve_api.engine_app(EMB, minilm_path, "embed", serve_api.EMBED_ARGV),
+    models: dict[str, dict[str, Any]] = {
+        GEN: {"source": str(tiny_llama_path), "task": "generate"},
+        EMB: {"source": str(minilm_path), "task": "embed", "always_on": True},
     }
-    fleet = Fleet(dashboard, f"http://127.0.0.1:{serve_http_port}/v1", apps, serve_put)
-    fleet.apply(load_timeout_s=300.0)
+    root = tmp_path_factory.mktemp("serve-fleet")
+    fleet = Fleet(dashboard, f"http://127.0.0.1:{serve_http_port}/v1", root, models, serve_put)
+    fleet.apply()
     serve_api.wait_running(dashboard, ["router", GEN, EMB])
     yield fleet
 

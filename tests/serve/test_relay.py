@@ -104,7 +104,7 @@ def test_api_key_is_required_when_configured(fleet: Fleet, api_key: str) -> None
     from tests.fixtures.serve_api import replicas
 
     router_before = {r["replica_id"] for r in replicas(fleet.dashboard, "router", "router")}
-    fleet.apply(api_key_envs=[TEST_API_KEY_ENV], load_timeout_s=300.0)
+    fleet.apply(api_keys=[TEST_API_KEY_ENV])
     try:
         deadline = time.monotonic() + 60  # the PUT returns before the router is reconfigured
         while httpx.get(fleet.base_url + "/models").status_code != 401 and time.monotonic() < deadline:
@@ -117,7 +117,7 @@ def test_api_key_is_required_when_configured(fleet: Fleet, api_key: str) -> None
         # In place: same router replica.
         assert {r["replica_id"] for r in replicas(fleet.dashboard, "router", "router")} == router_before
     finally:
-        fleet.apply(load_timeout_s=300.0)
+        fleet.apply()
         deadline = time.monotonic() + 60
         while httpx.get(fleet.base_url + "/models").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.fixtures import serve_api
-from tests.fixtures.procs import alive, children, wait_session_gone
+from tests.fixtures.procs import alive, vllm_server, wait_session_gone
 from tests.serve.conftest import EMB, GEN, Fleet, engine_info
 
 pytestmark = pytest.mark.serve
@@ -44,8 +44,7 @@ def _answers_again(fleet: Fleet) -> list[int]:
 
 def test_killed_vllm_gives_503_then_serve_replaces_the_replica(fleet: Fleet, ray_driver: None) -> None:
     before = engine_info(GEN)
-    (vllm_pid,) = children(before["guard_pid"])
-    os.kill(vllm_pid, signal.SIGKILL)
+    os.kill(vllm_server(before["guard_pid"]), signal.SIGKILL)
     while alive(before["guard_pid"]):  # the guard follows its command out
         time.sleep(0.1)
 
@@ -63,7 +62,7 @@ def test_killed_vllm_gives_503_then_serve_replaces_the_replica(fleet: Fleet, ray
 
 def test_sigkilled_replica_leaves_no_vllm_process(fleet: Fleet, ray_driver: None) -> None:
     before = engine_info(GEN)
-    assert len(children(before["guard_pid"])) == 1  # the vLLM server, with its engine core below
+    assert alive(vllm_server(before["guard_pid"]))
     os.kill(before["replica_pid"], signal.SIGKILL)
     assert wait_session_gone(before["guard_pid"], timeout_s=30) == []
     assert set(_answers_again(fleet)) <= {503}
@@ -73,8 +72,8 @@ def test_sigkilled_replica_leaves_no_vllm_process(fleet: Fleet, ray_driver: None
 def test_deleting_a_model_leaves_no_vllm_process(fleet: Fleet, ray_driver: None) -> None:
     before = engine_info(EMB)
     router_before = {r["replica_id"] for r in serve_api.replicas(fleet.dashboard, "router", "router")}
-    fleet.apps.pop(EMB)
-    fleet.apply(load_timeout_s=300.0)
+    fleet.models.pop(EMB)
+    fleet.apply()
     serve_api.wait_absent(fleet.dashboard, EMB)
     assert wait_session_gone(before["guard_pid"], timeout_s=30) == []
     assert not alive(before["replica_pid"])
