@@ -27,6 +27,7 @@ from reconciler import lock as lock_mod
 from reconciler import render
 from reconciler.errors import FleetError, SpecError
 from reconciler.plan import Action, Plan, PlanFormatError, make_plan, plan_from_dict, plan_to_dict
+from serve_app import proctable
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
 PLAN_FILE_KIND = "vllm-fleet-plan"
@@ -363,13 +364,13 @@ def down_cmd(path: Path) -> None:
 
     head = cluster.Head(**json.loads(state_file.read_text()))
     t0 = time.monotonic()
-    ours = descendants(set(cluster.session_processes(head.pid)))
+    ours = proctable.descendants(set(cluster.session_processes(head.pid)))
     try:  # stop Serve first so engines shut down gracefully; the head stop below is the backstop
         with live_mod.make_client(head.dashboard_url, timeout=90.0) as c:
             c.delete(live_mod.APPLICATIONS_PATH)
     except Exception as e:  # a dead Serve must not stop us from stopping the head
         _progress(f"Serve did not shut down cleanly ({e}); stopping the head anyway")
-    ours |= descendants(set(cluster.session_processes(head.pid)))
+    ours |= proctable.descendants(set(cluster.session_processes(head.pid)))
     cluster.stop_head(head)
     left = kill_leftovers(ours)
     state_file.unlink(missing_ok=True)
@@ -378,36 +379,10 @@ def down_cmd(path: Path) -> None:
     click.echo(f"Stopped the Ray head and every engine in {_elapsed(t0)}.")
 
 
-def _ppids() -> dict[int, int]:
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text(errors="replace")
-            except OSError:
-                continue
-            out[int(entry.name)] = int(stat[stat.rfind(")") + 2:].split()[1])
-    return out
-
-
-def descendants(roots: set[int]) -> set[int]:
-    """roots and every process below them, whatever session they moved to (engines use their own)."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in _ppids().items():
-        children.setdefault(ppid, []).append(pid)
-    seen, todo = set(), list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo += children.get(pid, [])
-    return seen
-
-
 def kill_leftovers(pids: set[int], wait_s: float = 20.0) -> set[int]:
     """Wait for pids to exit (their guards end them); SIGKILL the rest. Returns the survivors."""
     def alive() -> set[int]:
-        return {p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)}
+        return {p for p in pids if proctable.alive(p)}
 
     deadline = time.monotonic() + wait_s
     while alive() and time.monotonic() < deadline:
@@ -417,14 +392,6 @@ def kill_leftovers(pids: set[int], wait_s: float = 20.0) -> set[int]:
             os.kill(p, signal.SIGKILL)
     time.sleep(0.5)
     return alive()
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2:].split()[0] == "Z"
 
 
 COMMANDS: list[click.Command] = [plan_cmd, apply_cmd, status_cmd, up_cmd, down_cmd]

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from serve_app import proctable
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -142,19 +144,8 @@ def _tail(path: str, lines: int = 30) -> str:
 
 
 def session_processes(sid: int) -> list[int]:
-    """Pids of live (non-zombie) processes whose session id is ``sid``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # state ppid pgrp session ...
-        if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(entry))
-    return pids
+    """Pids of live processes whose session id is ``sid``."""
+    return proctable.session_members(sid)
 
 
 def stop_head(head: Head, *, timeout_s: float = 60.0) -> None:

@@ -30,6 +30,8 @@ import sys
 import time
 from types import FrameType
 
+from serve_app.proctable import group_members
+
 POLL_S = 0.5
 DEFAULT_GRACE_S = 10.0
 _PR_SET_PDEATHSIG = 1
@@ -58,24 +60,6 @@ def _set_parent_death_signal() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, int(_PARENT_DEATH_SIGNAL), 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux: the getppid() poll alone covers it
-
-
-def group_members(pgid: int) -> list[int]:
-    """Pids of live (non-zombie) processes in process group ``pgid``, read from /proc."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        # Fields after the ")" that closes the command name: state ppid pgrp ...
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
 
 
 def _kill_rest_of_group(grace_s: float) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from reconciler.cluster import Head, free_port, gpu_resources, start_head, stop_head
 from reconciler.inventory import nvml_gpus
+from serve_app.proctable import descendants
 from tests.fixtures import serve_api
 
 GPUS = nvml_gpus()
@@ -66,14 +67,8 @@ def engine_gpus(dashboard: str, app: str) -> set[int]:
     """The GPUs used by the processes under this app's replica (its vLLM server and engine core)."""
     [replica] = serve_api.replicas(dashboard, app, "engine")
     used = gpu_of_pids()
-    pids = _descendants(replica["pid"])
+    pids = descendants({replica["pid"]})
     return set().union(*(used.get(p, set()) for p in pids))
-
-
-def _descendants(pid: int) -> set[int]:
-    from reconciler.cli_ops import descendants
-
-    return descendants({pid})
 
 
 def test_each_engine_runs_on_its_own_gpu_and_shares_are_enforced(gpu_head: Head, tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ def fleet(
 ) -> Iterator[Fleet]:
     models: dict[str, dict[str, Any]] = {
         GEN: {"source": str(tiny_llama_path), "task": "generate"},
-        EMB: {"source": str(minilm_path), "task": "embed", "always_on": True},
+        EMB: {"source": str(minilm_path), "task": "embed", "always_on": True, "engine": {"max_model_len": 256}},
     }
     root = tmp_path_factory.mktemp("serve-fleet")
     fleet = Fleet(dashboard, f"http://127.0.0.1:{serve_http_port}/v1", root, models, serve_put)

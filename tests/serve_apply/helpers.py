@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import live
-from reconciler.cli_ops import descendants
+from serve_app.proctable import cmdline, descendants
 
 ENGINE_DEFAULTS = "{dtype: float32, enforce_eager: true, max_model_len: 256}"
 
@@ -67,15 +67,8 @@ def vllm_child_pids(replica_pid: int | None) -> set[int]:
     """The vLLM server processes under one replica (through its guard)."""
     if replica_pid is None:
         return set()
-    out = set()
-    for pid in descendants({replica_pid}) - {replica_pid}:
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"vllm.entrypoints.openai.api_server" in cmd:
-            out.add(pid)
-    return out
+    return {pid for pid in descendants({replica_pid}) - {replica_pid}
+            if "vllm.entrypoints.openai.api_server" in cmdline(pid)}
 
 
 def fingerprint(state: live.LiveState) -> dict[str, Any]:

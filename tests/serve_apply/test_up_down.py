@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from reconciler import cluster
-from reconciler.cli_ops import descendants, head_state_path, kill_leftovers
+from reconciler.cli_ops import head_state_path, kill_leftovers
+from serve_app.proctable import alive, cmdline, descendants
 
 from .helpers import Fleet
 
@@ -81,23 +82,8 @@ def test_up_chat_embed_down(default_fleet: Fleet) -> None:
 
     head = cluster.Head(**json.loads(_head_state(default_fleet).read_text()))
     ours = descendants(set(cluster.session_processes(head.pid)))
-    assert any(b"vllm.entrypoints" in _cmdline(p) for p in ours)
+    assert any("vllm.entrypoints" in cmdline(p) for p in ours)
     r = default_fleet.fleetctl("down", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert not [p for p in ours if Path(f"/proc/{p}").exists() and not _zombie(p)]
+    assert not [p for p in ours if alive(p)]
     assert not _head_state(default_fleet).exists()
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2:].split()[0] == "Z"
