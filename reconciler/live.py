@@ -140,7 +140,9 @@ def read_live_state(dashboard_url: str, *, client: httpx.Client | None = None,
     try:
         resp = _get(c)
     except httpx.HTTPError as e:
-        raise LiveStateError(f"cannot reach the Ray dashboard at {dashboard_url}: {_short(e)}") from e
+        raise LiveStateError(
+            f"cannot reach the Ray dashboard at {dashboard_url}: {_short(e)} — is Ray running? "
+            "`fleetctl up` starts one; ray.dashboard_url in fleet.yaml says where to look") from e
     finally:
         if own:
             c.close()

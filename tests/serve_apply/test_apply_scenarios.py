@@ -197,3 +197,20 @@ def test_invalid_fleet_file_changes_nothing(fleet: Fleet, text: str, where: str)
         assert fingerprint(after) == before and fingerprint_live(after) == live_fp
     finally:
         (fleet.root / "fleet.yaml").write_text(good)
+
+
+def test_an_engine_that_cannot_start_fails_apply_with_vllms_own_error(fleet: Fleet) -> None:
+    before = fingerprint(fleet.live())
+    fleet.write({**CURRENT, "broken": {"engine": "{max_model_len: 1000000}"}})
+    r = fleet.fleetctl("apply", "--auto-approve")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "broken failed to deploy" in r.stderr
+    # vLLM's own words, relayed from the engine's log through Serve's status to the user
+    assert "User-specified max_model_len (1000000) is greater than the derived max_model_len" in r.stderr
+    after = fingerprint(fleet.live())
+    assert {m: after[m] for m in before} == before  # the others were not touched
+
+    fleet.write(CURRENT)
+    r = fleet.fleetctl("apply", "--auto-approve")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "broken" not in fleet.live().apps
