@@ -285,8 +285,16 @@ def head_state_path(dashboard_url: str) -> Path:
 @click.command("up")
 @click.argument("path", default=".", type=click.Path(path_type=Path))
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Seconds to wait for the models.")
-def up_cmd(path: Path, timeout_s: float | None) -> None:
-    """Start a local Ray head if none answers, prepare the models, apply, print the endpoint."""
+@click.option("--fast-ingress", is_flag=True,
+              help="Start Ray with Serve's HAProxy ingress (faster streaming; see bench/README.md).")
+def up_cmd(path: Path, timeout_s: float | None, fast_ingress: bool) -> None:
+    """Start a local Ray head if none answers, prepare the models, apply, print the endpoint.
+
+    \b
+    Then use the endpoint it prints with any OpenAI client, e.g.
+      curl localhost:8000/v1/models
+    `fleetctl down` stops everything `up` started.
+    """
     desired = _desired_or_exit(path)
     try:
         live_mod.read_live_state(desired.dashboard_url)
@@ -294,7 +302,7 @@ def up_cmd(path: Path, timeout_s: float | None) -> None:
     except live_mod.AuthError as e:
         fail(str(e))
     except live_mod.LiveStateError:
-        start_local_head(desired)
+        start_local_head(desired, fast_ingress=fast_ingress)
     prepare_models(desired)
     try:
         with lock_mod.apply_lock(desired.dashboard_url, on_wait=_progress):
@@ -306,7 +314,7 @@ def up_cmd(path: Path, timeout_s: float | None) -> None:
     click.echo(click.style("OpenAI endpoint: ", fg="green", bold=True) + f"http://{host}:{openai.port}/v1")
 
 
-def start_local_head(desired: Desired) -> None:
+def start_local_head(desired: Desired, *, fast_ingress: bool = False) -> None:
     from urllib.parse import urlsplit
 
     from reconciler import cluster
@@ -322,7 +330,7 @@ def start_local_head(desired: Desired) -> None:
     t0 = time.monotonic()
     try:
         head = cluster.start_head(num_cpus=cpus, resources=cluster.gpu_resources(gpus),
-                                  dashboard_port=url.port or 8265, detach=True)
+                                  dashboard_port=url.port or 8265, detach=True, fast_ingress=fast_ingress)
     except cluster.HeadError as e:
         fail(f"the Ray head did not start: {e}")
     head_state_path(desired.dashboard_url).write_text(json.dumps(head.__dict__))

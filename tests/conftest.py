@@ -6,6 +6,7 @@ Tests that need Ray Serve + vLLM are marked ``@pytest.mark.serve`` (deselect: -m
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         resources=gpu_resources(0),
         object_store_bytes=256 * 1024**2,
         env={TEST_API_KEY_ENV: TEST_API_KEY, "FLEET_LOG_DIR": str(logs)},
+        fast_ingress=os.environ.get("FLEET_TEST_FAST_INGRESS") == "1",  # Serve's HAProxy path
     )
     try:
         yield head
