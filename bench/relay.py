@@ -66,7 +66,7 @@ def build_tiny_llama(dest: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = [PROMPT, "user assistant system", "the quick brown fox jumps over the lazy dog"] * 50
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
     )
@@ -133,6 +133,17 @@ def busy_cpu_s() -> float:
         fields = [int(x) for x in f.readline().split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Pids of processes whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if text.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found
 
 
 def own_cpu_s() -> float:
@@ -399,6 +410,11 @@ class RayServeStack:
             cluster.stop_head(self.head)
             shutil.rmtree(self.head.temp_dir, ignore_errors=True)
         for path in self.scratch:
+            # Ray 2.60 leaves its HAProxy child running (re-parented to init, outside the head's
+            # session) when the head stops; ours are the ones whose config lives in our folder.
+            for pid in pids_mentioning(str(path)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
             shutil.rmtree(path, ignore_errors=True)
 
 
