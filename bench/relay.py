@@ -39,6 +39,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from serve_app import proctable
+
 MODEL_NAME = "bench-tiny"
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 ENGINE_ARGV = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"]
@@ -135,41 +137,11 @@ def busy_cpu_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def pids_mentioning(text: str) -> list[int]:
-    """Pids of processes whose command line contains ``text``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if text.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-    return found
-
-
 def own_cpu_s() -> float:
     """CPU seconds used so far by this process and all its live descendants (Ray, vLLM, ...)."""
-    parent: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # state ppid ... utime(12) stime(13)
-        parent[int(entry)] = int(fields[1])
-        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    me = os.getpid()
-    total = 0.0
-    for pid, used in cpu.items():
-        p, hops = pid, 0
-        while p not in (0, 1, me) and hops < 64:
-            p, hops = parent.get(p, 0), hops + 1
-        if p == me:
-            total += used
-    return total
+    ours = proctable.descendants({os.getpid()})
+    ticks = sum(p.cpu_ticks for p in proctable.processes() if p.pid in ours)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def ray_worker_pids(session_id: int, titles: tuple[str, ...]) -> dict[str, int]:
@@ -349,7 +321,6 @@ class RayServeStack:
     router_options: dict[str, Any] = field(default_factory=dict)
     engine_options: dict[str, Any] = field(default_factory=dict)
     fleet_name: str = "fleet"
-    scratch: list[Path] = field(default_factory=list)
     head: Any = None
     serve_port: int = 0
     dashboard_url: str = ""
@@ -359,7 +330,11 @@ class RayServeStack:
         from reconciler import cluster
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.head = cluster.start_head(num_cpus=4, resources={}, env=self.head_env())
+        env = self.head_env()
+        # HAProxy is the head's own option (private files and ports, and stop_head removes the
+        # haproxy process Ray leaves behind); the baseline runs Serve's Python proxy.
+        fast = env.pop("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
+        self.head = cluster.start_head(num_cpus=4, resources={}, env=env, fast_ingress=fast)
         self.dashboard_url = self.head.dashboard_url
         self.serve_port = free_port()
         apps: list[dict[str, Any]] = []
@@ -386,21 +361,8 @@ class RayServeStack:
         return endpoints
 
     def head_env(self) -> dict[str, str]:
-        """The head's environment: the Serve knobs under test, with HAProxy files kept private."""
-        env = {"FLEET_LOG_DIR": str(self.work_dir / "fleet-logs"), **self.ray_env}
-        if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-            # Fixed defaults (/tmp/haproxy-serve, :8404, :9101) would collide with other heads.
-            # Short: Ray adds a 56-character node folder and HAProxy allows 97 for a socket path.
-            hap = Path(tempfile.mkdtemp(prefix="hp-", dir="/tmp"))
-            self.scratch.append(hap)
-            env.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(hap / "haproxy.cfg"))
-            env.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", str(hap / "admin.sock"))
-            env.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", str(hap))
-            env.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", str(hap / "server-state"))
-            env.setdefault("RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH", str(hap / "metrics.sock"))
-            env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
-            env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
-        return env
+        """The head's environment: the Serve knobs under test."""
+        return {"FLEET_LOG_DIR": str(self.work_dir / "fleet-logs"), **self.ray_env}
 
     def stop(self) -> None:
         """Stop our Ray head and everything on it (its process group; never a global ``ray stop``)."""
@@ -409,13 +371,6 @@ class RayServeStack:
 
             cluster.stop_head(self.head)
             shutil.rmtree(self.head.temp_dir, ignore_errors=True)
-        for path in self.scratch:
-            # Ray 2.60 leaves its HAProxy child running (re-parented to init, outside the head's
-            # session) when the head stops; ours are the ones whose config lives in our folder.
-            for pid in pids_mentioning(str(path)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_chat_ok(ep: Target, deadline: float) -> None:

@@ -91,7 +91,7 @@ def start_head(
     object_store_bytes: int | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
-    fast_ingress: bool = False,
+    fast_ingress: bool = True,
 ) -> Head:
     """Start a Ray head and wait until its dashboard answers.
 
@@ -185,8 +185,28 @@ def stop_head(head: Head, *, timeout_s: float = 60.0) -> None:
         while time.monotonic() < deadline:
             _reap(head.pid)
             if not session_processes(head.pid):
-                return
+                break
             time.sleep(0.2)
+        else:
+            continue
+        break
+    _stop_ingress(head)
+
+
+def _stop_ingress(head: Head) -> None:
+    """Ray 2.60 leaves Serve's HAProxy running after its head stops (re-parented, in no session of
+    ours), still holding the Serve port. It is ours when its config lives in this head's folder."""
+    marker = f"{head.temp_dir}/hp/"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = [p.pid for p in proctable.processes() if p.state != "Z" and marker in proctable.cmdline(p.pid)]
+        if not left:
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(proctable.alive(p) for p in left):
+            time.sleep(0.1)
 
 
 def _reap(pid: int) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from reconciler import cluster
 from reconciler.cli_ops import head_state_path, kill_leftovers
-from serve_app.proctable import alive, cmdline, descendants
+from serve_app.proctable import alive, cmdline, descendants, processes
 
 from .helpers import Fleet
 
@@ -86,4 +86,6 @@ def test_up_chat_embed_down(default_fleet: Fleet) -> None:
     r = default_fleet.fleetctl("down", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not [p for p in ours if alive(p)]
+    # nor anything outside the head's tree that belongs to it (Serve's HAProxy is re-parented)
+    assert not [cmdline(p.pid) for p in processes() if p.state != "Z" and head.temp_dir in cmdline(p.pid)]
     assert not _head_state(default_fleet).exists()
