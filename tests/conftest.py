@@ -33,8 +33,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         resources=gpu_resources(0),
         object_store_bytes=256 * 1024**2,
         env={TEST_API_KEY_ENV: TEST_API_KEY, "FLEET_LOG_DIR": str(logs)},
-        # Serve's HAProxy ingress, as `fleetctl up` starts it; FLEET_TEST_FAST_INGRESS=0 tests the proxy path
-        fast_ingress=os.environ.get("FLEET_TEST_FAST_INGRESS", "1") == "1",
+        # Serve's Python proxy, as `fleetctl up` starts it; FLEET_TEST_FAST_INGRESS=1 tests HAProxy ingress
+        fast_ingress=os.environ.get("FLEET_TEST_FAST_INGRESS") == "1",
     )
     try:
         yield head

@@ -43,7 +43,8 @@ def fleet(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Fleet]:
     models: dict[str, dict[str, Any]] = {
-        GEN: {"source": str(tiny_llama_path), "task": "generate"},
+        # a long context, so an abandoned 1000-token stream is still generating when the abort lands
+        GEN: {"source": str(tiny_llama_path), "task": "generate", "engine": {"max_model_len": 1024}},
         EMB: {"source": str(minilm_path), "task": "embed", "always_on": True, "engine": {"max_model_len": 256}},
     }
     root = tmp_path_factory.mktemp("serve-fleet")

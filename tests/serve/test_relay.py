@@ -81,7 +81,7 @@ def test_request_id_goes_through_and_is_made_when_absent(fleet: Fleet) -> None:
 def test_abandoned_stream_is_aborted_in_vllm(fleet: Fleet, ray_driver: None) -> None:
     metrics_url = engine_info(GEN)["url"] + "/metrics"
     tokens_before = metric(httpx.get(metrics_url).text, "vllm:generation_tokens_total")
-    max_tokens = 480
+    max_tokens = 1000
     body = {
         "model": GEN, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
     }  # fmt: skip
@@ -101,7 +101,7 @@ def test_abandoned_stream_is_aborted_in_vllm(fleet: Fleet, ray_driver: None) -> 
 
 def test_api_key_is_required_when_configured(fleet: Fleet, api_key: str) -> None:
     from tests.conftest import TEST_API_KEY_ENV
-    from tests.fixtures.serve_api import replicas
+    from tests.fixtures.serve_api import replicas, wait_running
 
     router_before = {r["replica_id"] for r in replicas(fleet.dashboard, "router", "router")}
     fleet.apply(api_keys=[TEST_API_KEY_ENV])
@@ -114,7 +114,9 @@ def test_api_key_is_required_when_configured(fleet: Fleet, api_key: str) -> None
         with pytest.raises(openai.AuthenticationError):
             fleet.client("wrong-key").models.list()
         assert len(fleet.client(api_key).embeddings.create(model=EMB, input="hi").data[0].embedding) == 384
-        # In place: same router replica.
+        # In place: same router replica (read once the router has settled: while Serve updates
+        # its config, the dashboard may list the replica as updating, or not at all).
+        wait_running(fleet.dashboard, ["router"])
         assert {r["replica_id"] for r in replicas(fleet.dashboard, "router", "router")} == router_before
     finally:
         fleet.apply()
