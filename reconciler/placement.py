@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import estimate
-from .errors import Problem, SpecError
+from .errors import Problem, SpecError, field_path
 from .inventory import GpuInfo, Inventory, discover
 from .loader import Origins
 from .spec import Fleet, Model, OpenAISettings, RaySettings, Settings
@@ -56,9 +56,6 @@ class PlacedFleet:
     settings: Settings
     root: str = field(default=".")
 
-    def model(self, name: str) -> PlacedModel:
-        return next(m for m in self.models if m.name == name)
-
 
 def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
           inventory: Inventory | None = None) -> PlacedFleet:
@@ -69,8 +66,6 @@ def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
     problems: list[Problem] = []
 
     def problem(path: tuple[str | int, ...], message: str) -> None:
-        from .errors import field_path
-
         on_model = len(path) == 2  # a whole model: point at its name
         problems.append(Problem(origins.of(path, key=on_model), field_path(path), message))
 

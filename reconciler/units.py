@@ -37,16 +37,6 @@ def parse_duration(value: object) -> float | None:
     return total
 
 
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    s = int(seconds)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    parts = [f"{h}h" if h else "", f"{m}m" if m else "", f"{sec}s" if sec or not (h or m) else ""]
-    return "".join(parts)
-
-
 def parse_size(value: object) -> int:
     """Bytes. Accepts an integer number of bytes or e.g. "24GiB", "16 GB", "512MiB"."""
     if isinstance(value, bool):
