@@ -9,9 +9,13 @@ config follows, so the always-on model is never queued behind the others.
 Waiting reads the live state each second (level-triggered) and judges each changed app:
 RUNNING with every deployment HEALTHY, and for a restart every running replica id new.
 
+While it waits it reports, every few seconds, each pending model's elapsed time and what its
+engine is doing (read from vLLM's own log: downloading, loading weights, compiling, ...).
+
 Errors:
     ApplyError            Serve refused the PUT, or did not settle in time
-    └── AppFailed         an app went DEPLOY_FAILED; carries Serve's message (the engine's error)
+    ├── AppFailed         an app went DEPLOY_FAILED; carries Serve's message (the engine's error)
+    └── Unschedulable     Ray cannot place a replica; carries Serve's reason and what to change
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from reconciler import engine_log
 from reconciler import live as live_mod
 from reconciler.errors import FleetError
+from reconciler.health import unschedulable_reason
 from reconciler.live import AppLive, LiveState
 from reconciler.plan import Action, Change, Plan
+from serve_app.contract import ENGINE_IMPORT
 
 Report = Callable[[str], None]
 _FAILED = "DEPLOY_FAILED"
@@ -35,10 +42,22 @@ _FAILED = "DEPLOY_FAILED"
 _FAILURE_GRACE_S = 3.0
 DEFAULT_MARGIN_S = 120.0
 NO_BOUND_S = 3600.0
+# A progress line at least this often while waiting, even when nothing changed: time visibly moves.
+HEARTBEAT_S = 5.0
 
 
 class ApplyError(FleetError):
     """Serve refused the config, or the fleet did not settle in time."""
+
+
+class Unschedulable(ApplyError):
+    def __init__(self, app: str, reason: str) -> None:
+        self.app = app
+        self.apps = (app,)
+        super().__init__(
+            f"{app} cannot be scheduled: Ray has no room for its replica. Serve says:\n{_tail(reason)}\n"
+            "Free the resources it names (stop or shrink another model, lower replicas or gpu_memory), "
+            "or give the Ray cluster more of them; `fleetctl status` shows the same reason.")
 
 
 class AppFailed(ApplyError):
@@ -54,6 +73,7 @@ class ApplyResult:
     seconds: float
     puts: int
     live: LiveState
+    start_seconds: dict[str, float] = field(default_factory=dict)  # created/restarted model -> PUT to healthy
 
 
 def _noop_report(_: str) -> None:
@@ -74,14 +94,18 @@ def apply_plan(plan: Plan, dashboard_url: str, *, live_before: LiveState,
     try:
         puts = 0
         state = live_before
+        starts: dict[str, float] = {}
         for body, targets in phases(plan):
             names = ", ".join(t.model for t in targets)
             report(f"sending the config to Serve ({len(body['applications'])} apps; waiting for {names})")
             put_config(c, dashboard_url, body)
             puts += 1
             state = wait_settled(c, dashboard_url, targets, live_before, deadline=deadline,
-                                 report=report, poll_s=poll_s)
-        return ApplyResult(tuple(t.model for t in changed), time.monotonic() - t0, puts, state)
+                                 report=report, poll_s=poll_s, settled_after=starts)
+        starts = {m: s for m, s in starts.items()
+                  if (ch := plan.change_for(m)) is not None and ch.action in (Action.CREATE, Action.RESTART)
+                  and (ch.after or {}).get("import_path") == ENGINE_IMPORT}
+        return ApplyResult(tuple(t.model for t in changed), time.monotonic() - t0, puts, state, starts)
     finally:
         if own:
             c.close()
@@ -133,27 +157,37 @@ def put_config(client: httpx.Client, dashboard_url: str, body: Mapping[str, Any]
 
 
 def wait_settled(client: httpx.Client, dashboard_url: str, targets: Sequence[Change],
-                 before: LiveState, *, deadline: float, report: Report, poll_s: float = 1.0) -> LiveState:
-    """Poll until every target has settled; raise AppFailed / ApplyError otherwise."""
+                 before: LiveState, *, deadline: float, report: Report, poll_s: float = 1.0,
+                 settled_after: dict[str, float] | None = None) -> LiveState:
+    """Poll until every target has settled; raise AppFailed / Unschedulable / ApplyError otherwise.
+
+    ``settled_after`` receives, per target, the seconds from the start of the wait to settled.
+    """
     started = time.monotonic()
-    last_line = ""
+    last_line, last_at = "", 0.0
+    logs = engine_log.Reader(client)
     while True:
         state = live_mod.read_live_state(dashboard_url, client=client)
         pending: list[str] = []
         for change in targets:
-            verdict = judge(change, state.apps.get(change.model), before.apps.get(change.model))
+            now = state.apps.get(change.model)
+            verdict = judge(change, now, before.apps.get(change.model))
             if verdict == "ok":
+                if settled_after is not None:
+                    settled_after.setdefault(change.model, time.monotonic() - started)
                 continue
             if verdict.startswith(_FAILED) and time.monotonic() - started >= _FAILURE_GRACE_S:
-                app = state.apps[change.model]
-                raise AppFailed(change.model, _failure_message(app))
-            pending.append(f"{change.model}: {verdict}")
+                raise AppFailed(change.model, _failure_message(state.apps[change.model]))
+            if now is not None and (reason := unschedulable_reason(now)):
+                raise Unschedulable(change.model, reason)
+            doing = logs.phase(change.model, now) if now is not None else ""
+            pending.append(f"{change.model}: {verdict}" + (f" — {doing}" if doing else ""))
         if not pending:
             return state
         line = "; ".join(pending)
-        if line != last_line:
+        if line != last_line or time.monotonic() - last_at >= HEARTBEAT_S:
             report(f"  [{time.monotonic() - started:5.0f}s] {line}")
-            last_line = line
+            last_line, last_at = line, time.monotonic()
         if time.monotonic() >= deadline:
             raise ApplyError(f"Serve did not settle in time; still waiting for {line}")
         time.sleep(poll_s)

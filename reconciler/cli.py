@@ -28,6 +28,7 @@ def main() -> None:
       fleetctl plan          what an edit would change on the live fleet
       fleetctl apply         make exactly that change
       fleetctl status        models, health, replicas, GPUs
+      fleetctl daemon        apply every edit, heal drift, serve a status page (up starts it)
 
     Exit codes: 0 success, 1 error (invalid files, Serve unreachable, failed apply).
     """
@@ -113,10 +114,11 @@ def schema(output: Path) -> None:
 def _register_ops() -> None:
     """plan/apply/status/up/down live in cli_ops; keep `validate` usable even if they fail to import."""
     try:
+        from .cli_daemon import daemon_cmd
         from .cli_ops import COMMANDS
     except ImportError:
         return
-    for cmd in COMMANDS:
+    for cmd in [*COMMANDS, daemon_cmd]:
         main.add_command(cmd)
 
 

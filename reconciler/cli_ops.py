@@ -14,19 +14,21 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from reconciler import apply as apply_mod
+from reconciler import capacity, history, render
 from reconciler import live as live_mod
 from reconciler import lock as lock_mod
-from reconciler import render
-from reconciler.errors import FleetError, SpecError
+from reconciler import status as status_mod
+from reconciler.errors import Problem, SpecError
+from reconciler.pipeline import DesiredState, desired_state
 from reconciler.plan import Action, Plan, PlanFormatError, make_plan, plan_from_dict, plan_to_dict
+from reconciler.reconcile import Approve, Outcome, Result, reconcile
 from serve_app import proctable
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
@@ -42,15 +44,15 @@ class Desired:
     foreign_apps: str
     path: Path
     placed: Any  # reconciler.placement.PlacedFleet
+    state: DesiredState
 
 
 def load_desired(path: Path) -> Desired:
     """Fleet files -> desired Serve config (raises SpecError with every problem)."""
-    from reconciler.pipeline import desired_state
-
     state = desired_state(path)
     return Desired(config=state.config, dashboard_url=state.placed.ray.dashboard_url,
-                   foreign_apps=state.placed.settings.foreign_apps, path=path.resolve(), placed=state.placed)
+                   foreign_apps=state.placed.settings.foreign_apps, path=path.resolve(), placed=state.placed,
+                   state=state)
 
 
 def fail(message: str) -> NoReturn:
@@ -59,10 +61,14 @@ def fail(message: str) -> NoReturn:
 
 
 def fail_spec(e: SpecError) -> NoReturn:
-    for p in e.problems:
+    fail_problems(e.problems, "the live fleet is unchanged")
+
+
+def fail_problems(problems: Sequence[Problem], tail: str) -> NoReturn:
+    for p in problems:
         click.echo(click.style("error: ", fg="red", bold=True) + str(p), err=True)
-    n = len(e.problems)
-    click.echo(f"{n} error{'s' if n != 1 else ''}; the live fleet is unchanged.", err=True)
+    n = len(problems)
+    click.echo(f"{n} error{'s' if n != 1 else ''}; {tail}.", err=True)
     sys.exit(EXIT_ERROR)
 
 
@@ -101,8 +107,12 @@ def plan_cmd(path: Path, as_json: bool, detailed_exitcode: bool, out_file: Path 
     """Show what apply would change on the live Ray Serve, and why."""
     desired = _desired_or_exit(path)
     live = _live_or_exit(desired.dashboard_url)
-    plan = make_plan(desired.config, live, foreign_apps=desired.foreign_apps)
+    plan = make_plan(desired.config, live, foreign_apps=desired.foreign_apps,
+                     start_times=history.load(desired.dashboard_url).latest())
     click.echo(render.format_json(plan) if as_json else render.format_text(plan, color=_color()), nl=False)
+    problems = capacity.check(plan, desired.state, live_mod.read_cluster_resources(desired.dashboard_url))
+    if problems:
+        fail_problems(problems, "the Ray cluster cannot hold this fleet; apply would refuse it")
     if out_file is not None:
         save_plan(plan, desired, out_file)
         if not as_json:
@@ -146,49 +156,42 @@ def read_saved_plan(path: Path) -> tuple[Plan, Mapping[str, Any]] | None:
 def apply_cmd(target: Path, auto_approve: bool, timeout_s: float | None, lock_wait: float) -> None:
     """Make the live Serve match the fleet files (or apply a saved plan exactly)."""
     saved = read_saved_plan(target)
-    if saved is None:
-        desired = _desired_or_exit(target)
-        dashboard_url = desired.dashboard_url
-    else:
-        fleet_path = Path(saved[1].get("path") or ".")
-        desired = _desired_or_exit(fleet_path)
-        dashboard_url = desired.dashboard_url
-    try:
-        with lock_mod.apply_lock(dashboard_url, wait_s=lock_wait, on_wait=_progress):
-            run_apply(desired, saved[0] if saved else None, auto_approve=auto_approve, timeout_s=timeout_s)
-    except apply_mod.AppFailed as e:
-        fail(f"{e}\nThe other apps were left as Serve has them; fix the model and apply again.")
-    except FleetError as e:
-        fail(str(e))
+    path = target if saved is None else Path(saved[1].get("path") or ".")
+    desired = _desired_or_exit(path)
+    outcome = reconcile(path, desired=desired.state, saved_plan=saved[0] if saved else None,
+                        approve=_approver(auto_approve), report=_progress, timeout_s=timeout_s,
+                        lock_wait_s=lock_wait)
+    finish(outcome)
 
 
-def run_apply(desired: Desired, saved: Plan | None, *, auto_approve: bool, timeout_s: float | None) -> None:
-    """Under the apply lock: (re)check the plan, ask, apply, report."""
-    live = live_mod.read_live_state(desired.dashboard_url)
-    fresh = make_plan(desired.config, live, foreign_apps=desired.foreign_apps)
-    if saved is not None:
-        check_not_stale(saved, fresh)
-        plan = saved
-    else:
-        plan = fresh
-    click.echo(render.format_text(plan, color=_color()), nl=False)
-    if not plan.has_changes:
+def _approver(auto_approve: bool) -> Approve:
+    """Show the plan, then ask (or not). Called by reconcile only when there are changes."""
+    def approve(plan: Plan) -> bool:
+        click.echo(render.format_text(plan, color=_color()), nl=False)
+        return auto_approve or _confirm()
+    return approve
+
+
+def finish(outcome: Outcome, *, hint: str = "") -> None:
+    """Print a reconcile outcome for people and exit with the code scripts expect."""
+    r = outcome.result
+    if r is Result.SYNCED and outcome.plan is not None:
+        click.echo(render.format_text(outcome.plan, color=_color()), nl=False)
         return
-    if not auto_approve and not _confirm():
-        fail("apply cancelled; nothing was changed")
-    result = apply_mod.apply_plan(plan, desired.dashboard_url, live_before=live, timeout_s=timeout_s,
-                                  report=_progress)
-    click.echo(click.style("Apply complete: ", fg="green", bold=True)
-               + f"{_done_line(plan)} in {result.seconds:.1f} s.")
-
-
-def check_not_stale(saved: Plan, fresh: Plan) -> None:
-    if saved.desired_fingerprint != fresh.desired_fingerprint:
-        raise FleetError("the saved plan is stale: the fleet files changed since it was made; "
-                         "run `fleetctl plan -out FILE` again")
-    if saved.live_fingerprint != fresh.live_fingerprint:
-        raise FleetError("the saved plan is stale: the live Serve changed since it was made; "
-                         "run `fleetctl plan -out FILE` again")
+    if r is Result.APPLIED and outcome.plan is not None and outcome.applied is not None:
+        click.echo(click.style("Apply complete: ", fg="green", bold=True)
+                   + f"{_done_line(outcome.plan)} in {outcome.applied.seconds:.1f} s.")
+        return
+    if r is Result.SPEC_ERROR:
+        fail_problems(outcome.problems, "the live fleet is unchanged")
+    if r is Result.CAPACITY:
+        if outcome.plan is not None:
+            click.echo(render.format_text(outcome.plan, color=_color()), nl=False)
+        fail_problems(outcome.problems, "the Ray cluster cannot hold this fleet; nothing was changed")
+    if r is Result.FAILED:
+        fail(f"{outcome.message}\nThe other apps were left as Serve has them; fix the model and apply again."
+             + (f"\n{hint}" if hint else ""))
+    fail(outcome.message + (f"\n{hint}" if hint else ""))
 
 
 def _confirm() -> bool:
@@ -204,69 +207,22 @@ def _done_line(plan: Plan) -> str:
 
 # ---- status -------------------------------------------------------------------------------
 
-_HEALTH = {"RUNNING": "Healthy", "DEPLOYING": "Progressing", "DEPLOY_FAILED": "Degraded",
-           "UNHEALTHY": "Degraded", "DELETING": "Progressing", "NOT_STARTED": "Missing"}
-
 
 @click.command("status")
 @click.argument("path", default=".", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def status_cmd(path: Path, as_json: bool) -> None:
-    """Models: desired vs live, health, replicas, GPUs."""
+    """Models: desired vs live, state, health, sync, replicas, GPUs, and Serve's reason when one is stuck."""
     desired = _desired_or_exit(path)
     live = _live_or_exit(desired.dashboard_url)
     plan = make_plan(desired.config, live, foreign_apps=desired.foreign_apps)
-    rows = status_rows(plan, live)
+    doc = status_mod.document(plan, live, desired.placed)
     if as_json:
-        click.echo(json.dumps({"format_version": "1", "serve_running": live.serve_running,
-                               "in_sync": not plan.has_changes, "models": rows}, indent=2))
+        click.echo(json.dumps(doc, indent=2))
         return
-    click.echo(format_status_table(rows))
+    click.echo(status_mod.format_table(doc["models"]))
     if plan.has_changes:
         click.echo(f"\nOut of sync: {render.summary_line(plan)}. `fleetctl plan` shows the details.")
-
-
-def status_rows(plan: Plan, live: live_mod.LiveState) -> list[dict[str, Any]]:
-    rows = []
-    names = [c.model for c in plan.changes] + [f.name for f in plan.foreign
-                                                if f.name not in {c.model for c in plan.changes}]
-    for name in names:
-        change = plan.change_for(name)
-        app = live.apps.get(name)
-        cfg = (change.after if change and change.after else None) or (app.config if app else None) or {}
-        running = sum(d.running_replicas for d in app.deployments) if app else 0
-        target = sum(d.target_num_replicas or 0 for d in app.deployments) if app else 0
-        rows.append({
-            "model": name,
-            "desired": "absent" if change is None or change.after is None else "present",
-            "live": app.status if app else "absent",
-            "sync": "Synced" if change is not None and change.action is Action.NOOP
-                    else ("Foreign" if change is None else f"OutOfSync ({change.action.value})"),
-            "health": _HEALTH.get(app.status, "Unknown") if app else "Missing",
-            "replicas": f"{running}/{target}" if app else "0/0",
-            "gpus": _gpus(cfg),
-            "message": (app.message if app and app.status != "RUNNING" else ""),
-        })
-    return rows
-
-
-def _gpus(app_config: Mapping[str, Any]) -> str:
-    args = app_config.get("args") or {}
-    gpus = args.get("gpus") if isinstance(args, Mapping) else None
-    if not gpus:
-        return "cpu" if str(app_config.get("import_path", "")).startswith("serve_app.engine") else "-"
-    return ",".join(str(g) for g in gpus)
-
-
-def format_status_table(rows: list[dict[str, Any]]) -> str:
-    cols = ("model", "desired", "live", "sync", "health", "replicas", "gpus")
-    table = [tuple(c.upper() for c in cols)] + [tuple(str(r[c]) for c in cols) for r in rows]
-    widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip() for t in table]
-    for r in rows:
-        if r["message"]:
-            lines.append(f"{r['model']}: {r['message'].strip().splitlines()[-1][:300]}")
-    return "\n".join(lines)
 
 
 def _elapsed(t0: float) -> str:
@@ -285,11 +241,14 @@ def head_state_path(dashboard_url: str) -> Path:
 @click.command("up")
 @click.argument("path", default=".", type=click.Path(path_type=Path))
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Seconds to wait for the models.")
+@click.option("--daemon/--no-daemon", "with_daemon", default=True, show_default=True,
+              help="Also start `fleetctl daemon` in the background: it applies every edit of the files "
+                   "and heals drift, and serves the status page.")
 @click.option("--fast-ingress", is_flag=True,
               help="Start Ray with Serve's HAProxy ingress in front of the router instead of Serve's "
                    "Python proxy: 0.90x vs 0.60x of direct vLLM's tokens/s at 16 streams here "
                    "(bench/README.md). Experimental: abort-on-disconnect is not yet proven on it.")
-def up_cmd(path: Path, timeout_s: float | None, fast_ingress: bool) -> None:
+def up_cmd(path: Path, timeout_s: float | None, with_daemon: bool, fast_ingress: bool) -> None:
     """Start a local Ray head if none answers, prepare the models, apply, print the endpoint.
 
     \b
@@ -306,11 +265,19 @@ def up_cmd(path: Path, timeout_s: float | None, fast_ingress: bool) -> None:
     except live_mod.LiveStateError:
         start_local_head(desired, fast_ingress=fast_ingress)
     prepare_models(desired)
-    try:
-        with lock_mod.apply_lock(desired.dashboard_url, on_wait=_progress):
-            run_apply(desired, None, auto_approve=True, timeout_s=timeout_s)
-    except FleetError as e:
-        fail(f"{e}\n`fleetctl status` shows the fleet; `fleetctl down` stops what up started.")
+    outcome = reconcile(path, desired=desired.state, approve=_approver(True), report=_progress,
+                        timeout_s=timeout_s, lock_command="up")
+    if not outcome.result.ok:
+        finish(outcome, hint="`fleetctl status` shows the fleet; `fleetctl down` stops what up started.")
+    finish(outcome)
+    if with_daemon:
+        from reconciler import cli_daemon
+
+        cli_daemon.stop_background(desired.dashboard_url, _progress)  # a second `up` replaces it
+        url = cli_daemon.start_background(path, desired.dashboard_url, lock_mod.lock_dir(), _progress)
+        if url:
+            click.echo(click.style("Status page: ", fg="green", bold=True) + url
+                       + " (the daemon applies every edit of the fleet files)")
     openai = desired.placed.openai
     host = "127.0.0.1" if openai.host in ("0.0.0.0", "::") else openai.host
     click.echo(click.style("OpenAI endpoint: ", fg="green", bold=True) + f"http://{host}:{openai.port}/v1")
@@ -366,6 +333,10 @@ def prepare_models(desired: Desired) -> None:
 def down_cmd(path: Path) -> None:
     """Stop what `fleetctl up` started: the fleet's apps, its Ray head, every engine process."""
     desired = _desired_or_exit(path)
+    from reconciler import cli_daemon
+
+    if cli_daemon.stop_background(desired.dashboard_url, _progress):  # first: it would re-create the apps
+        _progress("stopped the fleet daemon")
     state_file = head_state_path(desired.dashboard_url)
     if not state_file.exists():
         fail(f"`fleetctl up` started no Ray head for {desired.dashboard_url}; nothing to stop "

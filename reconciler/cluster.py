@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from serve_app import proctable
+from serve_app.contract import gpu_resource
 
 LOOPBACK = "127.0.0.1"
 
@@ -44,7 +45,7 @@ class Head:
 
 def gpu_resources(n: int) -> dict[str, float]:
     """The per-GPU custom resources of a node with ``n`` GPUs (see docs/contracts.md)."""
-    return {f"fleet_gpu_{i}": 1.0 for i in range(n)}
+    return {gpu_resource(i): 1.0 for i in range(n)}
 
 
 def free_port() -> int:

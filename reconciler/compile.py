@@ -14,20 +14,22 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from serve_app.contract import (
+    ENGINE_DEPLOYMENT,
+    ENGINE_IMPORT,
+    ENGINE_NUM_CPUS,
+    ROUTER_APP,
+    ROUTER_DEPLOYMENT,
+    ROUTER_IMPORT,
+    EngineArgs,
+    RouterUserConfig,
+    gpu_resource,
+)
+
 from .placement import PlacedFleet, PlacedModel
-from .spec import ROUTER_APP
 
-ENGINE_IMPORT = "serve_app.engine:app"
-ROUTER_IMPORT = "serve_app.router:app"
-FLEET_IMPORT_PREFIX = "serve_app."
-ENGINE_DEPLOYMENT = "engine"
-ROUTER_DEPLOYMENT = "router"
 TASK_RUNNER = {"generate": "generate", "embed": "pooling"}  # vLLM's --runner for each task
-
-
-def gpu_resource(index: int) -> str:
-    """The Ray custom resource that stands for one GPU (declared with capacity 1 at `ray start`)."""
-    return f"fleet_gpu_{index}"
+MAX_START_ATTEMPTS = 3
 
 
 def engine_argv(engine: Mapping[str, Any]) -> list[str]:
@@ -75,26 +77,27 @@ def model_argv(model: PlacedModel) -> list[str]:
 
 def actor_options(model: PlacedModel) -> dict[str, Any]:
     """Ray schedules the replica on its GPUs' custom resources, so shares can never exceed a card."""
-    opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": 0}
+    opts: dict[str, Any] = {"num_cpus": ENGINE_NUM_CPUS, "num_gpus": 0}
     if model.gpus:
         opts["resources"] = {gpu_resource(i): model.gpu_memory for i in model.gpus}
     return opts
 
 
 def model_app(model: PlacedModel) -> dict[str, Any]:
+    args: EngineArgs = {
+        "model": model.name,
+        "source": model.source,
+        "task": model.task,
+        "engine_argv": model_argv(model),
+        "env": dict(sorted(model.env.items())),
+        "gpus": list(model.gpus),
+        "start_timeout_s": _finite(model.start_timeout_s),
+    }
     return {
         "name": model.name,
         "route_prefix": None,
         "import_path": ENGINE_IMPORT,
-        "args": {
-            "model": model.name,
-            "source": model.source,
-            "task": model.task,
-            "engine_argv": model_argv(model),
-            "env": dict(sorted(model.env.items())),
-            "gpus": list(model.gpus),
-            "start_timeout_s": _finite(model.start_timeout_s),
-        },
+        "args": dict(args),
         "deployments": [{
             "name": ENGINE_DEPLOYMENT,
             "num_replicas": model.replicas,
@@ -102,6 +105,9 @@ def model_app(model: PlacedModel) -> dict[str, Any]:
             "health_check_period_s": 10.0,
             "health_check_timeout_s": 30.0,
             "graceful_shutdown_timeout_s": 20.0,
+            # Serve's default is 20 tries; an engine that failed 3 times will fail again. Then the app
+            # is DEPLOY_FAILED with vLLM's error, and nothing retries until its config changes.
+            "max_constructor_retry_count": MAX_START_ATTEMPTS,
             "ray_actor_options": actor_options(model),
             "user_config": {"idle_timeout_s": model.idle_timeout_s, "always_on": model.always_on},
         }],
@@ -109,6 +115,11 @@ def model_app(model: PlacedModel) -> dict[str, Any]:
 
 
 def router_app(fleet: PlacedFleet) -> dict[str, Any]:
+    user_config: RouterUserConfig = {
+        "models": {m.name: {"task": m.task, "always_on": m.always_on} for m in fleet.models},
+        "api_key_envs": list(fleet.openai.api_keys),
+        "load_timeout_s": _finite(fleet.openai.load_timeout),
+    }
     return {
         "name": ROUTER_APP,
         "route_prefix": "/",
@@ -119,11 +130,7 @@ def router_app(fleet: PlacedFleet) -> dict[str, Any]:
             "num_replicas": 1,
             "max_ongoing_requests": 1000,
             "ray_actor_options": {"num_cpus": 0},
-            "user_config": {
-                "models": {m.name: {"task": m.task, "always_on": m.always_on} for m in fleet.models},
-                "api_key_envs": list(fleet.openai.api_keys),
-                "load_timeout_s": _finite(fleet.openai.load_timeout),
-            },
+            "user_config": dict(user_config),
         }],
     }
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .compile import FLEET_IMPORT_PREFIX
+from serve_app.contract import FLEET_IMPORT_PREFIX
 
 # Values Serve's ServeApplicationSchema fills in when a field is left out, so that a side
 # which omits one of these compares equal to a side which spells out the default.

@@ -65,3 +65,21 @@ def discover(declared: DeclaredInventory | None) -> Inventory:
         return Inventory(tuple(GpuInfo(g.index, g.memory, g.node, g.name or "") for g in declared.gpus),
                          "declared")
     return Inventory((), "cpu")
+
+
+def nvml_memory() -> dict[int, tuple[int, int]]:
+    """GPU index -> (bytes used, bytes total) from NVML; empty where there is no NVIDIA driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no module, no driver, no device: the page just shows no memory bars
+        return {}
+    try:
+        out = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            mem = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
+            out[i] = (int(mem.used), int(mem.total))
+        return out
+    finally:
+        pynvml.nvmlShutdown()

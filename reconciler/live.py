@@ -176,3 +176,37 @@ def check_response(resp: httpx.Response, dashboard_url: str, doing: str) -> None
 
 def _short(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+@dataclass(frozen=True)
+class Node:
+    node_id: str
+    ip: str
+    resources: Mapping[str, float]  # logical totals: CPU, fleet_gpu_<i>, node:<ip>, ...
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: tuple[Node, ...]
+
+    def total(self, resource: str) -> float:
+        return sum(n.resources.get(resource, 0.0) for n in self.nodes)
+
+
+def read_cluster_resources(dashboard_url: str, *, client: httpx.Client | None = None) -> Cluster | None:
+    """The alive nodes and their logical resources (Ray's state API), or None when Ray won't say:
+    a capacity check that cannot read the cluster is skipped, never a reason to refuse an apply."""
+    own = client is None
+    c = client or make_client(dashboard_url, timeout=10.0)
+    try:
+        resp = c.get("/api/v0/nodes", params={"detail": "true", "limit": 10000})
+        rows = resp.json()["data"]["result"]["result"] if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        rows = None
+    finally:
+        if own:
+            c.close()
+    if not rows:
+        return None
+    return Cluster(tuple(Node(str(n.get("node_id")), str(n.get("node_ip")), dict(n.get("resources_total") or {}))
+                         for n in rows if n.get("state") == "ALIVE"))

@@ -18,7 +18,7 @@ from . import estimate
 from .errors import Problem, SpecError, field_path
 from .inventory import GpuInfo, Inventory, discover
 from .loader import Origins
-from .spec import Fleet, Model, OpenAISettings, RaySettings, Settings
+from .spec import DaemonSettings, Fleet, Model, OpenAISettings, RaySettings, Settings
 from .units import format_size
 
 DEFAULT_GPU_SHARE = 0.9  # vLLM's own default gpu_memory_utilization, for a model alone on its GPUs
@@ -55,6 +55,7 @@ class PlacedFleet:
     openai: OpenAISettings
     settings: Settings
     root: str = field(default=".")
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
 
 
 def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
@@ -96,7 +97,7 @@ def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
     if problems:
         raise SpecError(problems)
     ordered = tuple(placed[n] for n in fleet.models)
-    return PlacedFleet(ordered, inv, fleet.ray, fleet.openai, fleet.settings, str(root))
+    return PlacedFleet(ordered, inv, fleet.ray, fleet.openai, fleet.settings, str(root), fleet.daemon)
 
 
 def _check_declared(name: str, model: Model, inv: Inventory, root: Path, weights: int | None,

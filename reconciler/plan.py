@@ -55,6 +55,9 @@ class Change:
     reasons: tuple[str, ...] = ()
     fields: tuple[diff.FieldChange, ...] = ()
     always_on: bool = False
+    # For a restart: how long the model was down last time it started on this fleet (its measured
+    # start time), None when it never started here. A cost, for the reader; it decides nothing.
+    downtime_s: float | None = None
 
     @property
     def restart_fields(self) -> tuple[str, ...]:
@@ -93,8 +96,8 @@ class Plan:
 
 
 def make_plan(desired_config: Mapping[str, Any], live: LiveState, *,
-              foreign_apps: str = FOREIGN_KEEP) -> Plan:
-    """Decide, purely, what apply will do."""
+              foreign_apps: str = FOREIGN_KEEP, start_times: Mapping[str, float] | None = None) -> Plan:
+    """Decide, purely, what apply will do. ``start_times``: each model's last measured start (s)."""
     if foreign_apps not in (FOREIGN_KEEP, FOREIGN_DELETE):
         raise ValueError(f"foreign_apps must be keep or delete, not {foreign_apps!r}")
     live_configs = live.configs()
@@ -112,7 +115,7 @@ def make_plan(desired_config: Mapping[str, Any], live: LiveState, *,
                 continue
             if p.live is None:
                 continue  # a PUT cannot remove a serve.run app; the note says so
-        changes.append(_change(p, d))
+        changes.append(_change(p, d, (start_times or {}).get(p.name)))
     # Shared, not copied: plans are read-only data, and copying 200 apps costs more than planning.
     put_config = {**desired_config,
                   "applications": [*(desired_config.get("applications") or []), *kept]}
@@ -127,11 +130,12 @@ def make_plan(desired_config: Mapping[str, Any], live: LiveState, *,
     )
 
 
-def _change(p: diff.Pair, d: diff.AppDiff) -> Change:
+def _change(p: diff.Pair, d: diff.AppDiff, start_s: float | None) -> Change:
     action = _KIND_TO_ACTION[d.kind]
     return Change(action=action, model=p.name, before=p.live, after=p.desired,
                   reasons=_reasons(action, d), fields=d.fields,
-                  always_on=is_always_on(p.desired or p.live))
+                  always_on=is_always_on(p.desired or p.live),
+                  downtime_s=start_s if action is Action.RESTART else None)
 
 
 def _reasons(action: Action, d: diff.AppDiff) -> tuple[str, ...]:
@@ -194,6 +198,11 @@ def fingerprint_desired(desired_config: Mapping[str, Any]) -> str:
     return _digest(desired_config)
 
 
+def app_fingerprint(app_config: Mapping[str, Any]) -> str:
+    """One app's config, normalised as the diff sees it: equal when Serve would change nothing."""
+    return _digest(diff.normalize_app(app_config))
+
+
 def fingerprint_live(live: LiveState) -> str:
     """Only the configs count: a status moving from DEPLOYING to RUNNING does not stale a plan."""
     return _digest({name: diff.normalize_app(c) if c is not None else None
@@ -226,6 +235,7 @@ def _change_to_dict(c: Change) -> dict[str, Any]:
         "restart_fields": list(c.restart_fields),
         "fields": [{"path": f.path, "before": f.before, "after": f.after, "effect": f.effect.value}
                    for f in c.fields],
+        "expected_downtime_s": c.downtime_s,
         "before": c.before,
         "after": c.after,
     }
@@ -261,4 +271,5 @@ def _change_from_dict(c: Mapping[str, Any]) -> Change:
         fields=tuple(diff.FieldChange(f["path"], f.get("before"), f.get("after"), diff.Effect(f["effect"]))
                      for f in c.get("fields", [])),
         always_on=bool(c.get("always_on", False)),
+        downtime_s=c.get("expected_downtime_s"),
     )

@@ -62,7 +62,15 @@ def _format_change(c: Change, color: bool) -> list[str]:
         lines.append(f"      {f.path}: {_value(f.before)} → {_value(f.after)}  # {note}")
     for r in c.reasons:
         lines.append(f"      why: {r}")
+    if c.action is Action.RESTART:
+        lines.append(f"      cost: {format_downtime(c.downtime_s)}")
     return lines
+
+
+def format_downtime(seconds: float | None) -> str:
+    if seconds is None:
+        return "expected downtime unknown (the model has not started on this fleet yet)"
+    return f"expected downtime ~{seconds:.0f} s (its last start on this fleet)"
 
 
 def _format_foreign(plan: Plan) -> list[str]:

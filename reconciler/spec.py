@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from .units import parse_duration, parse_size
+from serve_app.contract import ROUTER_APP
 
-ROUTER_APP = "router"  # the Serve application of the OpenAI router; no model may take this name
+from .units import parse_duration, parse_size
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -139,6 +139,15 @@ class OpenAISettings(Strict):
     load_timeout: Duration = Field(600.0, description="how long a request waits for its model to come up")
 
 
+class DaemonSettings(Strict):
+    """`fleetctl daemon`: its read-only status API and how often it re-checks the live fleet."""
+
+    host: str = Field("127.0.0.1", description="address the status API binds; loopback unless you mean it")
+    port: int = Field(8266, ge=1, le=65535, description="port of the status API and page")
+    resync: Duration = Field(30.0, description="how often the daemon compares the files with the live "
+                             "fleet even when nothing was edited (heals drift)")
+
+
 class Settings(Strict):
     foreign_apps: Literal["keep", "delete"] = Field(
         "keep", description="what apply does with Serve applications the fleet does not own")
@@ -208,6 +217,7 @@ class Fleet(Strict):
 
     ray: RaySettings = Field(default_factory=RaySettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     settings: Settings = Field(default_factory=Settings)
     defaults: Defaults = Field(default_factory=Defaults)
     inventory: Inventory | None = Field(None, description="GPUs to plan for when NVML finds none")

@@ -28,6 +28,7 @@ from ray import serve
 from ray.serve import Application
 
 from serve_app import model_source
+from serve_app.contract import ENGINE_DEPLOYMENT, engine_log_name
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,9 +49,21 @@ def _free_port() -> int:
 
 
 def _log_dir() -> Path:
-    path = Path(os.environ.get("FLEET_LOG_DIR") or Path(tempfile.gettempdir()) / "vllm-fleet-logs")
+    """Ray's log folder of this node, so the dashboard's log API serves vLLM's log to `fleetctl`
+    (apply's progress shows what a starting engine is doing). FLEET_LOG_DIR overrides it."""
+    explicit = os.environ.get("FLEET_LOG_DIR")
+    path = Path(explicit) if explicit else _ray_logs_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _ray_logs_dir() -> Path:
+    try:
+        from ray._private import worker  # no public API names the node's log folder
+
+        return Path(worker._global_node.get_logs_dir_path())
+    except Exception:  # outside a Ray worker (unit use): a temp folder does
+        return Path(tempfile.gettempdir()) / "vllm-fleet-logs"
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -132,7 +145,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-@serve.deployment(name="engine")
+@serve.deployment(name=ENGINE_DEPLOYMENT)
 class Engine:
     """One vLLM OpenAI server, as a guarded child process of this replica."""
 
@@ -150,7 +163,7 @@ class Engine:
         self._proc: subprocess.Popen[bytes] | None = None
         self.idle_timeout_s: float | None = None
         self.always_on = False
-        self._log_path = _log_dir() / f"{model}-{os.getpid()}-{int(time.time())}.log"
+        self._log_path = _log_dir() / engine_log_name(model, os.getpid())
         deadline = time.monotonic() + start_timeout_s
         environ = child_env(env or {}, gpus or [])
         resolved = await self._resolve(source, environ, start_timeout_s)

@@ -33,9 +33,10 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.contract import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT
+
 logger = logging.getLogger("ray.serve")
 
-ENGINE_DEPLOYMENT = "engine"
 # Routes whose JSON body names the model; relayed as-is to the same path on vLLM.
 RELAY_PATHS = (
     "/v1/chat/completions",
@@ -132,7 +133,7 @@ async def _close(upstream: httpx.Response) -> None:
         await upstream.aclose()
 
 
-@serve.deployment(name="router")
+@serve.deployment(name=ROUTER_DEPLOYMENT)
 @serve.ingress(api)
 class Router:
     """Relays OpenAI requests to the model engines' vLLM servers."""

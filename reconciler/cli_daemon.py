@@ -1,0 +1,138 @@
+"""`fleetctl daemon`: run the reconcile loop and the read-only status API until SIGTERM.
+
+Also the helpers `fleetctl up` / `down` use to start and stop a daemon in the background: its pid
+and address live in a small state file beside the apply lock (one per Ray dashboard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from reconciler import lock as lock_mod
+from reconciler.daemon import Daemon
+from reconciler.errors import SpecError
+from reconciler.pipeline import desired_state
+from reconciler.spec import DaemonSettings
+from serve_app import proctable
+
+
+def daemon_state_path(dashboard_url: str) -> Path:
+    lock = lock_mod.lock_path(dashboard_url)
+    return lock.with_name(lock.name.replace("apply-", "daemon-").replace(".lock", ".json"))
+
+
+def _settings(path: Path) -> tuple[DaemonSettings, str | None]:
+    """The daemon's settings from the files (defaults when they are invalid) and the dashboard URL."""
+    try:
+        placed = desired_state(path).placed
+        return placed.daemon, placed.ray.dashboard_url
+    except SpecError:
+        return DaemonSettings(), None
+
+
+@click.command("daemon")
+@click.argument("path", default=".", type=click.Path(path_type=Path))
+@click.option("--host", default=None, help="Address of the status API (default: daemon.host, 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port of the status API (default: daemon.port, 8266).")
+@click.option("--resync", "resync_s", type=float, default=None,
+              help="Seconds between passes without edits (default: daemon.resync, 30 s).")
+def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float | None) -> None:
+    """Keep the live fleet equal to the files at PATH, and serve a read-only status page.
+
+    \b
+    Reconciles when fleet.yaml or fleet.d/*.yaml change (a burst of writes is one pass), and
+    every `daemon.resync` seconds anyway, so drift heals: an app changed or deleted by hand, a
+    restarted Ray head. An invalid edit changes nothing live; the error (file:line) shows on
+    the status page until the files are fixed. Status API (read-only, loopback by default):
+      /         the page        /status   JSON (as `fleetctl status --json`)
+      /healthz  liveness        /metrics  Prometheus
+    Stops cleanly on SIGTERM or Ctrl-C. `fleetctl up` starts it; `fleetctl down` stops it.
+    """
+    import uvicorn
+
+    from reconciler.status_api import Metrics, make_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    settings, _ = _settings(path)
+    host, port = host or settings.host, port or settings.port
+    metrics_box: list[Metrics] = []
+    daemon = Daemon(path, resync_s=resync_s, on_pass=lambda s: metrics_box[0].observe(s) if metrics_box else None)
+    metrics_box.append(Metrics(daemon))
+    server = uvicorn.Server(uvicorn.Config(make_app(daemon, metrics_box[0]), host=host, port=port,
+                                           log_level="warning", access_log=False, lifespan="off"))
+    api = threading.Thread(target=server.run, name="status-api", daemon=True)
+    api.start()
+
+    def stop(signum: int, _frame: Any) -> None:
+        logging.getLogger("fleetctl.daemon").info("signal %d: stopping", signum)
+        daemon.stop()
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    click.echo(f"fleetctl daemon: watching {daemon.root}; status on http://{host}:{port}/", err=True)
+    try:
+        daemon.run()
+    finally:
+        server.should_exit = True
+        api.join(timeout=10)
+    click.echo("fleetctl daemon: stopped", err=True)
+
+
+def start_background(path: Path, dashboard_url: str, log_dir: Path, report: Any) -> str | None:
+    """Start `fleetctl daemon PATH` detached; wait for its status API. Returns the page URL."""
+    settings, _ = _settings(path)
+    log = log_dir / f"daemon-{os.getpid()}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "reconciler", "daemon", str(path.resolve())],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{host}:{settings.port}/"
+    daemon_state_path(dashboard_url).write_text(json.dumps({"pid": proc.pid, "url": url, "log": str(log)}))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            report(f"the daemon exited (code {proc.returncode}); its log: {log}")
+            return None
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "healthz", timeout=2).status_code in (200, 503):
+                return url
+        time.sleep(0.3)
+    report(f"the daemon's status API did not answer at {url} within 30 s; its log: {log}")
+    return url
+
+
+def stop_background(dashboard_url: str, report: Any, wait_s: float = 20.0) -> bool:
+    """SIGTERM the daemon `up` started (SIGKILL after wait_s). True when one was stopped."""
+    path = daemon_state_path(dashboard_url)
+    try:
+        pid = int(json.loads(path.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if proctable.alive(pid) and "reconciler" in proctable.cmdline(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait_s
+        while proctable.alive(pid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.2)
+        if proctable.alive(pid):
+            report(f"the daemon (pid {pid}) did not stop in {wait_s:.0f} s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,218 @@
+"""`fleetctl daemon`: reconcile on every edit of the fleet files and on a timer, keep a record of
+what happened, and serve it read-only (reconciler.status_api).
+
+The loop is one switch over `reconcile()`'s Outcome, as controller-runtime's handler is: ok →
+requeue after the resync interval; transient (Serve unreachable, lock held) → retry with backoff;
+terminal (bad files, no capacity, a model that failed) → wait for the next edit or resync. It is
+level-triggered: each pass reads the files and the live Serve afresh, so a killed daemon,
+restarted, simply carries on, and drift (an app changed or deleted by hand, a restarted Ray head)
+is healed on the next pass. An invalid edit never reaches Serve: the daemon keeps reconciling
+toward the last good files and shows the error (file:line) until the files are fixed.
+
+Only the loop thread writes `DaemonState`; the API reads immutable snapshots of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from reconciler import live as live_mod
+from reconciler import status as status_mod
+from reconciler.errors import SpecError
+from reconciler.pipeline import DesiredState, desired_state
+from reconciler.plan import make_plan
+from reconciler.reconcile import Failures, Outcome, Result, reconcile
+from reconciler.watch import watch
+
+logger = logging.getLogger("fleetctl.daemon")
+BACKOFF_MAX_S = 60.0
+
+
+class Stopping(Exception):
+    """Raised inside a pass (through the progress callback) when the daemon is asked to stop."""
+
+
+@dataclass(frozen=True)
+class DaemonState:
+    """What the API shows. Replaced wholesale by the loop; never mutated in place."""
+
+    path: str
+    started_at: float
+    pid: int
+    reconciles: int = 0
+    applies: int = 0
+    drift_corrections: int = 0
+    last: Outcome | None = None  # the last pass
+    last_change: Outcome | None = None  # the last pass that changed (or tried to change) Serve
+    spec_error: tuple[dict[str, Any], ...] = ()  # problems of the current files; () when valid
+    revision: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None  # the status document of the last pass
+    status_error: str = ""
+    progress: str = ""  # the last progress line of a running pass
+    triggers: dict[str, int] = field(default_factory=dict)  # why passes ran: edit / resync / retry / start
+
+    def section(self) -> dict[str, Any]:
+        """The daemon's part of GET /status."""
+        return {
+            "path": self.path, "pid": self.pid, "started_at": self.started_at,
+            "reconciles": self.reconciles, "applies": self.applies, "drift_corrections": self.drift_corrections,
+            "last_reconcile": self.last.as_dict() if self.last else None,
+            "last_change": self.last_change.as_dict() if self.last_change else None,
+            "spec_error": list(self.spec_error), "revision": self.revision, "progress": self.progress,
+            "triggers": dict(self.triggers),
+        }
+
+
+def git_revision(root: Path) -> dict[str, Any] | None:
+    """The fleet folder's git commit, and whether its fleet files differ from it; None outside git."""
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None
+    dirty = git("status", "--porcelain", "--", "fleet.yaml", "fleet.d")
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+class Daemon:
+    def __init__(self, path: Path, *, resync_s: float | None = None, debounce_ms: int = 300,
+                 on_pass: Callable[[DaemonState], None] | None = None) -> None:
+        import os
+
+        self.path = path.resolve()
+        self.root = self.path if self.path.is_dir() else self.path.parent
+        self._resync_override = resync_s
+        self._debounce_ms = debounce_ms
+        self._on_pass = on_pass
+        self.stop_event = threading.Event()
+        self._kick = threading.Event()
+        self._kick_reason = "start"
+        self._last_good: DesiredState | None = None
+        self._failures = Failures()
+        self._lock = threading.Lock()
+        self._state = DaemonState(str(self.path), time.time(), os.getpid())
+
+    # ---- read side (any thread) ----
+
+    def snapshot(self) -> DaemonState:
+        with self._lock:
+            return self._state
+
+    def _set(self, **changes: Any) -> None:
+        with self._lock:
+            self._state = replace(self._state, **changes)
+
+    # ---- the loop (one thread) ----
+
+    def resync_s(self) -> float:
+        if self._resync_override is not None:
+            return self._resync_override
+        return self._last_good.placed.daemon.resync if self._last_good else 30.0
+
+    def kick(self, reason: str) -> None:
+        self._kick_reason = reason
+        self._kick.set()
+
+    def run(self) -> None:
+        """Reconcile until stop() — on start, on each edit, each resync interval, and on retries."""
+        watch(self.root, lambda _paths: self.kick("edit"), self.stop_event, self._debounce_ms)
+        reason, backoff = "start", 1.0
+        while not self.stop_event.is_set():
+            outcome = self.run_pass(reason)
+            if outcome is None:  # stopping
+                break
+            if outcome.result.transient:
+                wait = min(backoff * (outcome.requeue_after or 1.0), BACKOFF_MAX_S)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                reason_if_timeout = "retry"
+            else:
+                wait, backoff, reason_if_timeout = self.resync_s(), 1.0, "resync"
+            kicked = self._kick.wait(wait)
+            self._kick.clear()
+            reason = self._kick_reason if kicked else reason_if_timeout
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._kick.set()
+
+    def _report(self, line: str) -> None:
+        if self.stop_event.is_set():
+            raise Stopping()
+        logger.info("%s", line)
+        self._set(progress=line)
+
+    def run_pass(self, reason: str) -> Outcome | None:
+        """One reconcile pass, recorded. None when the daemon was asked to stop mid-pass."""
+        spec_error: tuple[dict[str, Any], ...] = ()
+        try:
+            desired = desired_state(self.path)
+            self._last_good = desired
+        except SpecError as e:
+            spec_error = tuple(p.as_dict() for p in e.problems)
+            logger.error("the fleet files are invalid; the live fleet keeps the last good files:\n%s", e)
+            desired = self._last_good
+        try:
+            if desired is None:
+                outcome = Outcome(Result.SPEC_ERROR, "the fleet files are invalid and no valid version was seen "
+                                  "yet: nothing was changed", started_at=time.time())
+            else:
+                outcome = reconcile(self.path, desired=desired, report=self._report, failures=self._failures,
+                                    lock_wait_s=1.0, lock_command="daemon")
+        except Stopping:
+            return None
+        self._record(reason, outcome, spec_error)
+        return outcome
+
+    def _record(self, reason: str, outcome: Outcome, spec_error: tuple[dict[str, Any], ...]) -> None:
+        s = self.snapshot()
+        changed = outcome.result in (Result.APPLIED, Result.FAILED)
+        drift = outcome.result is Result.APPLIED and reason in ("resync", "retry")
+        if outcome.result is not Result.SYNCED or spec_error:
+            logger.info("pass (%s): %s %s", reason, outcome.result.value, outcome.message.splitlines()[0]
+                        if outcome.message else "")
+        doc, err = self._status_doc(outcome)
+        self._set(
+            reconciles=s.reconciles + 1,
+            applies=s.applies + (1 if changed else 0),
+            drift_corrections=s.drift_corrections + (1 if drift else 0),
+            last=outcome, last_change=outcome if changed else s.last_change,
+            spec_error=spec_error, revision=git_revision(self.root), status=doc, status_error=err,
+            progress="", triggers={**s.triggers, reason: s.triggers.get(reason, 0) + 1},
+        )
+        if self._on_pass:
+            self._on_pass(self.snapshot())
+
+    def _status_doc(self, outcome: Outcome) -> tuple[dict[str, Any] | None, str]:
+        desired = outcome.desired or self._last_good
+        if desired is None:
+            return None, outcome.message
+        try:
+            live = live_mod.read_live_state(desired.placed.ray.dashboard_url)
+        except live_mod.LiveStateError as e:
+            return None, str(e)
+        plan = make_plan(desired.config, live, foreign_apps=desired.placed.settings.foreign_apps)
+        return status_mod.document(plan, live, desired.placed), ""
+
+    def status_document(self) -> dict[str, Any]:
+        """GET /status: the status document of the last pass plus the daemon's own section."""
+        s = self.snapshot()
+        doc = dict(s.status) if s.status else {
+            "format_version": status_mod.FORMAT_VERSION, "serve_running": False, "in_sync": False,
+            "health": "Unknown", "pending_changes": [], "models": [], "error": s.status_error}
+        doc["daemon"] = s.section()
+        return doc
+
+    def placed(self) -> Any:
+        return self._last_good.placed if self._last_good else None

@@ -1,0 +1,120 @@
+"""One vocabulary of health, sync and model state, shared by `fleetctl status`, the daemon's status
+API and (through the same words) the router's /v1/models.
+
+Health is ordered, worst last, as gitops-engine's ``pkg/health`` orders it; sync (does the live
+config match the files?) is kept apart from health (does it work?), as Argo CD keeps them. A model
+that sleeps or is unloaded by the lifecycle is *Suspended*: healthy by intent, not degraded.
+
+Pure: reads live-state data, does no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from reconciler.live import AppLive
+
+
+class Health(str, enum.Enum):
+    HEALTHY = "Healthy"
+    SUSPENDED = "Suspended"  # asleep or unloaded on purpose; the next request brings it back
+    PROGRESSING = "Progressing"  # deploying, starting, being deleted
+    MISSING = "Missing"  # desired but not on Serve
+    DEGRADED = "Degraded"  # failed, unhealthy, unschedulable
+    UNKNOWN = "Unknown"  # Serve could not be read
+
+    @property
+    def rank(self) -> int:
+        return _ORDER.index(self)
+
+    def is_worse(self, other: Health) -> bool:
+        return self.rank > other.rank
+
+
+_ORDER = list(Health)
+
+
+class Sync(str, enum.Enum):
+    SYNCED = "Synced"
+    OUT_OF_SYNC = "OutOfSync"
+    FOREIGN = "Foreign"  # on Serve, not the fleet's
+
+
+class State(str, enum.Enum):
+    """What a model is doing, in the words /v1/models and status use."""
+
+    STARTING = "starting"  # Serve is deploying it (engine loading)
+    READY = "ready"  # serving
+    ASLEEP = "asleep"  # lifecycle: GPU memory freed, process kept
+    UNLOADED = "unloaded"  # lifecycle: engine stopped, replica kept
+    UNSCHEDULABLE = "unschedulable"  # Ray cannot place a replica: resources missing
+    FAILED = "failed"  # its engine could not start
+    UNHEALTHY = "unhealthy"
+    STOPPING = "stopping"
+    ABSENT = "absent"  # not on Serve
+
+
+# Serve's application status -> our state.
+APP_STATE = {
+    "RUNNING": State.READY,
+    "DEPLOYING": State.STARTING,
+    "NOT_STARTED": State.STARTING,
+    "UNHEALTHY": State.UNHEALTHY,
+    "DEPLOY_FAILED": State.FAILED,
+    "DELETING": State.STOPPING,
+}
+STATE_HEALTH = {
+    State.READY: Health.HEALTHY,
+    State.ASLEEP: Health.SUSPENDED,
+    State.UNLOADED: Health.SUSPENDED,
+    State.STARTING: Health.PROGRESSING,
+    State.STOPPING: Health.PROGRESSING,
+    State.UNSCHEDULABLE: Health.DEGRADED,
+    State.FAILED: Health.DEGRADED,
+    State.UNHEALTHY: Health.DEGRADED,
+    State.ABSENT: Health.MISSING,
+}
+
+# What Serve (2.60) writes into a deployment's message when Ray cannot place its replicas, e.g.
+# 'Deployment "engine" in application "a" has 1 replicas that have taken more than 30s to be
+# scheduled. This may be due to waiting for the cluster to auto-scale or for a runtime environment
+# to be installed. Resources required for each replica: {"CPU": 1.0}, total resources available: {}.'
+_UNSCHEDULABLE = re.compile(r"Resources required for each replica:|to be scheduled|cannot be scheduled|"
+                            r"infeasible", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class AppHealth:
+    state: State
+    health: Health
+    message: str = ""
+
+
+def unschedulable_reason(app: AppLive) -> str | None:
+    """Serve's own words when a replica of this app cannot be placed by Ray, else None."""
+    for d in app.deployments:
+        if d.message and _UNSCHEDULABLE.search(d.message) and d.running_replicas < (d.target_num_replicas or 1):
+            return d.message.strip()
+    return None
+
+
+def app_health(app: AppLive | None) -> AppHealth:
+    """State and health of one application from its live data."""
+    if app is None:
+        return AppHealth(State.ABSENT, Health.MISSING)
+    reason = unschedulable_reason(app)
+    if reason and app.status != "RUNNING":
+        return AppHealth(State.UNSCHEDULABLE, Health.DEGRADED, reason)
+    state = APP_STATE.get(app.status, State.UNHEALTHY)
+    message = "" if state is State.READY else app.message.strip() or _deployment_messages(app)
+    return AppHealth(state, STATE_HEALTH[state], message)
+
+
+def _deployment_messages(app: AppLive) -> str:
+    return "\n".join(d.message.strip() for d in app.deployments if d.message)
+
+
+def worst(healths: list[Health]) -> Health:
+    return max(healths, key=lambda h: h.rank, default=Health.HEALTHY)

@@ -1,0 +1,96 @@
+"""The status document: per model desired / live / sync / health / state / replicas / GPUs / last
+error, in one JSON shape for `fleetctl status --json` and the daemon's ``GET /status``.
+
+Pure: built from the placed fleet, the live state and the plan; the daemon adds its own section.
+Carries no configs and no env values, so no secret can leak through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from reconciler.health import Health, Sync, app_health, worst
+from reconciler.live import LiveState
+from reconciler.placement import PlacedFleet
+from reconciler.plan import Action, Plan
+from serve_app.contract import ENGINE_IMPORT
+
+FORMAT_VERSION = "2"
+
+
+def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None) -> list[dict[str, Any]]:
+    names = [c.model for c in plan.changes] + [f.name for f in plan.foreign
+                                                if f.name not in {c.model for c in plan.changes}]
+    by_name = {m.name: m for m in placed.models} if placed else {}
+    rows = []
+    for name in names:
+        change = plan.change_for(name)
+        app = live.apps.get(name)
+        cfg = (change.after if change and change.after else None) or (app.config if app else None) or {}
+        running = sum(d.running_replicas for d in app.deployments) if app else 0
+        target = sum(d.target_num_replicas or 0 for d in app.deployments) if app else 0
+        h = app_health(app)
+        if change is None:
+            sync = Sync.FOREIGN
+        elif change.action is Action.NOOP:
+            sync = Sync.SYNCED
+        else:
+            sync = Sync.OUT_OF_SYNC
+        m = by_name.get(name)
+        rows.append({
+            "model": name,
+            "kind": "engine" if cfg.get("import_path") == ENGINE_IMPORT else ("router" if cfg else "foreign"),
+            "task": m.task if m else None,
+            "desired": "absent" if change is None or change.after is None else "present",
+            "live": app.status if app else "absent",
+            "sync": sync.value,
+            "pending": change.action.value if change and change.action is not Action.NOOP else None,
+            "health": h.health.value,
+            "state": h.state.value,
+            "replicas": f"{running}/{target}" if app else "0/0",
+            "gpus": _gpus(cfg),
+            "gpu_memory": m.gpu_memory if m else None,
+            "always_on": m.always_on if m else False,
+            "message": h.message,
+        })
+    return rows
+
+
+def _gpus(app_config: Mapping[str, Any]) -> str:
+    args = app_config.get("args") or {}
+    gpus = args.get("gpus") if isinstance(args, Mapping) else None
+    if not gpus:
+        return "cpu" if app_config.get("import_path") == ENGINE_IMPORT else "-"
+    return ",".join(str(g) for g in gpus)
+
+
+def document(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
+             **sections: Any) -> dict[str, Any]:
+    """The whole status document; ``sections`` (e.g. daemon=...) are added at the top level."""
+    rows = model_rows(plan, live, placed)
+    overall = worst([Health(r["health"]) for r in rows if r["sync"] != Sync.FOREIGN.value]) \
+        if live.serve_running else Health.UNKNOWN
+    return {
+        "format_version": FORMAT_VERSION,
+        "serve_running": live.serve_running,
+        "in_sync": not plan.has_changes,
+        "health": overall.value,
+        "pending_changes": [{"model": c.model, "action": c.action.value, "reasons": list(c.reasons)}
+                            for c in plan.changes if c.action is not Action.NOOP],
+        "models": rows,
+        **sections,
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = ("model", "state", "health", "sync", "replicas", "gpus")
+    table = [tuple(c.upper() for c in cols)] + [
+        tuple(str(r[c]) + (f" ({r['pending']})" if c == "sync" and r.get("pending") else "") for c in cols)
+        for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip() for t in table]
+    for r in rows:
+        if r["message"]:
+            lines.append(f"{r['model']}: {r['message'].strip().splitlines()[-1][:300]}")
+    return "\n".join(lines)

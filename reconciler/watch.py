@@ -1,0 +1,40 @@
+"""Watch a fleet's files (fleet.yaml, fleet.d/*.yaml) and call back once per burst of changes.
+
+watchfiles debounces in Rust: an editor's atomic save or a `git pull` touching ten files within
+the debounce window arrives as one batch, hence one callback. Runs in its own thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import watchfiles
+
+from reconciler.loader import FLEET_DIR, FLEET_FILE
+
+DEBOUNCE_MS = 300
+
+
+def is_fleet_file(root: Path, path: str) -> bool:
+    p = Path(path)
+    if p.parent == root:
+        return p.name == FLEET_FILE
+    return p.parent == root / FLEET_DIR and p.suffix in (".yaml", ".yml")
+
+
+def watch(root: Path, on_change: Callable[[set[str]], None], stop: threading.Event,
+          debounce_ms: int = DEBOUNCE_MS) -> threading.Thread:
+    """Start a thread calling ``on_change(paths)`` per debounced batch, until ``stop`` is set."""
+    root = root.resolve()
+
+    def run() -> None:
+        for changes in watchfiles.watch(root, watch_filter=lambda _c, p: is_fleet_file(root, p),
+                                        debounce=debounce_ms, step=50, stop_event=stop,
+                                        rust_timeout=1000, yield_on_timeout=False, recursive=True):
+            on_change({p for _c, p in changes})
+
+    thread = threading.Thread(target=run, name="fleet-watch", daemon=True)
+    thread.start()
+    return thread

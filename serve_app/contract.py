@@ -1,0 +1,72 @@
+"""The contract between the reconciler (which writes the Serve config) and serve_app (which runs it).
+
+Both sides import these names instead of spelling them: application and deployment names, import
+paths, the shape of the engine's constructor ``args`` and of each deployment's ``user_config``, and
+where an engine replica writes vLLM's log. docs/contracts.md shows a whole config.
+
+Import-free on purpose (no Ray, no FastAPI): the reconciler imports it on every command.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+ROUTER_APP = "router"  # the router's application; no model may take this name
+ROUTER_DEPLOYMENT = "router"
+ROUTER_IMPORT = "serve_app.router:app"
+ENGINE_DEPLOYMENT = "engine"
+ENGINE_IMPORT = "serve_app.engine:app"
+# An application belongs to the fleet when its import_path starts with this.
+FLEET_IMPORT_PREFIX = "serve_app."
+
+# Logical CPUs an engine replica asks of Ray. Zero: the replica itself is an idle asyncio process
+# (vLLM runs in its child), so CPUs never limit how many models a box declares; GPU shares do, as
+# fleet_gpu_<i> resources. A model that is unloaded keeps its replica, and so must not hold a CPU.
+ENGINE_NUM_CPUS = 0
+
+
+def gpu_resource(index: int) -> str:
+    """The Ray custom resource for GPU ``index`` of a node (declared with capacity 1 at `ray start`)."""
+    return f"fleet_gpu_{index}"
+
+
+def engine_log_name(model: str, replica_pid: int) -> str:
+    """vLLM's log file of one engine replica: known from the live state (model, replica pid) alone,
+    so `fleetctl apply` and the daemon can show what a starting engine is doing."""
+    return f"vllm-{model}-{replica_pid}.log"
+
+
+class EngineArgs(TypedDict):
+    """An engine application's ``args`` (its constructor arguments: any change restarts it)."""
+
+    model: str  # --served-model-name, and the OpenAI model id
+    source: str  # hf://org/name@rev | /abs/path | pkg://package/path
+    task: str  # generate | embed
+    engine_argv: list[str]  # vLLM flags, argv elements (never a shell string)
+    env: dict[str, str]
+    gpus: list[int]  # physical GPU indices on its node; [] = CPU
+    start_timeout_s: float | None  # None = no bound
+
+
+class EngineUserConfig(TypedDict, total=False):
+    """An engine deployment's ``user_config``: changed in place, no restart."""
+
+    idle_timeout_s: float | None  # None = never idle out
+    always_on: bool
+
+
+class RouterModel(TypedDict):
+    task: str
+    always_on: bool
+
+
+class RouterUserConfig(TypedDict, total=False):
+    """The router deployment's ``user_config``: the model list and keys, changed in place."""
+
+    models: dict[str, RouterModel]
+    api_key_envs: list[str]  # environment-variable NAMES, never keys
+    load_timeout_s: float | None
+
+
+def is_fleet_app(app_config: dict[str, Any] | None) -> bool:
+    return bool(app_config) and str(app_config.get("import_path", "")).startswith(FLEET_IMPORT_PREFIX)
