@@ -26,6 +26,9 @@ from serve_app import proctable
 from serve_app.contract import gpu_resource
 
 LOOPBACK = "127.0.0.1"
+# Serve says a replica "cannot be scheduled" (with the resources it lacks) after 30 s by default;
+# apply and status stop waiting on that message, so heads we start say it after 5 s.
+SERVE_ENV = {"RAY_SERVE_SLOW_STARTUP_WARNING_S": "5", "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "5"}
 
 
 class HeadError(RuntimeError):
@@ -115,7 +118,7 @@ def start_head(
     log_path = str(Path(temp_dir) / "ray-start.log")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            argv, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL, stdout=log,
+            argv, env={**os.environ, **SERVE_ENV, **(env or {})}, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     head = Head(f"{LOOPBACK}:{port}", f"http://{LOOPBACK}:{dashboard_port}", proc.pid, temp_dir, log_path)

@@ -14,6 +14,7 @@ Errors:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,12 +155,16 @@ def read_live_state(dashboard_url: str, *, client: httpx.Client | None = None,
                              f"not Serve's JSON: {_short(e)}") from e
 
 
-def _get(c: httpx.Client) -> httpx.Response:
-    # One retry on a timeout: a fresh or busy dashboard is slow once, then answers in ms.
-    try:
-        return c.get(APPLICATIONS_PATH)
-    except httpx.TimeoutException:
-        return c.get(APPLICATIONS_PATH)
+def _get(c: httpx.Client, tries: int = 3) -> httpx.Response:
+    # A fresh or busy dashboard times out or drops a connection once or twice, then answers in ms.
+    for attempt in range(1, tries + 1):
+        try:
+            return c.get(APPLICATIONS_PATH)
+        except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError):
+            if attempt == tries:
+                raise
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
 def check_response(resp: httpx.Response, dashboard_url: str, doing: str) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,6 +39,7 @@ HOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
 # The guard's SIGTERM grace for vLLM; below the contract's graceful_shutdown_timeout_s (20 s).
 STOP_GRACE_S = 10.0
+ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # Default runner per fleet task, added unless engine_argv names one (vLLM 0.32 has no --task).
 TASK_ARGV = {"generate": ["--runner", "generate"], "embed": ["--runner", "pooling"]}
 
@@ -88,7 +90,15 @@ def child_env(env: dict[str, str], gpus: list[int]) -> dict[str, str]:
     environment and would see every GPU. We therefore always set it: the model's GPU indices,
     or "" for a CPU model so it can never touch a GPU.
     """
-    return {**os.environ, **env, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
+    resolved = {k: _expand(v) for k, v in env.items()}
+    return {**os.environ, **resolved, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
+
+
+def _expand(value: str) -> str:
+    """``"${NAME}"`` (how fleet files pass secrets such as HF_TOKEN) takes NAME from this replica's
+    environment, which Ray workers inherit from their node; unset means empty, as in a shell."""
+    match = ENV_REF.match(value)
+    return os.environ.get(match.group(1), "") if match else value
 
 
 def vllm_argv(model: str, resolved: model_source.Resolved, task: str, engine_argv: list[str], port: int) -> list[str]:

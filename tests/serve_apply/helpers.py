@@ -41,7 +41,7 @@ class Fleet:
             lines.append(f"  {name}:")
             lines.append(f"    source: {self.model_dir}")
             lines += [f"    {k}: {v}" for k, v in fields.items()]
-        (self.root / "fleet.yaml").write_text("\n".join(lines) + "\n" + extra)
+        write_atomic(self.root / "fleet.yaml", "\n".join(lines) + "\n" + extra)
 
     def fleetctl(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         return subprocess.run(fleetctl_argv(*args), cwd=self.root, env=self.env(), capture_output=True,
@@ -56,6 +56,13 @@ class Fleet:
 
     def live(self) -> live.LiveState:
         return live.read_live_state(self.dashboard_url)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write as editors save: a temp file renamed over the old one, so no reader sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def fleetctl_argv(*args: str) -> list[str]:

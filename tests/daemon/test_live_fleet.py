@@ -1,0 +1,252 @@
+"""The live fleet: `fleetctl daemon` applies edits, heals drift and shows status, against a real Ray
+Serve with real vLLM on the CPU. Scenarios run in file order on one daemon and one head (each
+vLLM start costs a minute here). Restarts are judged by replica ids and vLLM child pids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from reconciler import live as live_mod
+from serve_app.contract import engine_log_name
+from tests.serve_apply.helpers import fingerprint, write_atomic
+
+from .conftest import SECRETS, Live, daemon_section
+
+pytestmark = pytest.mark.serve
+KEY = SECRETS["FLEET_TEST_SECRET_KEY"]
+EXTRA_HEAD = "openai:\n  api_keys: [FLEET_TEST_SECRET_KEY]\n"  # merged below into the openai section
+
+
+def write(lv: Live, models: dict[str, dict[str, Any]], extra: str = "") -> None:
+    port = int(lv.api.rsplit(":", 1)[1])
+    lv.fleet.write(models, daemon_section(port) + extra)
+    text = (lv.fleet.root / "fleet.yaml").read_text().replace(
+        f"  port: {lv.fleet.port}\n", f"  port: {lv.fleet.port}\n  api_keys: [FLEET_TEST_SECRET_KEY]\n", 1)
+    write_atomic(lv.fleet.root / "fleet.yaml", text)
+
+
+def user_config(lv: Live, app: str) -> dict[str, Any]:
+    cfg = live_mod.read_live_state(lv.head.dashboard_url).apps[app].config or {}
+    return dict(cfg["deployments"][0].get("user_config") or {})
+
+
+def healthy(lv: Live, *names: str) -> bool:
+    rows = {m["model"]: m for m in lv.status()["models"]}
+    return all(rows.get(n, {}).get("health") == "Healthy" and rows[n]["sync"] == "Synced" for n in names)
+
+
+def chat(lv: Live, model: str) -> str:
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{lv.fleet.port}/v1", api_key=KEY, max_retries=0, timeout=300)
+    r = client.chat.completions.create(model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    return r.choices[0].message.content or ""
+
+
+A = {"tiny-a": {"idle_timeout": "15m"}}
+
+
+def test_daemon_brings_up_the_fleet_and_shows_it(live: Live) -> None:
+    write(live, A)
+    live.start_daemon()
+    live.wait("tiny-a healthy and in sync", lambda: healthy(live, "router", "tiny-a"))
+    doc = live.status()
+    assert doc["in_sync"] and doc["health"] == "Healthy"
+    assert doc["daemon"]["last_change"]["result"] == "applied"
+    assert {c["model"]: c["action"] for c in doc["daemon"]["last_change"]["changes"]} == \
+        {"router": "create", "tiny-a": "create"}
+    chat(live, "tiny-a")
+    # `fleetctl status --json` is the same document, less the daemon's section
+    r = live.fleet.fleetctl("status", "--json")
+    assert r.returncode == 0, r.stderr
+    mine = json.loads(r.stdout)
+    assert [m["model"] for m in mine["models"]] == [m["model"] for m in doc["models"]]
+    assert {k: v for k, v in mine.items() if k != "models"} == \
+        {k: v for k, v in doc.items() if k not in ("models", "daemon")}
+
+
+def test_an_edit_reaches_serve_in_place_without_apply(live: Live) -> None:
+    before = fingerprint(live.fleet.live())
+    write(live, {"tiny-a": {"idle_timeout": "20m"}})
+    live.wait("idle_timeout 1200 s on Serve", lambda: user_config(live, "tiny-a").get("idle_timeout_s") == 1200)
+    assert fingerprint(live.fleet.live())["tiny-a"] == before["tiny-a"]  # same replica, same vLLM pid
+    assert before["tiny-a"]["children"]
+    changes = live.wait("the pass recorded", lambda: live.status()["daemon"]["last_change"]["changes"], 30)
+    assert [(c["model"], c["action"]) for c in changes] == [("tiny-a", "update")]
+
+
+def test_a_burst_of_writes_is_one_reconcile(live: Live) -> None:
+    live.wait("idle", lambda: live.status()["daemon"]["progress"] == "", 60)
+    before = live.status()["daemon"]
+    for minutes in range(21, 31):  # ten saves in a row, as a `git pull` touching many files does
+        write(live, {"tiny-a": {"idle_timeout": f"{minutes}m"}})
+    live.wait("the last value on Serve", lambda: user_config(live, "tiny-a").get("idle_timeout_s") == 1800)
+    after = live.status()["daemon"]
+    assert after["applies"] - before["applies"] == 1
+    assert after["triggers"].get("edit", 0) - before["triggers"].get("edit", 0) == 1
+
+
+def test_an_invalid_edit_changes_nothing_and_is_shown_until_fixed(live: Live) -> None:
+    before = fingerprint(live.fleet.live())
+    config_before = user_config(live, "tiny-a")
+    write(live, {"tiny-a": {"idle_timeout": "40m", "gpu_memroy": 0.5}})
+    err = live.wait("the spec error on /status", lambda: live.status()["daemon"]["spec_error"], 60)
+    assert err[0]["file"] == "fleet.yaml" and err[0]["line"] and "gpu_memroy" in err[0]["field"]
+    assert "did you mean 'gpu_memory'" in err[0]["message"]
+    page = httpx.get(live.api + "/").text
+    assert "fleet.yaml:" in page and "gpu_memroy" in page
+    live.wait("a resync pass during the error", lambda: live.status()["daemon"]["reconciles"] >= 2, 60)
+    assert user_config(live, "tiny-a") == config_before
+    assert fingerprint(live.fleet.live()) == before
+    write(live, {"tiny-a": {"idle_timeout": "40m"}})
+    live.wait("the fix applied", lambda: user_config(live, "tiny-a").get("idle_timeout_s") == 2400)
+    assert live.status()["daemon"]["spec_error"] == []
+
+
+def test_an_app_deleted_by_hand_is_restored(live: Live) -> None:
+    state = live.fleet.live()
+    body = {"proxy_location": "EveryNode", **dict(state.globals),
+            "applications": [a.config for n, a in state.apps.items() if n != "tiny-a"]}
+    drift_before = live.status()["daemon"]["drift_corrections"]
+    with live_mod.make_client(live.head.dashboard_url) as c:
+        assert c.put(live_mod.APPLICATIONS_PATH, json=body).status_code == 200
+    live.wait("tiny-a gone", lambda: "tiny-a" not in live.fleet.live().apps or
+              live.fleet.live().apps["tiny-a"].status == "DELETING", 120)
+    live.wait("tiny-a restored", lambda: healthy(live, "tiny-a"))
+    assert live.status()["daemon"]["drift_corrections"] > drift_before
+    assert chat(live, "tiny-a") is not None
+
+
+def test_a_model_that_cannot_load_is_tried_a_bounded_number_of_times(live: Live) -> None:
+    write(live, {**{"tiny-a": {"idle_timeout": "40m"}}, "tiny-bad": {"engine": "{dtype: float32, "
+                 "enforce_eager: true, max_model_len: 256, kv_cache_dtype: nonsense}"}})
+    row = live.wait("tiny-bad failed", lambda: (m := live.model("tiny-bad")) and m["state"] == "failed" and m)
+    assert row["health"] == "Degraded" and "nonsense" in row["message"]
+    logs = Path(live.head.temp_dir)
+    attempts = lambda: len(list(logs.rglob(engine_log_name("tiny-bad", 0).replace("-0.log", "-*.log"))))  # noqa: E731
+    seen = attempts()
+    assert 1 <= seen <= 3
+    n = live.status()["daemon"]["reconciles"]
+    live.wait("two more passes", lambda: live.status()["daemon"]["reconciles"] >= n + 2, 60)
+    assert attempts() == seen  # nothing re-PUT it in a loop
+    assert chat(live, "tiny-a") is not None  # the others keep serving
+    write(live, {"tiny-a": {"idle_timeout": "40m"}})
+    live.wait("tiny-bad removed", lambda: live.model("tiny-bad") is None, 120)
+
+
+def test_a_gpu_the_cluster_lacks_is_refused_up_front(live: Live) -> None:
+    inventory = "inventory:\n  gpus: [{index: 0, memory: 24GiB}, {index: 1, memory: 24GiB}]\n"
+    models = {"tiny-a": {"idle_timeout": "40m"}, "tiny-gpu": {"gpus": "[1]", "gpu_memory": 0.5}}
+    write(live, models, inventory)
+    last = live.wait("a capacity outcome", lambda: (lr := live.status()["daemon"]["last_reconcile"])
+                     and lr["result"] == "capacity" and lr, 60)
+    assert "fleet_gpu_1" in last["message"] and "tiny-gpu" in last["message"]
+    assert "tiny-gpu" not in live.fleet.live().apps
+    r = live.fleet.fleetctl("plan")
+    assert r.returncode == 1 and "no node of the Ray cluster can hold a replica" in r.stderr, r.stderr
+
+
+def test_a_replica_ray_cannot_place_is_reported_with_serves_reason(live: Live, tmp_path: Path) -> None:
+    import ray
+
+    ray.init(address=live.head.gcs_address, log_to_driver=False, namespace="hog")
+    try:
+        @ray.remote(resources={"fleet_gpu_0": 1.0}, num_cpus=0)
+        class Hog:  # another program holding GPU 0, which the fleet cannot know up front
+            def ping(self) -> bool:
+                return True
+
+        hog = Hog.options(name="hog", lifetime="detached").remote()
+        ray.get(hog.ping.remote(), timeout=60)
+        inventory = "inventory:\n  gpus: [{index: 0, memory: 24GiB}]\n"
+        write(live, {"tiny-a": {"idle_timeout": "40m"}, "tiny-gpu": {"gpus": "[0]", "gpu_memory": 0.5}}, inventory)
+        row = live.wait("tiny-gpu unschedulable", lambda: (m := live.model("tiny-gpu"))
+                        and m["state"] == "unschedulable" and m, 120)
+        assert "fleet_gpu_0" in row["message"] and row["health"] == "Degraded"
+        last = live.status()["daemon"]["last_change"]
+        assert last["result"] == "failed" and "cannot be scheduled" in last["message"]
+        r = live.fleet.fleetctl("status")
+        assert "unschedulable" in r.stdout and "fleet_gpu_0" in r.stdout
+        ray.kill(hog)
+    finally:
+        ray.shutdown()
+    write(live, {"tiny-a": {"idle_timeout": "40m"}})
+    live.wait("tiny-gpu removed", lambda: live.model("tiny-gpu") is None and healthy(live, "tiny-a"), 180)
+
+
+def test_status_api_is_read_only_on_loopback_with_metrics_and_no_secrets(live: Live) -> None:
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        for path in ("/", "/status", "/metrics", "/anything"):
+            assert httpx.request(method, live.api + path).status_code == 405
+    port = int(live.api.rsplit(":", 1)[1])
+    assert listen_addresses(port) == {"127.0.0.1"}
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(live.api + "/metrics").text)}
+    assert sum(s.value for s in families["fleet_reconciles"].samples) >= 5
+    states = {(s.labels["model"], s.labels["state"]): s.value for s in families["fleet_model_state"].samples}
+    assert states[("tiny-a", "ready")] == 1.0 and states[("tiny-a", "failed")] == 0.0
+    assert families["fleet_drift_corrections"].samples[0].value >= 1
+    outputs = [httpx.get(live.api + p).text for p in ("/", "/status", "/metrics", "/healthz")]
+    outputs += [live.fleet.fleetctl(*a).stdout for a in (("status", "--json"), ("plan", "--json"), ("status",))]
+    outputs.append(live.log_tail(10_000))
+    for value in SECRETS.values():
+        assert not [o for o in outputs if value in o]
+
+
+def test_the_page_renders_in_a_real_browser(live: Live, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+        try:
+            page = browser.new_page()
+            page.goto(live.api + "/")
+            text = page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "status.png"), full_page=True)
+        finally:
+            browser.close()
+    assert "tiny-a" in text and "router" in text and "Healthy" in text and "in sync" in text
+
+
+def test_a_restarted_ray_head_gets_the_fleet_back(live: Live) -> None:
+    live.restart_head()
+    live.wait("tiny-a restored after the head restart", lambda: healthy(live, "router", "tiny-a"))
+    assert chat(live, "tiny-a") is not None
+
+
+def test_sigterm_stops_cleanly_and_a_new_daemon_carries_on(live: Live) -> None:
+    assert live.stop_daemon() == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(live.api + "/healthz", timeout=2)
+    before = fingerprint(live.fleet.live())
+    live.start_daemon()
+    live.wait("a pass", lambda: live.status()["daemon"]["reconciles"] >= 1, 120)
+    doc = live.status()
+    assert doc["daemon"]["last_reconcile"]["result"] == "synced" and doc["in_sync"]
+    assert fingerprint(live.fleet.live()) == before  # nothing restarted
+
+
+def listen_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on ``port`` (from /proc, no traffic sent)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:
+                if len(addr) == 8:
+                    found.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+                else:
+                    found.add(addr)
+    return found
