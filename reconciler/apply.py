@@ -74,6 +74,7 @@ class ApplyResult:
     puts: int
     live: LiveState
     start_seconds: dict[str, float] = field(default_factory=dict)  # created/restarted model -> PUT to healthy
+    first_put_at: float | None = None  # time.time() when the first PUT was sent
 
 
 def _noop_report(_: str) -> None:
@@ -95,9 +96,11 @@ def apply_plan(plan: Plan, dashboard_url: str, *, live_before: LiveState,
         puts = 0
         state = live_before
         starts: dict[str, float] = {}
+        first_put_at = None
         for body, targets in phases(plan):
             names = ", ".join(t.model for t in targets)
             report(f"sending the config to Serve ({len(body['applications'])} apps; waiting for {names})")
+            first_put_at = first_put_at or time.time()
             put_config(c, dashboard_url, body)
             puts += 1
             state = wait_settled(c, dashboard_url, targets, live_before, deadline=deadline,
@@ -105,7 +108,8 @@ def apply_plan(plan: Plan, dashboard_url: str, *, live_before: LiveState,
         starts = {m: s for m, s in starts.items()
                   if (ch := plan.change_for(m)) is not None and ch.action in (Action.CREATE, Action.RESTART)
                   and (ch.after or {}).get("import_path") == ENGINE_IMPORT}
-        return ApplyResult(tuple(t.model for t in changed), time.monotonic() - t0, puts, state, starts)
+        return ApplyResult(tuple(t.model for t in changed), time.monotonic() - t0, puts, state, starts,
+                           first_put_at)
     finally:
         if own:
             c.close()

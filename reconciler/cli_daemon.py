@@ -66,8 +66,14 @@ def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float |
     from reconciler.status_api import Metrics, make_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    settings, _ = _settings(path)
+    settings, dashboard = _settings(path)
     host, port = host or settings.host, port or settings.port
+    if dashboard:  # so that `fleetctl down` finds and stops this daemon, however it was started
+        other = running_daemon(dashboard)
+        if other and other[0] != os.getpid():
+            raise click.ClickException(f"a fleet daemon already runs for {dashboard} (pid {other[0]}, status "
+                                       f"{other[1]}); stop it first (`kill {other[0]}` or `fleetctl down`)")
+        register(dashboard, os.getpid(), f"http://{host}:{port}/")
     metrics_box: list[Metrics] = []
     daemon = Daemon(path, resync_s=resync_s, on_pass=lambda s: metrics_box[0].observe(s) if metrics_box else None)
     metrics_box.append(Metrics(daemon))
@@ -89,7 +95,31 @@ def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float |
     finally:
         server.should_exit = True
         api.join(timeout=10)
+        if dashboard:
+            unregister(dashboard, os.getpid())
     click.echo("fleetctl daemon: stopped", err=True)
+
+
+def running_daemon(dashboard_url: str) -> tuple[int, str] | None:
+    """(pid, status URL) of a live daemon registered for this dashboard, else None."""
+    try:
+        data = json.loads(daemon_state_path(dashboard_url).read_text())
+        pid = int(data["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (pid, str(data.get("url", ""))) if proctable.alive(pid) and "reconciler" in proctable.cmdline(pid) \
+        else None
+
+
+def register(dashboard_url: str, pid: int, url: str, log: str = "") -> None:
+    daemon_state_path(dashboard_url).write_text(json.dumps({"pid": pid, "url": url, "log": log}))
+
+
+def unregister(dashboard_url: str, pid: int) -> None:
+    path = daemon_state_path(dashboard_url)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        if int(json.loads(path.read_text())["pid"]) == pid:
+            path.unlink()
 
 
 def start_background(path: Path, dashboard_url: str, log_dir: Path, report: Any) -> str | None:
@@ -102,7 +132,7 @@ def start_background(path: Path, dashboard_url: str, log_dir: Path, report: Any)
                                 start_new_session=True)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{host}:{settings.port}/"
-    daemon_state_path(dashboard_url).write_text(json.dumps({"pid": proc.pid, "url": url, "log": str(log)}))
+    register(dashboard_url, proc.pid, url, str(log))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from reconciler.live import AppLive
+from serve_app.contract import SERVE_APP_STATE, ModelState
 
 
 class Health(str, enum.Enum):
@@ -42,31 +43,12 @@ class Sync(str, enum.Enum):
     FOREIGN = "Foreign"  # on Serve, not the fleet's
 
 
-class State(str, enum.Enum):
-    """What a model is doing, in the words /v1/models and status use."""
-
-    STARTING = "starting"  # Serve is deploying it (engine loading)
-    READY = "ready"  # serving
-    ASLEEP = "asleep"  # lifecycle: GPU memory freed, process kept
-    UNLOADED = "unloaded"  # lifecycle: engine stopped, replica kept
-    UNSCHEDULABLE = "unschedulable"  # Ray cannot place a replica: resources missing
-    FAILED = "failed"  # its engine could not start
-    UNHEALTHY = "unhealthy"
-    STOPPING = "stopping"
-    ABSENT = "absent"  # not on Serve
-
-
-# Serve's application status -> our state.
-APP_STATE = {
-    "RUNNING": State.READY,
-    "DEPLOYING": State.STARTING,
-    "NOT_STARTED": State.STARTING,
-    "UNHEALTHY": State.UNHEALTHY,
-    "DEPLOY_FAILED": State.FAILED,
-    "DELETING": State.STOPPING,
-}
+State = ModelState
+APP_STATE = SERVE_APP_STATE
 STATE_HEALTH = {
     State.READY: Health.HEALTHY,
+    State.AWAKE: Health.HEALTHY,
+    State.LOADING: Health.PROGRESSING,
     State.ASLEEP: Health.SUSPENDED,
     State.UNLOADED: Health.SUSPENDED,
     State.STARTING: Health.PROGRESSING,

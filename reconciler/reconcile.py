@@ -87,6 +87,7 @@ class Outcome:
             "changed": list(self.changed),
             "failed_models": list(self.failed_models),
             "started_at": self.started_at,
+            "first_put_at": self.applied.first_put_at if self.applied else None,
             "seconds": round(self.seconds, 3),
         }
 

@@ -9,6 +9,7 @@ Import-free on purpose (no Ray, no FastAPI): the reconciler imports it on every 
 
 from __future__ import annotations
 
+import enum
 from typing import Any, TypedDict
 
 ROUTER_APP = "router"  # the router's application; no model may take this name
@@ -70,3 +71,32 @@ class RouterUserConfig(TypedDict, total=False):
 
 def is_fleet_app(app_config: dict[str, Any] | None) -> bool:
     return bool(app_config) and str(app_config.get("import_path", "")).startswith(FLEET_IMPORT_PREFIX)
+
+
+class ModelState(str, enum.Enum):
+    """One word for what a model is doing, the same in `fleetctl status`, the daemon's API and the
+    router's /v1/models. Serve's application status gives the first group; a running engine's
+    lifecycle refines "ready" into the second."""
+
+    STARTING = "starting"  # Serve is deploying it (replica and engine coming up)
+    READY = "ready"  # Serve: running and healthy
+    LOADING = "loading"  # lifecycle: the engine is (re)loading the model
+    AWAKE = "awake"  # lifecycle: loaded, serving
+    ASLEEP = "asleep"  # lifecycle: GPU memory freed, process kept (vLLM sleep mode)
+    UNLOADED = "unloaded"  # lifecycle: engine stopped, replica kept; the next request loads it
+    UNSCHEDULABLE = "unschedulable"  # Ray cannot place a replica: resources missing
+    FAILED = "failed"  # its engine could not start
+    UNHEALTHY = "unhealthy"
+    STOPPING = "stopping"
+    ABSENT = "absent"  # not on Serve
+
+
+# Serve's application status -> the model's state.
+SERVE_APP_STATE = {
+    "RUNNING": ModelState.READY,
+    "DEPLOYING": ModelState.STARTING,
+    "NOT_STARTED": ModelState.STARTING,
+    "UNHEALTHY": ModelState.UNHEALTHY,
+    "DEPLOY_FAILED": ModelState.FAILED,
+    "DELETING": ModelState.STOPPING,
+}

@@ -33,7 +33,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.contract import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT
+from serve_app.contract import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, SERVE_APP_STATE
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,15 +49,8 @@ RELAY_PATHS = (
 )
 STATUS_POLL_S = 1.0
 STATUS_CACHE_S = 2.0
-# Application status → the model's live state as /v1/models shows it.
-LIVE_STATE = {
-    "RUNNING": "ready",
-    "DEPLOYING": "starting",
-    "NOT_STARTED": "starting",
-    "UNHEALTHY": "unhealthy",
-    "DEPLOY_FAILED": "failed",
-    "DELETING": "stopping",
-}
+# Application status → the model's live state as /v1/models shows it (the fleet's one vocabulary).
+LIVE_STATE = {status: state.value for status, state in SERVE_APP_STATE.items()}
 
 api = FastAPI(title="vLLM Fleet", docs_url=None, redoc_url=None, openapi_url=None)
 
