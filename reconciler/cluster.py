@@ -97,13 +97,31 @@ def start_head(
     timeout_s: float = 120.0,
     fast_ingress: bool = False,
 ) -> Head:
-    """Start a Ray head and wait until its dashboard answers.
+    """Start a Ray head and wait until its node is up and its dashboard answers.
 
     ``detach=False`` ties the head to this process (through serve_app.guard): if we die, even
     by SIGKILL, the head goes too. ``detach=True`` leaves it running for `fleetctl up`.
     ``env`` adds variables that every Ray worker (hence every replica) inherits.
     ``fast_ingress`` puts Serve's HAProxy in front of the router (see fast_ingress_env).
     """
+    for attempt in (1, 2, 3):
+        try:
+            return _start_head_once(num_cpus=num_cpus, resources=resources, port=port,
+                                    dashboard_port=dashboard_port, temp_dir=temp_dir, detach=detach,
+                                    object_store_bytes=object_store_bytes, env=env, timeout_s=timeout_s,
+                                    fast_ingress=fast_ingress)
+        except HeadError as e:
+            # Ray gives its raylet a fixed 30 s to register; a busy box can miss that: try again.
+            if RAYLET_TIMEOUT not in str(e) or attempt == 3:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_head_once(
+    *, num_cpus: int, resources: dict[str, float], port: int | None, dashboard_port: int | None,
+    temp_dir: str | None, detach: bool, object_store_bytes: int | None, env: dict[str, str] | None,
+    timeout_s: float, fast_ingress: bool,
+) -> Head:  # fmt: skip
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="rf-", dir="/tmp")
     if fast_ingress:
         env = {**fast_ingress_env(temp_dir), **(env or {})}
@@ -155,15 +173,22 @@ def fast_ingress_env(temp_dir: str) -> dict[str, str]:
     }
 
 
+# `ray start --block` prints this once the node has registered with the GCS. The dashboard answers
+# before that, and on a loaded box `ray start` can still give up ("timed out during startup").
+_STARTED = "will now block forever"
+RAYLET_TIMEOUT = "timed out during startup"
+
+
 def _wait_dashboard(head: Head, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise HeadError(f"ray start exited with code {proc.returncode}:\n{_tail(head.log_path)}")
         try:
-            if httpx.get(head.dashboard_url + "/api/version", timeout=2.0).status_code == 200:
+            if _STARTED in Path(head.log_path).read_text(errors="replace") and \
+                    httpx.get(head.dashboard_url + "/api/version", timeout=2.0).status_code == 200:
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, OSError):
             pass
         time.sleep(0.5)
     raise HeadError(f"the Ray dashboard did not answer within {timeout_s:.0f} s:\n{_tail(head.log_path)}")
