@@ -66,6 +66,7 @@ def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float |
     from reconciler.status_api import Metrics, make_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per dashboard poll is noise
     settings, dashboard = _settings(path)
     host, port = host or settings.host, port or settings.port
     if dashboard:  # so that `fleetctl down` finds and stops this daemon, however it was started
