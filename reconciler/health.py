@@ -11,6 +11,7 @@ Pure: reads live-state data, does no I/O.
 from __future__ import annotations
 
 import enum
+import json
 import re
 from dataclasses import dataclass
 
@@ -59,12 +60,29 @@ STATE_HEALTH = {
     State.ABSENT: Health.MISSING,
 }
 
-# What Serve (2.60) writes into a deployment's message when Ray cannot place its replicas, e.g.
-# 'Deployment "engine" in application "a" has 1 replicas that have taken more than 30s to be
-# scheduled. This may be due to waiting for the cluster to auto-scale or for a runtime environment
-# to be installed. Resources required for each replica: {"CPU": 1.0}, total resources available: {}.'
-_UNSCHEDULABLE = re.compile(r"Resources required for each replica:|to be scheduled|cannot be scheduled|"
-                            r"infeasible", re.IGNORECASE)
+# What Serve (2.60, deployment_state.py) writes into a deployment's message when a replica waits
+# for Ray to place it: '... has 1 replicas that have taken more than 5s to be scheduled. ...
+# Resources required for each replica: {"CPU": 1.0}, total resources available: {}. ...'. A busy box
+# can be merely slow to start a worker; only a resource below what is required means "cannot".
+_PENDING = re.compile(r"Resources required for each replica: (?P<required>\{.*?\}|\[.*?\]), "
+                      r"total resources available: (?P<available>\{.*?\})\.")
+
+
+def _short_of(message: str) -> bool:
+    m = _PENDING.search(message)
+    if not m:
+        return False
+    try:
+        required, available = json.loads(m["required"]), json.loads(m["available"])
+    except ValueError:
+        return False
+    if isinstance(required, list):  # placement-group bundles: judge the sum
+        total: dict[str, float] = {}
+        for bundle in required:
+            for k, v in bundle.items():
+                total[k] = total.get(k, 0.0) + float(v)
+        required = total
+    return any(float(available.get(k, 0.0)) + 1e-9 < float(v) for k, v in required.items())
 
 
 @dataclass(frozen=True)
@@ -75,9 +93,9 @@ class AppHealth:
 
 
 def unschedulable_reason(app: AppLive) -> str | None:
-    """Serve's own words when a replica of this app cannot be placed by Ray, else None."""
+    """Serve's own words when a replica of this app waits for resources Ray does not have, else None."""
     for d in app.deployments:
-        if d.message and _UNSCHEDULABLE.search(d.message) and d.running_replicas < (d.target_num_replicas or 1):
+        if d.message and _short_of(d.message) and d.running_replicas < (d.target_num_replicas or 1):
             return d.message.strip()
     return None
 

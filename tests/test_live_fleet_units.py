@@ -21,6 +21,10 @@ UNSCHEDULABLE = ("Deployment 'engine' in application 'a' has 1 replicas that hav
                  "total resources available: {}. Use `ray status` for more details.")
 
 
+SLOW_ONLY = UNSCHEDULABLE.replace("total resources available: {}",
+                                  'total resources available: {"CPU": 3.0, "fleet_gpu_0": 1.0}')
+
+
 def app(status: str, dep_status: str = "HEALTHY", message: str = "", running: int = 1, target: int = 1) -> AppLive:
     replicas = tuple(Replica(f"r{i}", "RUNNING") for i in range(running))
     return AppLive("a", status, "", {}, (DeploymentLive("engine", dep_status, message, replicas, target),))
@@ -31,6 +35,8 @@ def app(status: str, dep_status: str = "HEALTHY", message: str = "", running: in
     (app("RUNNING"), State.READY, Health.HEALTHY),
     (app("DEPLOYING", "UPDATING", running=0), State.STARTING, Health.PROGRESSING),
     (app("DEPLOYING", "UPDATING", UNSCHEDULABLE, running=0), State.UNSCHEDULABLE, Health.DEGRADED),
+    # slow to place on a busy box, but the resources are there: still starting
+    (app("DEPLOYING", "UPDATING", SLOW_ONLY, running=0), State.STARTING, Health.PROGRESSING),
     (app("DEPLOY_FAILED", "DEPLOY_FAILED", running=0), State.FAILED, Health.DEGRADED),
     (app("UNHEALTHY", "UNHEALTHY"), State.UNHEALTHY, Health.DEGRADED),
     (app("DELETING"), State.STOPPING, Health.PROGRESSING),
