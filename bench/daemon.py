@@ -120,7 +120,7 @@ def main() -> None:
                 c.put(live_mod.APPLICATIONS_PATH, json=body).raise_for_status()
             gone = time.time()
             last = wait_for(lambda g=gone: (c := httpx.get(status).json()["daemon"]["last_change"])
-                            and (c.get("first_put_at") or 0) > g and c, RESYNC_S * 4)
+                            and (c.get("first_put_at") or 0) > g and c, 180)
             re_put.append(last["first_put_at"] - gone)
             wait_for(lambda: (a := live_mod.read_live_state(head.dashboard_url).apps.get("router"))
                      and a.status == "RUNNING", 120)
