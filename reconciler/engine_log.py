@@ -15,17 +15,18 @@ import httpx
 from reconciler.live import AppLive
 from serve_app.contract import engine_log_name
 
-# (pattern, words), in the order vLLM goes through them; the last one seen is the phase.
+# (pattern, words), roughly in the order vLLM goes through them; a line takes the first pattern it
+# matches (so the specific ones come first), and the last line with a phase gives the phase.
 PHASES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p, re.IGNORECASE), w) for p, w in (
     (r"preparing|convert(ing)? .*gguf|gguf", "preparing the weights"),
     (r"fetching \d+ files|downloading|\.safetensors:\s+\d+%", "downloading weights"),
     (r"non-default args|initializing a v\d llm engine|automatically detected platform", "initialising the engine"),
-    (r"starting to load model|loading weights|loading safetensors", "loading weights"),
     (r"loading (model )?weights took|model loading took", "weights loaded"),
-    (r"torch\.compile|dynamo bytecode|compiling a graph|compile range", "compiling (torch.compile)"),
+    (r"starting to load model|loading weights|loading safetensors", "loading weights"),
+    (r"torch\.compile takes|dynamo bytecode transform|compiling a graph|start compil", "compiling (torch.compile)"),
     (r"kv cache|# (cpu|gpu) blocks|available kv cache memory", "allocating the KV cache"),
     (r"capturing cuda graph|graph capturing", "capturing CUDA graphs"),
-    (r"warming up|warmup|profil", "warming up"),
+    (r"warming up|memory profiling|kernel warmup took|warmup (took|done)", "warming up"),
     (r"starting vllm api server|started server process|waiting for application startup", "starting the HTTP server"),
     (r"application startup complete", "ready"),
 ))
@@ -37,9 +38,12 @@ def phase(text: str) -> str:
     """The last phase the log shows, or "starting Python (imports)" before vLLM printed anything."""
     found = ""
     for line in text.splitlines():
+        if " WARNING " in line:  # e.g. "Enforce eager set, disabling torch.compile ... warmup": not a phase
+            continue
         for pattern, words in PHASES:
             if pattern.search(line):
                 found = words
+                break
     return found or ("starting Python (imports)" if text.strip() else "")
 
 

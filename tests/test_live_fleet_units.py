@@ -56,6 +56,10 @@ def test_health_is_ordered_worst_last() -> None:
 @pytest.mark.parametrize(("lines", "phase"), [
     ("", ""),
     ("INFO some import noise", "starting Python (imports)"),
+    ("(APIServer pid=1) WARNING 11-28 [vllm.py:1703] Enforce eager set, disabling torch.compile, CUDAGraphs, "
+     "and JIT kernel warmup.", "starting Python (imports)"),
+    ("(EngineCore pid=2) INFO 11-28 [core.py:133] Initializing a V1 LLM engine (v0.32.0) with config: ...",
+     "initialising the engine"),
     ("converting /x/m.gguf into /c/m (once)", "preparing the weights"),
     ("INFO Automatically detected platform cpu.\nINFO Starting to load model /m...", "loading weights"),
     ("INFO Loading weights took 0.21 seconds", "weights loaded"),
