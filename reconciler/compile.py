@@ -29,7 +29,6 @@ from serve_app.contract import (
 from .placement import PlacedFleet, PlacedModel
 
 TASK_RUNNER = {"generate": "generate", "embed": "pooling"}  # vLLM's --runner for each task
-MAX_START_ATTEMPTS = 3
 
 
 def engine_argv(engine: Mapping[str, Any]) -> list[str]:
@@ -105,9 +104,6 @@ def model_app(model: PlacedModel) -> dict[str, Any]:
             "health_check_period_s": 10.0,
             "health_check_timeout_s": 30.0,
             "graceful_shutdown_timeout_s": 20.0,
-            # Serve's default is 20 tries; an engine that failed 3 times will fail again. Then the app
-            # is DEPLOY_FAILED with vLLM's error, and nothing retries until its config changes.
-            "max_constructor_retry_count": MAX_START_ATTEMPTS,
             "ray_actor_options": actor_options(model),
             "user_config": {"idle_timeout_s": model.idle_timeout_s, "always_on": model.always_on},
         }],

@@ -27,7 +27,7 @@ from reconciler import live as live_mod
 from reconciler import status as status_mod
 from reconciler.errors import SpecError
 from reconciler.pipeline import DesiredState, desired_state
-from reconciler.plan import make_plan
+from reconciler.plan import Action, Plan, make_plan
 from reconciler.reconcile import Failures, Outcome, Result, reconcile
 from reconciler.watch import watch
 
@@ -70,6 +70,13 @@ class DaemonState:
         }
 
 
+def plan_key(plan: Plan) -> str:
+    """What a plan would change, for spotting the same change applied again and again."""
+    return plan.desired_fingerprint + "|" + ";".join(
+        f"{c.model}:{c.action.value}:{','.join(f.path for f in c.fields)}" for c in plan.changes
+        if c.action is not Action.NOOP)
+
+
 def git_revision(root: Path) -> dict[str, Any] | None:
     """The fleet folder's git commit, and whether its fleet files differ from it; None outside git."""
     def git(*args: str) -> str | None:
@@ -101,6 +108,9 @@ class Daemon:
         self._kick_reason = "start"
         self._last_good: DesiredState | None = None
         self._failures = Failures()
+        # Plans applied by passes no edit triggered, in a row: the same one twice means Serve does not
+        # keep what we send (a field its version drops), and a third PUT would only loop.
+        self._repeats: tuple[str, int] = ("", 0)
         self._lock = threading.Lock()
         self._state = DaemonState(str(self.path), time.time(), os.getpid())
 
@@ -169,13 +179,35 @@ class Daemon:
                                   "yet: nothing was changed", started_at=time.time())
             else:
                 outcome = reconcile(self.path, desired=desired, report=self._report, failures=self._failures,
-                                    lock_wait_s=1.0, lock_command="daemon")
+                                    approve=self._approve, lock_wait_s=1.0, lock_command="daemon")
         except Stopping:
             return None
         self._record(reason, outcome, spec_error)
         return outcome
 
+    def _approve(self, plan: Plan) -> bool:
+        key, count = self._repeats
+        if plan_key(plan) == key and count >= 2:
+            logger.error("not applying again: the same change was applied %d times and Serve still differs "
+                         "(%s); Serve does not keep these fields", count, ", ".join(
+                             f.path for c in plan.changes for f in c.fields) or "whole apps")
+            return False
+        return True
+
+    def _count_repeats(self, reason: str, outcome: Outcome) -> None:
+        if outcome.result is not Result.APPLIED or outcome.plan is None or reason == "edit":
+            if reason == "edit" or outcome.result is Result.SYNCED:
+                self._repeats = ("", 0)
+            return
+        key = plan_key(outcome.plan)
+        self._repeats = (key, self._repeats[1] + 1 if self._repeats[0] == key else 1)
+
     def _record(self, reason: str, outcome: Outcome, spec_error: tuple[dict[str, Any], ...]) -> None:
+        self._count_repeats(reason, outcome)
+        if outcome.result is Result.CANCELLED:
+            outcome = replace(outcome, result=Result.HELD, message=(
+                "Serve does not keep part of the config: the same change was applied twice and Serve "
+                "still differs; not sending it again until the files change. `fleetctl plan` shows the fields."))
         s = self.snapshot()
         changed = outcome.result in (Result.APPLIED, Result.FAILED)
         drift = outcome.result is Result.APPLIED and reason in ("resync", "retry")

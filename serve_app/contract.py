@@ -26,6 +26,12 @@ FLEET_IMPORT_PREFIX = "serve_app."
 ENGINE_NUM_CPUS = 0
 
 
+# Serve's default is 20 tries; an engine that failed 3 times will fail again. Then the app is
+# DEPLOY_FAILED with vLLM's error, and nothing retries until its config changes. Set in code: the
+# REST config (Ray 2.60's DeploymentSchema) has no such field and drops it silently.
+ENGINE_START_ATTEMPTS = 3
+
+
 def gpu_resource(index: int) -> str:
     """The Ray custom resource for GPU ``index`` of a node (declared with capacity 1 at `ray start`)."""
     return f"fleet_gpu_{index}"

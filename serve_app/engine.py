@@ -29,7 +29,7 @@ from ray import serve
 from ray.serve import Application
 
 from serve_app import model_source
-from serve_app.contract import ENGINE_DEPLOYMENT, engine_log_name
+from serve_app.contract import ENGINE_DEPLOYMENT, ENGINE_START_ATTEMPTS, engine_log_name
 
 logger = logging.getLogger("ray.serve")
 
@@ -155,7 +155,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-@serve.deployment(name=ENGINE_DEPLOYMENT)
+@serve.deployment(name=ENGINE_DEPLOYMENT, max_constructor_retry_count=ENGINE_START_ATTEMPTS)
 class Engine:
     """One vLLM OpenAI server, as a guarded child process of this replica."""
 
