@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ def test_a_burst_of_writes_is_one_reconcile(live: Live) -> None:
     for minutes in range(21, 31):  # ten saves in a row, as a `git pull` touching many files does
         write(live, {"tiny-a": {"idle_timeout": f"{minutes}m"}})
     live.wait("the last value on Serve", lambda: user_config(live, "tiny-a").get("idle_timeout_s") == 1800)
+    live.wait("the pass recorded", lambda: live.status()["daemon"]["applies"] > before["applies"], 120)
+    time.sleep(3)  # room for a second pass, were the burst split in two
     after = live.status()["daemon"]
     assert after["applies"] - before["applies"] == 1
     assert after["triggers"].get("edit", 0) - before["triggers"].get("edit", 0) == 1
