@@ -111,7 +111,7 @@ def test_an_invalid_edit_changes_nothing_and_is_shown_until_fixed(live: Live) ->
     assert fingerprint(live.fleet.live()) == before
     write(live, {"tiny-a": {"idle_timeout": "40m"}})
     live.wait("the fix applied", lambda: user_config(live, "tiny-a").get("idle_timeout_s") == 2400)
-    assert live.status()["daemon"]["spec_error"] == []
+    live.wait("the error cleared", lambda: live.status()["daemon"]["spec_error"] == [], 60)
 
 
 def test_an_app_deleted_by_hand_is_restored(live: Live) -> None:
