@@ -123,8 +123,10 @@ def test_an_app_deleted_by_hand_is_restored(live: Live) -> None:
         assert c.put(live_mod.APPLICATIONS_PATH, json=body).status_code == 200
     live.wait("tiny-a gone", lambda: "tiny-a" not in live.fleet.live().apps or
               live.fleet.live().apps["tiny-a"].status == "DELETING", 120)
-    live.wait("tiny-a restored", lambda: healthy(live, "tiny-a"))
-    assert live.status()["daemon"]["drift_corrections"] > drift_before
+    # the daemon's next pass puts it back (and records that once it is up again)
+    live.wait("the drift corrected", lambda: live.status()["daemon"]["drift_corrections"] > drift_before)
+    live.wait("tiny-a healthy", lambda: healthy(live, "tiny-a"), 120)
+    assert fingerprint(live.fleet.live())["tiny-a"]["replicas"] != fingerprint(state)["tiny-a"]["replicas"]
     assert chat(live, "tiny-a") is not None
 
 
