@@ -180,11 +180,11 @@ def test_a_replica_ray_cannot_place_is_reported_with_serves_reason(live: Live, t
         assert last["result"] == "failed" and "cannot be scheduled" in last["message"]
         r = live.fleet.fleetctl("status")
         assert "unschedulable" in r.stdout and "fleet_gpu_0" in r.stdout
+        write(live, {"tiny-a": {"idle_timeout": "40m"}})
+        live.wait("tiny-gpu removed", lambda: live.model("tiny-gpu") is None and healthy(live, "tiny-a"), 180)
         ray.kill(hog)
     finally:
         ray.shutdown()
-    write(live, {"tiny-a": {"idle_timeout": "40m"}})
-    live.wait("tiny-gpu removed", lambda: live.model("tiny-gpu") is None and healthy(live, "tiny-a"), 180)
 
 
 def test_status_api_is_read_only_on_loopback_with_metrics_and_no_secrets(live: Live) -> None:
@@ -221,8 +221,10 @@ def test_the_page_renders_in_a_real_browser(live: Live, tmp_path: Path) -> None:
 
 
 def test_a_restarted_ray_head_gets_the_fleet_back(live: Live) -> None:
+    drift_before = live.status()["daemon"]["drift_corrections"]
     live.restart_head()
-    live.wait("tiny-a restored after the head restart", lambda: healthy(live, "router", "tiny-a"))
+    live.wait("the fleet put back", lambda: live.status()["daemon"]["drift_corrections"] > drift_before)
+    live.wait("tiny-a restored after the head restart", lambda: healthy(live, "router", "tiny-a"), 120)
     assert chat(live, "tiny-a") is not None
 
 
