@@ -86,7 +86,7 @@ class Live:
 
     def restart_head(self) -> None:
         cluster.stop_head(self.head)
-        self.head = start_head(*self.ports, self.head.temp_dir + "-2")
+        self.head = start_head(*self.ports)
 
 
 def start_head(gcs: int, dashboard: int, temp_dir: str | None = None) -> cluster.Head:
