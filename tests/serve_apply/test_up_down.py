@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from reconciler import cluster
@@ -32,6 +33,7 @@ def default_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     text = (REPO / "fleet.yaml").read_text()
     text = re.sub(r"dashboard_url: \S+", f"dashboard_url: http://127.0.0.1:{dash}", text)
     text = re.sub(r"(openai:\n(?:  .*\n)*?  port: )\d+", rf"\g<1>{port}", text)
+    text += f"\ndaemon:\n  port: {cluster.free_port()}\n"
     (root / "fleet.yaml").write_text(text)
     if (REPO / "fleet.d").is_dir():
         shutil.copytree(REPO / "fleet.d", root / "fleet.d")
@@ -79,6 +81,11 @@ def test_up_chat_embed_down(default_fleet: Fleet) -> None:
 
     status = default_fleet.fleetctl("status")
     assert status.returncode == 0 and "Synced" in status.stdout, status.stdout + status.stderr
+    page = re.search(r"Status page: (\S+)", r.stdout)
+    assert page, r.stdout
+    doc = httpx.get(page.group(1) + "status", timeout=30).json()
+    assert {m["model"] for m in doc["models"]} == {"router", "smollm2-135m-instruct", "all-minilm-l6-v2"}
+    daemon_pid = doc["daemon"]["pid"]
 
     head = cluster.Head(**json.loads(_head_state(default_fleet).read_text()))
     ours = descendants(set(cluster.session_processes(head.pid)))
@@ -86,6 +93,7 @@ def test_up_chat_embed_down(default_fleet: Fleet) -> None:
     r = default_fleet.fleetctl("down", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not [p for p in ours if alive(p)]
+    assert not alive(daemon_pid)
     # nor anything outside the head's tree that belongs to it (Serve's HAProxy is re-parented)
     assert not [cmdline(p.pid) for p in processes() if p.state != "Z" and head.temp_dir in cmdline(p.pid)]
     assert not _head_state(default_fleet).exists()
