@@ -29,7 +29,7 @@ from reconciler.errors import SpecError
 from reconciler.pipeline import DesiredState, desired_state
 from reconciler.plan import Action, Plan, make_plan
 from reconciler.reconcile import Failures, Outcome, Result, reconcile
-from reconciler.watch import watch
+from reconciler.watch import DEBOUNCE_MS, watch
 
 logger = logging.getLogger("fleetctl.daemon")
 BACKOFF_MAX_S = 60.0
@@ -94,7 +94,7 @@ def git_revision(root: Path) -> dict[str, Any] | None:
 
 
 class Daemon:
-    def __init__(self, path: Path, *, resync_s: float | None = None, debounce_ms: int = 300,
+    def __init__(self, path: Path, *, resync_s: float | None = None, debounce_ms: int = DEBOUNCE_MS,
                  on_pass: Callable[[DaemonState], None] | None = None) -> None:
         import os
 

@@ -14,7 +14,10 @@ import watchfiles
 
 from reconciler.loader import FLEET_DIR, FLEET_FILE
 
-DEBOUNCE_MS = 300
+# A batch ends after QUIET_MS without a change (at most DEBOUNCE_MS after its first): enough to
+# join a save's write+rename, or a checkout's files, even on a loaded box.
+QUIET_MS = 200
+DEBOUNCE_MS = 2000
 
 
 def is_fleet_file(root: Path, path: str) -> bool:
@@ -31,7 +34,7 @@ def watch(root: Path, on_change: Callable[[set[str]], None], stop: threading.Eve
 
     def run() -> None:
         for changes in watchfiles.watch(root, watch_filter=lambda _c, p: is_fleet_file(root, p),
-                                        debounce=debounce_ms, step=50, stop_event=stop,
+                                        debounce=debounce_ms, step=QUIET_MS, stop_event=stop,
                                         rust_timeout=1000, yield_on_timeout=False, recursive=True):
             on_change({p for _c, p in changes})
 
