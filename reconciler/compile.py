@@ -1,10 +1,10 @@
 """Placed fleet → the desired Ray Serve config (a plain dict, the body of Serve's PUT). Pure: no I/O.
 
-One application per model (so one model restarts alone) plus the OpenAI router at "/". Fields are
-laid out so that what needs no engine restart travels as in-place options: the idle timeout and
-always-on in `user_config`, replica counts in `num_replicas`, the router's model list in its
-`user_config`. What changes the engine (source, engine args, GPUs) lives in the app's `args`.
-See docs/contracts.md for the shape.
+One application per model (so one model restarts alone) plus the OpenAI router, which serves the
+OpenAI port itself (Serve's HTTP proxy is off). Fields are laid out so that what needs no engine
+restart travels as in-place options: the idle timeout and always-on in `user_config`, replica
+counts in `num_replicas`, the router's model list in its `user_config`. What changes the engine
+(source, engine args, GPUs) lives in the app's `args`. See docs/contracts.md for the shape.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from serve_app.contract import (
     ROUTER_DEPLOYMENT,
     ROUTER_IMPORT,
     EngineArgs,
+    RouterArgs,
     RouterUserConfig,
     gpu_resource,
 )
@@ -111,19 +112,22 @@ def model_app(model: PlacedModel) -> dict[str, Any]:
 
 
 def router_app(fleet: PlacedFleet) -> dict[str, Any]:
+    """The fleet ingress: each replica serves the OpenAI port itself (SO_REUSEPORT), so host and
+    port are constructor args (a change restarts it on the new port)."""
     user_config: RouterUserConfig = {
         "models": {m.name: {"task": m.task, "always_on": m.always_on} for m in fleet.models},
         "api_key_envs": list(fleet.openai.api_keys),
         "load_timeout_s": _finite(fleet.openai.load_timeout),
     }
+    args: RouterArgs = {"host": fleet.openai.host, "port": fleet.openai.port}
     return {
         "name": ROUTER_APP,
-        "route_prefix": "/",
+        "route_prefix": None,  # Serve's HTTP proxy is off: the router's own servers take the port
         "import_path": ROUTER_IMPORT,
-        "args": {},
+        "args": dict(args),
         "deployments": [{
             "name": ROUTER_DEPLOYMENT,
-            "num_replicas": 1,
+            "num_replicas": fleet.openai.workers,
             "max_ongoing_requests": 1000,
             "ray_actor_options": {"num_cpus": 0},
             "user_config": dict(user_config),
@@ -140,7 +144,7 @@ def compile_serve_config(fleet: PlacedFleet) -> dict[str, Any]:
     """The whole desired Serve config: always-on models first, so apply can bring them up first."""
     models = sorted(fleet.models, key=lambda m: not m.always_on)
     return {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": fleet.openai.host, "port": fleet.openai.port},
+        # No Serve HTTP proxy: the router's replicas serve the OpenAI port (serve_app/router.py).
+        "proxy_location": "Disabled",
         "applications": [router_app(fleet), *(model_app(m) for m in models)],
     }

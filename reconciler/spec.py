@@ -137,6 +137,8 @@ class OpenAISettings(Strict):
     api_keys: list[EnvVarName] = Field(
         default_factory=list, description="names of environment variables holding accepted API keys")
     load_timeout: Duration = Field(600.0, description="how long a request waits for its model to come up")
+    workers: int = Field(1, ge=1, le=64, description=(
+        "router processes per node sharing the OpenAI port; one carries ~10k streamed tokens/s"))
 
 
 class DaemonSettings(Strict):

@@ -62,6 +62,13 @@ class EngineUserConfig(TypedDict, total=False):
     always_on: bool
 
 
+class RouterArgs(TypedDict):
+    """The router application's ``args``: where its replicas serve HTTP (a change restarts them)."""
+
+    host: str  # openai.host
+    port: int  # openai.port; every replica on a node binds it with SO_REUSEPORT
+
+
 class RouterModel(TypedDict):
     task: str
     always_on: bool

@@ -28,7 +28,7 @@ import httpx
 from ray import serve
 from ray.serve import Application
 
-from serve_app import model_source
+from serve_app import endpoints, model_source
 from serve_app.contract import ENGINE_DEPLOYMENT, ENGINE_START_ATTEMPTS, engine_log_name
 
 logger = logging.getLogger("ray.serve")
@@ -171,6 +171,8 @@ class Engine:
     ) -> None:
         self._model = model
         self._proc: subprocess.Popen[bytes] | None = None
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._registered = False
         self.idle_timeout_s: float | None = None
         self.always_on = False
         self._log_path = _log_dir() / engine_log_name(model, os.getpid())
@@ -188,7 +190,13 @@ class Engine:
         except BaseException:
             self._shutdown()
             raise
+        await self._register()
         logger.info("vLLM for %s is ready at %s (guard pid %d)", model, self._url, self._proc.pid)
+
+    async def _register(self) -> None:
+        """Tell the routers where this replica's vLLM listens (and that it still does)."""
+        await asyncio.to_thread(endpoints.register, self._model, self._replica, self._url)
+        self._registered = True
 
     async def _resolve(self, source: str, environ: dict[str, str], timeout_s: float) -> model_source.Resolved:
         try:
@@ -237,9 +245,14 @@ class Engine:
         response = await self._client.get(self._url + "/health")
         if response.status_code != 200:
             raise RuntimeError(f"vLLM /health answered {response.status_code}: {response.text[:200]}")
+        await self._register()  # the refresh that keeps the registration from going stale
 
     async def endpoint(self) -> str:
-        """The child's base URL, for the router to relay to; raises when the child is dead."""
+        """The child's base URL, for the router to relay to; raises when the child is dead.
+
+        Routers learn every replica's URL from ``serve_app.endpoints``; they call this when they
+        know none for the model (it goes to a live replica, and is where a sleeping one wakes).
+        """
         self._raise_if_exited("")
         return self._url
 
@@ -256,6 +269,10 @@ class Engine:
         }
 
     def _shutdown(self) -> None:
+        if getattr(self, "_registered", False):
+            self._registered = False
+            with contextlib.suppress(Exception):  # the GCS may be gone with the cluster
+                endpoints.unregister(self._model, self._replica)
         proc = getattr(self, "_proc", None)  # __del__ may run on a half-built instance
         if proc is not None:
             _stop(proc)

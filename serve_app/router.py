@@ -1,44 +1,63 @@
-"""The OpenAI router: one Serve deployment (``router``) at "/" that relays to the engines.
+"""The fleet's OpenAI endpoint: one Serve deployment (``router``) whose replicas serve HTTP themselves.
 
-Each request names its ``model``; the router relays the HTTP request unchanged to that model's
-vLLM child (the URL comes once from the engine deployment's ``endpoint()`` and is cached) with
-one shared httpx client, streaming SSE chunk by chunk. No Serve handle call happens per request.
+Each router replica runs its own HTTP server (uvicorn with uvloop and httptools, in a thread of
+its own) on the fleet's OpenAI port, bound with SO_REUSEPORT: ``openai.workers`` replicas on a
+node are that many processes sharing the port, and the kernel spreads connections over them.
+Serve's own HTTP proxy is off (``proxy_location: Disabled``), so no request crosses a Ray actor
+call: bytes go client → router process → the engine's vLLM server and back. It is still a Serve
+app, so the reconciler starts, updates and stops it with the fleet like any other.
+
+Inside a replica:
+- ``Ingress`` (raw ASGI) answers the relay routes (``RELAY_PATHS``) itself: API key, the body's
+  ``model``, one upstream request on a kept-alive connection (aiohttp), streamed back as it comes.
+  Whatever else arrives goes to the FastAPI app ``api`` (``/v1/models``; other modules add routes
+  there and reach the relay through ``request.app.state.relay``, see ``Relay.request``).
+- ``Relay`` (in the server's loop) knows every engine replica's URL (``serve_app.endpoints``) and
+  sends each request to the one of its model with the fewest requests in flight from this process.
+- ``Router`` (the Serve deployment, in Serve's loop) does what needs Serve: finding a model's
+  engine and waiting, bounded by ``load_timeout_s``, while it starts (``endpoint()`` on its
+  handle, which also wakes it), the applications' states, and refreshing the URL registry.
+
 Errors have OpenAI's shape ``{"error": {"message", "type", "code"}}``: unknown model → 404,
-engine unavailable → 503 with the reason (the wait for a starting model is bounded by
-``load_timeout_s``), missing/wrong API key → 401.
-
-The model list, API-key env names and load timeout are ``user_config`` (docs/contracts.md):
-``reconfigure`` swaps them in place, so adding or removing a model never restarts the router.
+engine unavailable → 503 with the reason, missing/wrong API key → 401. The model list, API-key
+env names and load timeout are ``user_config`` (docs/contracts.md): ``reconfigure`` swaps them in
+place. Host and port are the app's ``args``: changing them restarts the router on the new port.
 import_path ``serve_app.router:app``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import os
+import random
+import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-import anyio
-import httpx
+import aiohttp
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import endpoints
 from serve_app.contract import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, SERVE_APP_STATE
 
 logger = logging.getLogger("ray.serve")
 
+T = TypeVar("T")
 # Routes whose JSON body names the model; relayed as-is to the same path on vLLM.
-RELAY_PATHS = (
+RELAY_PATHS = frozenset({
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
@@ -46,9 +65,19 @@ RELAY_PATHS = (
     "/detokenize",
     "/v1/score",
     "/v1/rerank",
-)
+})
 STATUS_POLL_S = 1.0
 STATUS_CACHE_S = 2.0
+REGISTRY_REFRESH_S = 2.0
+# vLLM's server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s). A pooled
+# connection kept exactly as long races that close: the request goes out as the server hangs
+# up and fails with a reset (the "ReadError('')" of a healthy engine). Drop ours well before.
+UPSTREAM_KEEPALIVE_S = 2.0
+# Tries per request: another replica (or a fresh connection) when nothing came back yet.
+ATTEMPTS = 3
+# A replica that refused a connection is skipped this long; Serve replaces it if it is dead.
+DOWN_S = 3.0
+SHUTDOWN_GRACE_S = 5.0
 # Application status → the model's live state as /v1/models shows it (the fleet's one vocabulary).
 LIVE_STATE = {status: state.value for status, state in SERVE_APP_STATE.items()}
 
@@ -73,20 +102,25 @@ def settings_from(user_config: dict[str, Any]) -> Settings:
     """Parse user_config; API keys are read from the named env vars of this replica."""
     envs = list(user_config.get("api_key_envs") or [])
     keys = frozenset(os.environ[name] for name in envs if os.environ.get(name))
+    timeout = user_config.get("load_timeout_s", 600.0)
     return Settings(
         models=dict(user_config.get("models") or {}),
         keys=keys,
         require_key=bool(envs),
-        load_timeout_s=float(user_config.get("load_timeout_s", 600.0)),
+        load_timeout_s=float("inf") if timeout is None else float(timeout),
     )
 
 
+def error_body(message: str, type_: str, code: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
+
+
 def error(status: int, message: str, type_: str, code: str) -> JSONResponse:
-    """An OpenAI-style error response."""
+    """An OpenAI-style error response (for FastAPI routes)."""
     return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status_code=status)
 
 
-def _authorized(settings: Settings, header: str | None) -> bool:
+def authorized(settings: Settings, header: str | None) -> bool:
     if not settings.require_key:
         return True
     scheme, _, token = (header or "").partition(" ")
@@ -96,7 +130,7 @@ def _authorized(settings: Settings, header: str | None) -> bool:
     return any(hmac.compare_digest(token.encode(), key.encode()) for key in settings.keys)
 
 
-def _model_of(body: bytes) -> str | None:
+def model_of(body: bytes) -> str | None:
     try:
         payload = json.loads(body)
     except ValueError:
@@ -111,111 +145,456 @@ def _reason(exc: BaseException) -> str:
     return str(cause).strip()[-2000:] or type(cause).__name__
 
 
-async def _stream(upstream: httpx.Response) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in upstream.aiter_raw():
+# ---- the relay (runs in the HTTP server's loop) ----
+
+
+@dataclass(eq=False)
+class Backend:
+    """One engine replica's vLLM server, as this process sees it."""
+
+    url: str
+    inflight: int = 0
+    down_until: float = 0.0
+
+
+@dataclass(eq=False)
+class Upstream:
+    """An engine's answer whose headers have arrived; ``finish`` must follow (``Relay.request`` does it)."""
+
+    response: aiohttp.ClientResponse
+    backend: Backend
+    complete: bool = field(default=False, init=False)
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def content_type(self) -> str | None:
+        return self.response.headers.get("content-type")
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; what piled up since the last read comes as one chunk."""
+        async for chunk in self.response.content.iter_any():
             yield chunk
-    finally:
-        await _close(upstream)
+        self.complete = True
+
+    async def read(self) -> bytes:
+        content = await self.response.read()
+        self.complete = True
+        return content
+
+    def abort(self) -> None:
+        """Close the connection: vLLM sees the client gone and aborts the request."""
+        self.response.close()
+
+    def finish(self) -> None:
+        """Back to the pool when read to the end, else closed (which aborts it in vLLM)."""
+        self.backend.inflight -= 1
+        if self.complete:
+            self.response.release()
+        else:
+            self.response.close()
 
 
-async def _close(upstream: httpx.Response) -> None:
-    # Shielded: on client disconnect we run inside a cancelled scope, and closing the upstream
-    # connection is exactly what makes vLLM abort the request.
-    with anyio.CancelScope(shield=True):
-        await upstream.aclose()
+class Relay:
+    """Sends requests to engine replicas, least requests in flight first; lives in the server's loop.
 
+    ``discover`` and ``app_states`` run in Serve's loop (they need Serve); the router passes them
+    in already bridged to this loop.
+    """
 
-@serve.deployment(name=ROUTER_DEPLOYMENT)
-@serve.ingress(api)
-class Router:
-    """Relays OpenAI requests to the model engines' vLLM servers."""
-
-    def __init__(self) -> None:
-        self._settings = settings_from({})
-        self._urls: dict[str, str] = {}
-        self._handles: dict[str, DeploymentHandle] = {}
+    def __init__(
+        self,
+        settings: Settings,
+        discover: Callable[[str], Awaitable[str]],
+        app_states: Callable[[], Awaitable[dict[str, tuple[str, str]]]],
+    ) -> None:
+        self.settings = settings
+        self.app_states = app_states
+        self._discover = discover
+        self._backends: dict[str, list[Backend]] = {}
         self._pending: dict[str, asyncio.Future[str]] = {}
-        self._status: tuple[float, dict[str, Any]] = (0.0, {})
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=2.0),  # generation may run long; connecting may not
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        self._session: aiohttp.ClientSession | None = None
+
+    def start(self) -> None:
+        """Open the upstream connection pool (must run in the server's loop)."""
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
+            # generation may run long; connecting may not
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Swap the model list, keys and load timeout in place."""
-        self._settings = settings_from(user_config)
-        for gone in set(self._urls) - set(self._settings.models):
-            self._urls.pop(gone, None)
-            self._handles.pop(gone, None)
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
-    # ---- relay (the hot path) ----
+    def authorized(self, header: str | None) -> bool:
+        return authorized(self.settings, header)
 
-    @api.post("/v1/chat/completions")
-    @api.post("/v1/completions")
-    @api.post("/v1/embeddings")
-    @api.post("/tokenize")
-    @api.post("/detokenize")
-    @api.post("/v1/score")
-    @api.post("/v1/rerank")
-    async def relay(self, request: Request) -> Response:
-        # Serve's proxy puts an X-Request-Id on every request (made when absent) and echoes it in
-        # the response; vLLM takes it as its own request id, so one id runs through all logs.
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        settings = self._settings
-        if not _authorized(settings, request.headers.get("authorization")):
-            return error(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
-        body = await request.body()
-        model = _model_of(body)
-        if model is None:
-            return error(400, "The JSON body must name a `model`.", "invalid_request_error", "invalid_body")
-        if model not in settings.models:
-            known = ", ".join(sorted(settings.models)) or "(none)"
-            message = f"The model `{model}` does not exist. Models: {known}."
-            return error(404, message, "invalid_request_error", "model_not_found")
-        try:
-            upstream = await self._send(model, request.url.path, body, request_id)
-        except Unavailable as e:
-            return error(503, str(e), "service_unavailable", "model_unavailable")
-        media_type = upstream.headers.get("content-type")
-        if media_type and media_type.startswith("text/event-stream"):
-            return StreamingResponse(_stream(upstream), upstream.status_code, media_type=media_type)
-        try:
-            content = await upstream.aread()
-        finally:
-            await _close(upstream)
-        return Response(content, upstream.status_code, media_type=media_type)
+    def set_registered(self, registered: dict[str, list[str]]) -> None:
+        """The registry's URLs per model; a model it lists nothing for keeps what discovery found."""
+        for model in set(self._backends) - set(self.settings.models):
+            del self._backends[model]
+        for model, urls in registered.items():
+            if model not in self.settings.models or not urls:
+                continue
+            known = {b.url: b for b in self._backends.get(model, [])}
+            self._backends[model] = [known.get(url) or Backend(url) for url in sorted(set(urls))]
 
-    async def _send(self, model: str, path: str, body: bytes, request_id: str) -> httpx.Response:
-        """POST to the engine; on a connection error refresh its URL once (it may be new)."""
-        headers = {"content-type": "application/json", "x-request-id": request_id}
-        for attempt in (1, 2):
-            url = self._urls.get(model) or await self._endpoint(model)
-            request = self._client.build_request("POST", url + path, content=body, headers=headers)
-            try:
-                return await self._client.send(request, stream=True)
-            except httpx.ConnectError as e:  # nothing was sent: safe to retry
-                self._urls.pop(model, None)
-                if attempt == 2:
-                    raise Unavailable(f"The engine of `{model}` refuses connections: {e}") from e
-            except httpx.TransportError as e:
-                self._urls.pop(model, None)
-                raise Unavailable(f"The engine of `{model}` failed mid-request: {e!r}") from e
-        raise AssertionError("unreachable")
+    def backends(self, model: str) -> list[Backend]:
+        return list(self._backends.get(model, []))
 
-    # ---- endpoint discovery (off the hot path: once per engine start) ----
+    def _pick(self, model: str, tried: set[str]) -> Backend | None:
+        now = time.monotonic()
+        ready = [b for b in self._backends.get(model, []) if b.down_until <= now and b.url not in tried]
+        if not ready:
+            return None
+        fewest = min(b.inflight for b in ready)
+        return random.choice([b for b in ready if b.inflight == fewest])
 
-    async def _endpoint(self, model: str) -> str:
-        """The engine's URL; concurrent requests for one model share a single discovery."""
+    async def _found(self, model: str) -> Backend:
+        """Wait for the model's engine (bounded); concurrent waiters share one discovery."""
         task = self._pending.get(model)
         if task is None:
             task = asyncio.ensure_future(self._discover(model))
             self._pending[model] = task
             task.add_done_callback(lambda _: self._pending.pop(model, None))
-        return await asyncio.shield(task)  # one waiter leaving must not cancel the others' wait
+        url = await asyncio.shield(task)  # one waiter leaving must not cancel the others' wait
+        backends = self._backends.setdefault(model, [])
+        for backend in backends:
+            if backend.url == url:
+                backend.down_until = 0.0  # the engine itself just answered with it
+                return backend
+        backend = Backend(url)
+        backends.append(backend)
+        return backend
+
+    async def open(self, model: str, path: str, body: bytes, request_id: str) -> Upstream:
+        """POST to one of the model's engines; raises Unavailable (the message says why)."""
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        session = self._session
+        assert session is not None, "Relay.start() was not called"
+        tried: set[str] = set()
+        failure = ""
+        for _ in range(ATTEMPTS):
+            backend = self._pick(model, tried) or await self._found(model)
+            backend.inflight += 1
+            try:
+                response = await session.post(backend.url + path, data=body, headers=headers)
+                return Upstream(response, backend)
+            except aiohttp.ClientConnectorError as e:  # nothing was sent: another replica may take it
+                backend.inflight -= 1
+                backend.down_until = time.monotonic() + DOWN_S
+                tried.add(backend.url)
+                failure = f"The engine of `{model}` refuses connections: {e}"
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # Closed before any answer: a kept-alive connection the server had just dropped,
+                # or an engine that died. Nothing was generated, so a new try is safe.
+                backend.inflight -= 1
+                failure = f"The engine of `{model}` failed mid-request: {e!r}"
+            except BaseException:
+                backend.inflight -= 1
+                raise
+        raise Unavailable(failure)
+
+    @contextlib.asynccontextmanager
+    async def request(self, model: str, path: str, body: bytes, request_id: str | None = None
+                      ) -> AsyncIterator[Upstream]:
+        """``async with relay.request(model, "/v1/chat/completions", body) as up:`` read
+        ``up.chunks()`` or ``up.read()``; leaving early closes the connection (vLLM aborts)."""
+        upstream = await self.open(model, path, body, request_id or uuid.uuid4().hex)
+        try:
+            yield upstream
+        finally:
+            upstream.finish()
+
+
+# ---- the ASGI front (runs in the HTTP server's loop) ----
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def _read_body(receive: Callable[[], Awaitable[dict[str, Any]]]) -> bytes | None:
+    """The whole request body, or None when the client left before sending it."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+async def _send_json(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, body: bytes,
+                     request_id: str) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class Ingress:
+    """The ASGI app each router replica serves: relay routes here, the rest to ``api``."""
+
+    def __init__(self, relay: Relay, fallback: Callable[..., Awaitable[None]]) -> None:
+        self.relay = relay
+        self.fallback = fallback
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in RELAY_PATHS:
+            await self.relay_route(scope, receive, send)
+        else:
+            await self.fallback(scope, receive, send)
+
+    async def relay_route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # One id through our answer and vLLM's logs (vLLM takes it as its request id).
+        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        settings = self.relay.settings
+        if not authorized(settings, _header(scope, b"authorization")):
+            body = error_body("Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
+            return await _send_json(send, 401, body, request_id)
+        body = await _read_body(receive)
+        if body is None:
+            return
+        model = model_of(body)
+        if model is None:
+            message = error_body("The JSON body must name a `model`.", "invalid_request_error", "invalid_body")
+            return await _send_json(send, 400, message, request_id)
+        if model not in settings.models:
+            known = ", ".join(sorted(settings.models)) or "(none)"
+            message = error_body(f"The model `{model}` does not exist. Models: {known}.",
+                                 "invalid_request_error", "model_not_found")
+            return await _send_json(send, 404, message, request_id)
+        try:
+            upstream = await self.relay.open(model, scope["path"], body, request_id)
+        except Unavailable as e:
+            return await _send_json(send, 503, error_body(str(e), "service_unavailable", "model_unavailable"),
+                                    request_id)
+        try:
+            await self._pass(upstream, receive, send, request_id)
+        finally:
+            upstream.finish()
+
+    @staticmethod
+    async def _pass(upstream: Upstream, receive: Any, send: Any, request_id: str) -> None:
+        """Stream the engine's answer to the client; the client leaving closes the upstream."""
+        done = False
+
+        def on_disconnect(task: asyncio.Future[Any]) -> None:
+            if not done and not task.cancelled() and task.exception() is None:
+                upstream.abort()
+
+        watcher = asyncio.ensure_future(_read_until_disconnect(receive))
+        watcher.add_done_callback(on_disconnect)
+        headers = [(b"x-request-id", request_id.encode())]
+        if upstream.content_type:
+            headers.append((b"content-type", upstream.content_type.encode("latin-1")))
+        try:
+            if upstream.content_type and upstream.content_type.startswith("text/event-stream"):
+                await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+                async for chunk in upstream.chunks():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                content = b""
+            else:
+                content = await upstream.read()
+                headers.append((b"content-length", str(len(content)).encode()))
+                await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+            done = True
+            watcher.cancel()
+            await send({"type": "http.response.body", "body": content, "more_body": False})
+        except aiohttp.ClientError:
+            if watcher.done() and not watcher.cancelled():
+                return  # the client left and we closed the upstream: nobody to answer
+            raise  # the engine broke off: the response ends unfinished, so the client sees it
+        finally:
+            done = True
+            watcher.cancel()
+
+
+async def _read_until_disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---- FastAPI routes (non-relay); other modules add theirs to `api` ----
+
+
+@api.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    relay: Relay = request.app.state.relay
+    settings = relay.settings
+    if not authorized(settings, request.headers.get("authorization")):
+        return error(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
+    states = await relay.app_states()
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "vllm-fleet",
+            "task": spec.get("task", "generate"),
+            "always_on": bool(spec.get("always_on", False)),
+            "state": states.get(name, ("absent", ""))[0],
+        }
+        for name, spec in sorted(settings.models.items())
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+# ---- the HTTP server ----
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port that the router's other processes on this node share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(
+            f"The fleet's OpenAI endpoint cannot listen on {host}:{port} (openai.host / openai.port in "
+            f"fleet.yaml): {e}. Another program holds that port, e.g. Ray Serve's own HTTP proxy from a "
+            "Serve started with proxy_location other than Disabled: stop the fleet (fleetctl down) and "
+            "start it again, or pick another openai.port."
+        ) from e
+    sock.setblocking(False)
+    return sock
+
+
+class Server:
+    """uvicorn serving ``Ingress`` on a pre-bound socket, in a thread with its own event loop."""
+
+    def __init__(self, sock: socket.socket, relay: Relay) -> None:
+        api.state.relay = relay
+        config = uvicorn.Config(
+            Ingress(relay, api), loop="none", http="httptools", ws="none", lifespan="off",
+            access_log=False, log_level="warning", server_header=False, date_header=False,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )  # fmt: skip
+        self.relay = relay
+        self._uvicorn = uvicorn.Server(config)
+        self._sock = sock
+        self.loop = _new_loop()
+        self._thread = threading.Thread(target=self._run, name="fleet-ingress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except Exception:
+            logger.exception("the fleet ingress stopped")
+        finally:
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        self.relay.start()
+        try:
+            await self._uvicorn.serve(sockets=[self._sock])
+        finally:
+            await self.relay.close()
+
+    def wait_started(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self._uvicorn.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the fleet ingress's HTTP server stopped while starting (see the replica log)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the fleet ingress's HTTP server did not start within {timeout_s:.0f} s")
+            time.sleep(0.02)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the server's loop (the relay's state is only touched there)."""
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def stop(self) -> None:
+        self._uvicorn.should_exit = True
+        self._thread.join(SHUTDOWN_GRACE_S + 2.0)
+        self._sock.close()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard] and Ray
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+# ---- the Serve deployment ----
+
+
+@serve.deployment(name=ROUTER_DEPLOYMENT)
+class Router:
+    """The fleet ingress: an HTTP server per replica; Serve-side discovery for the relay."""
+
+    async def __init__(self, host: str = "127.0.0.1", port: int = 8000) -> None:
+        self._loop = asyncio.get_running_loop()  # Serve's loop for this replica's methods
+        self._settings = settings_from({})
+        self._handles: dict[str, DeploymentHandle] = {}
+        self._status: tuple[float, dict[str, tuple[str, str]]] = (0.0, {})
+        relay = Relay(self._settings, self._bridge(self._discover), self._bridge(self._app_states))
+        self._server = Server(listen_socket(host, port), relay)
+        await asyncio.to_thread(self._server.wait_started, 30.0)
+        self._refresher = asyncio.ensure_future(self._refresh_registry())
+        logger.info("fleet ingress listening on %s:%d (pid %d)", host, port, os.getpid())
+
+    def _bridge(self, fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., Awaitable[T]]:
+        """``fn`` runs in Serve's loop; the wrapper is awaited in the server's loop."""
+        def call(*args: Any) -> Awaitable[T]:
+            return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(*args), self._loop))
+        return call
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Swap the model list, keys and load timeout in place."""
+        self._settings = settings_from(user_config)
+        self._server.call(setattr, self._server.relay, "settings", self._settings)
+        for gone in set(self._handles) - set(self._settings.models):
+            self._handles.pop(gone, None)
+
+    def check_health(self) -> None:
+        if not self._server.alive:
+            raise RuntimeError("the fleet ingress's HTTP server is not running (see the replica log)")
+
+    async def _refresh_registry(self) -> None:
+        """Keep the relay's view of every engine replica's URL current."""
+        while True:
+            try:
+                listed = await asyncio.to_thread(endpoints.listed)
+                urls = {model: [r.url for r in regs] for model, regs in listed.items()}
+                self._server.call(self._server.relay.set_registered, urls)
+            except Exception as e:  # the GCS may be briefly away; the next round tries again
+                logger.warning("reading the engine registry failed: %r", e)
+            await asyncio.sleep(REGISTRY_REFRESH_S)
+
+    # ---- discovery (Serve's loop; off the hot path) ----
 
     async def _discover(self, model: str) -> str:
-        """Ask the engine for its URL, waiting (bounded) while it starts; cache the answer."""
+        """A URL of the model's engine, waiting (bounded) while it starts.
+
+        ``endpoint()`` on the app's handle goes to a live replica (and is where a sleeping model
+        is woken); meanwhile the app's state ends the wait early when it failed or is gone.
+        """
         handle = self._handles.get(model)
         if handle is None:
             handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=model, _check_exists=False)
@@ -235,15 +614,13 @@ class Router:
                         f"The model `{model}` is still {state} after load_timeout_s "
                         f"({self._settings.load_timeout_s:.0f} s). {message}".strip()
                     )
-            url = call.result()
+            return call.result()
         except Unavailable:
             raise
         except Exception as e:
             raise Unavailable(f"The engine of `{model}` is not available: {_reason(e)}") from e
         finally:
             call.cancel()
-        self._urls[model] = url
-        return url
 
     @staticmethod
     async def _call_endpoint(handle: DeploymentHandle) -> str:
@@ -261,29 +638,16 @@ class Router:
             self._status = (time.monotonic(), states)
         return states
 
-    # ---- model list ----
-
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> Response:
-        settings = self._settings
-        if not _authorized(settings, request.headers.get("authorization")):
-            return error(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
-        states = await self._app_states()
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "vllm-fleet",
-                "task": spec.get("task", "generate"),
-                "always_on": bool(spec.get("always_on", False)),
-                "state": states.get(name, ("absent", ""))[0],
-            }
-            for name, spec in sorted(settings.models.items())
-        ]
-        return JSONResponse({"object": "list", "data": data})
+    def __del__(self) -> None:
+        # Serve calls this on graceful shutdown: let streams in flight end, free the port.
+        refresher = getattr(self, "_refresher", None)
+        if refresher is not None:
+            refresher.cancel()
+        server = getattr(self, "_server", None)  # __del__ may run on a half-built instance
+        if server is not None:
+            server.stop()
 
 
 def app(args: dict[str, Any]) -> Application:
-    """Serve application builder; everything the router needs arrives as user_config."""
-    return Router.bind()
+    """Serve application builder: host and port come as args, everything else as user_config."""
+    return Router.bind(host=str(args.get("host", "127.0.0.1")), port=int(args.get("port", 8000)))

@@ -50,16 +50,16 @@ def dashboard(ray_head: Head) -> str:
 
 @pytest.fixture(scope="session")
 def serve_http_port() -> int:
-    """The port Serve's HTTP proxy binds (fixed for the session: Serve can't change it live)."""
+    """The port the fleet's OpenAI endpoint (the router's own HTTP servers) binds."""
     return free_port()
 
 
 @pytest.fixture(scope="session")
-def serve_put(dashboard: str, serve_http_port: int):  # type: ignore[no-untyped-def]
+def serve_put(dashboard: str):  # type: ignore[no-untyped-def]
     """``serve_put(apps)``: PUT a full config with these applications, as apply does."""
 
     def put(apps: list[dict]) -> None:  # type: ignore[type-arg]
-        serve_api.serve_put(dashboard, serve_api.serve_config(serve_http_port, apps))
+        serve_api.serve_put(dashboard, serve_api.serve_config(apps))
 
     return put
 

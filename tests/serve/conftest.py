@@ -25,6 +25,7 @@ class Fleet:
 
     dashboard: str
     base_url: str  # the router's OpenAI base, …/v1
+    port: int  # the OpenAI endpoint's port
     root: Path  # where the fleet file is written
     models: dict[str, dict[str, Any]]  # the fleet's models: section
     put: Callable[[list[dict[str, Any]]], None]
@@ -34,7 +35,7 @@ class Fleet:
 
     def apply(self, **fleet_kw: Any) -> None:
         """Compile the current models (with openai settings ``fleet_kw``) and PUT them, as apply does."""
-        self.put(serve_api.compile_apps(self.root, self.models, **fleet_kw))
+        self.put(serve_api.compile_apps(self.root, self.models, port=self.port, **fleet_kw))
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +49,7 @@ def fleet(
         EMB: {"source": str(minilm_path), "task": "embed", "always_on": True, "engine": {"max_model_len": 256}},
     }
     root = tmp_path_factory.mktemp("serve-fleet")
-    fleet = Fleet(dashboard, f"http://127.0.0.1:{serve_http_port}/v1", root, models, serve_put)
+    fleet = Fleet(dashboard, f"http://127.0.0.1:{serve_http_port}/v1", serve_http_port, root, models, serve_put)
     fleet.apply()
     serve_api.wait_running(dashboard, ["router", GEN, EMB])
     yield fleet

@@ -129,8 +129,7 @@ def _put_live(fleet: Fleet, edit: Any) -> None:
     apps = [a["deployed_app_config"] for a in raw["applications"].values()]
     for app in apps:
         edit(app)
-    body = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": fleet.port},
-            "applications": apps}
+    body = {"proxy_location": "Disabled", "applications": apps}
     assert httpx.put(fleet.dashboard_url + "/api/serve/applications/", json=body, timeout=60).status_code == 200
 
 

@@ -1,0 +1,69 @@
+"""Where each engine replica's vLLM server listens: a small registry in Ray's cluster key-value store.
+
+Serve routes a handle call to *one* replica, so asking ``endpoint()`` finds one URL per model. To
+spread requests over ``replicas: N`` engines the router must know every replica's URL: each engine
+replica registers ``{url, at}`` under its own key once vLLM is healthy, refreshes ``at`` on every
+health check (Serve calls it every ``health_check_period_s``) and deletes the key when it stops. A
+replica that is killed cannot delete its key, so readers drop entries whose ``at`` is older than
+``STALE_S``; the router also drops a URL at once when it refuses connections.
+
+The store is Ray's internal KV in the GCS (what Serve itself keeps its checkpoints in); its calls
+block, so async callers run them in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from ray.experimental import internal_kv
+
+NAMESPACE = "vllm_fleet"
+PREFIX = "endpoint/"
+# Health checks run every 10 s (docs/contracts.md); three missed ones mean the replica is gone.
+STALE_S = 45.0
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One engine replica's vLLM server."""
+
+    model: str
+    replica: str
+    url: str
+    at: float  # wall-clock time of the last refresh
+
+
+def _key(model: str, replica: str) -> bytes:
+    return f"{PREFIX}{model}/{replica}".encode()
+
+
+def register(model: str, replica: str, url: str) -> None:
+    """Add or refresh this replica's URL (blocking)."""
+    value = json.dumps({"url": url, "at": time.time()}).encode()
+    internal_kv._internal_kv_put(_key(model, replica), value, overwrite=True, namespace=NAMESPACE)
+
+
+def unregister(model: str, replica: str) -> None:
+    """Remove this replica's URL (blocking); a missing key is fine."""
+    internal_kv._internal_kv_del(_key(model, replica), namespace=NAMESPACE)
+
+
+def listed(now: float | None = None) -> dict[str, list[Registered]]:
+    """Every model's live registrations (blocking), stale ones left out."""
+    now = time.time() if now is None else now
+    out: dict[str, list[Registered]] = {}
+    for key in internal_kv._internal_kv_list(PREFIX, namespace=NAMESPACE):
+        raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+        if raw is None:
+            continue  # deleted between list and get
+        model, _, replica = key.decode()[len(PREFIX):].partition("/")
+        try:
+            entry = json.loads(raw)
+            url, at = str(entry["url"]), float(entry["at"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if now - at <= STALE_S:
+            out.setdefault(model, []).append(Registered(model, replica, url, at))
+    return out

@@ -1,0 +1,205 @@
+"""The router's HTTP front and relay, without Ray: real sockets, a stand-in engine speaking vLLM's HTTP.
+
+The stand-in (a raw asyncio server) answers like vLLM's OpenAI server does on the routes the relay
+uses: SSE for ``"stream": true``, JSON otherwise. It can also drop a connection without answering,
+as vLLM does when its keep-alive timeout closes a connection just as a request arrives on it.
+What needs Serve (discovery while a model starts, the engines' registry) is covered by
+tests/serve; here the relay is given its engines' URLs directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from reconciler.cluster import free_port
+from serve_app import router
+
+
+@dataclass
+class Engine:
+    """A stand-in vLLM server on loopback, in a thread of its own."""
+
+    drop_first: int = 0  # drop this many requests (connection closed, no answer)
+    port: int = field(default_factory=free_port)
+    served: int = 0
+    dropped: int = 0
+    open_streams: int = 0
+    aborted: int = 0
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        async def main() -> None:
+            await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+            ready.set()
+            await asyncio.Event().wait()
+
+        threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True).start()
+        assert ready.wait(10)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # keep-alive: one request after another on the connection
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                body = json.loads(await reader.readexactly(length))
+                if self.dropped < self.drop_first:
+                    self.dropped += 1
+                    writer.close()
+                    return
+                self.served += 1
+                if body.get("stream"):
+                    await self._stream(writer, int(body.get("max_tokens", 4)))
+                else:
+                    data = json.dumps({"model": body["model"], "served_by": self.port}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                                 + str(len(data)).encode() + b"\r\n\r\n" + data)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def _stream(self, writer: asyncio.StreamWriter, tokens: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        self.open_streams += 1
+        try:
+            for i in range(tokens):
+                event = f"data: {json.dumps({'token': i})}\n\n".encode()
+                writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            done = b"data: [DONE]\n\n"
+            writer.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
+            await writer.drain()
+        except ConnectionError:
+            self.aborted += 1  # the relay closed the connection: vLLM would abort the request
+            raise
+        finally:
+            self.open_streams -= 1
+
+
+@dataclass
+class Front:
+    server: router.Server
+    base: str
+
+
+def _front(engines: list[Engine], *, keys: frozenset[str] = frozenset()) -> Front:
+    settings = router.Settings(models={"m": {"task": "generate"}}, keys=keys, require_key=bool(keys),
+                               load_timeout_s=5.0)
+
+    async def discover(model: str) -> str:
+        raise router.Unavailable(f"The model `{model}` has no engine in this test")
+
+    async def app_states() -> dict[str, tuple[str, str]]:
+        return {"m": ("ready", "")}
+
+    port = free_port()
+    relay = router.Relay(settings, discover, app_states)
+    server = router.Server(router.listen_socket("127.0.0.1", port), relay)
+    server.wait_started(10)
+    server.call(relay.set_registered, {"m": [e.url for e in engines]})
+    return Front(server, f"http://127.0.0.1:{port}")
+
+
+@pytest.fixture
+def engines() -> list[Engine]:
+    made = [Engine(), Engine()]
+    for engine in made:
+        engine.start()
+    return made
+
+
+@pytest.fixture
+def front(engines: list[Engine]) -> Iterator[Front]:
+    made = _front(engines)
+    yield made
+    made.server.stop()
+
+
+def _until(condition: object, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.02)
+    return bool(condition())  # type: ignore[operator]
+
+
+def test_stream_is_relayed_whole(front: Front) -> None:
+    body = {"model": "m", "stream": True, "max_tokens": 5}
+    with httpx.stream("POST", front.base + "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) == 6
+
+
+def test_errors_have_openai_shape(front: Front) -> None:
+    unknown = httpx.post(front.base + "/v1/completions", json={"model": "nope"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    no_model = httpx.post(front.base + "/v1/completions", content=b"not json")
+    assert no_model.status_code == 400 and no_model.json()["error"]["code"] == "invalid_body"
+    assert httpx.get(front.base + "/v1/models").json()["data"][0]["state"] == "ready"
+
+
+def test_api_key_on_every_route(engines: list[Engine]) -> None:
+    front = _front(engines, keys=frozenset({"k1"}))
+    try:
+        for method, path in (("POST", "/v1/embeddings"), ("GET", "/v1/models")):
+            answer = httpx.request(method, front.base + path, json={"model": "m"})
+            assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+        ok = httpx.post(front.base + "/v1/embeddings", json={"model": "m"}, headers={"Authorization": "Bearer k1"})
+        assert ok.status_code == 200
+    finally:
+        front.server.stop()
+
+
+def test_requests_spread_over_the_model_s_engines(front: Front, engines: list[Engine]) -> None:
+    async def many() -> None:
+        async with httpx.AsyncClient() as client:
+            body = {"model": "m", "stream": True, "max_tokens": 20}
+            await asyncio.gather(*(client.post(front.base + "/v1/completions", json=body) for _ in range(20)))
+
+    asyncio.run(many())
+    assert all(e.served > 0 for e in engines), [e.served for e in engines]
+
+
+def test_dropped_connection_before_any_answer_is_retried() -> None:
+    engine = Engine(drop_first=1)  # as vLLM closing a kept-alive connection a request just used
+    engine.start()
+    front = _front([engine])
+    try:
+        answer = httpx.post(front.base + "/v1/embeddings", json={"model": "m"})
+        assert answer.status_code == 200 and engine.dropped == 1 and engine.served == 1
+    finally:
+        front.server.stop()
+
+
+def test_dead_engine_is_skipped(engines: list[Engine]) -> None:
+    dead = Engine()  # never started: refuses connections
+    front = _front([dead, *engines])
+    try:
+        for _ in range(6):
+            assert httpx.post(front.base + "/v1/embeddings", json={"model": "m"}).status_code == 200
+    finally:
+        front.server.stop()
+
+
+def test_client_leaving_mid_stream_closes_the_engine_request(front: Front, engines: list[Engine]) -> None:
+    body = {"model": "m", "stream": True, "max_tokens": 1000}
+    with httpx.stream("POST", front.base + "/v1/completions", json=body) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    assert _until(lambda: sum(e.aborted for e in engines) == 1)
+    assert sum(e.open_streams for e in engines) == 0
