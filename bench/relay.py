@@ -1,12 +1,15 @@
-"""Relay benchmark: how much does the fleet's Serve path cost against vLLM's own server?
+"""Relay benchmark: how much does the fleet's data path cost against vLLM's own server?
 
-One machine, one model, three endpoints measured with the same load:
+One machine, one model, endpoints measured with the same load:
 
 * ``direct`` -- vLLM's OpenAI server started directly (the baseline);
 * ``fleet``  -- this project's endpoint: a Ray head started by ``reconciler.cluster.start_head``,
-  then a Serve config with the router app and one engine app PUT to the dashboard REST API;
-* ``rayllm`` -- Ray Serve LLM's ``ray.serve.llm:build_openai_app`` on the same Ray head
-  (route prefix ``/rayllm``), as a peer.
+  then a Serve config with the router app and one engine app PUT to the dashboard REST API, as
+  ``compile_serve_config`` shapes it (Serve's proxy off, the router's own servers on the port);
+* ``rayllm`` -- Ray Serve LLM's ``ray.serve.llm:build_openai_app`` on a Ray head with Serve's
+  HTTP proxy (route prefix ``/rayllm``), as a peer;
+* ``legacy`` -- with ``--legacy-router IMPORT``: another router (e.g. an older serve_app/router.py
+  copied to an importable module) behind Serve's HTTP proxy, on the head of ``rayllm``.
 
 Load: streamed chat completions of exactly ``--tokens`` tokens (``ignore_eos``, ``min_tokens`` =
 ``max_tokens``), at each concurrency in ``--concurrency``. Rounds alternate between the targets
@@ -16,6 +19,8 @@ Everything started is stopped at the end, by process id.
     python bench/relay.py                    # builds a tiny random Llama, runs all three targets
     python bench/relay.py --model DIR --targets direct,fleet --json
     python bench/relay.py --ray-env RAY_SERVE_ENABLE_HA_PROXY=1   # try a Serve knob
+    python bench/relay.py --model DIR --gpu 0 --engine-argv "--dtype bfloat16 --max-model-len 1024 \
+        --kv-cache-memory-bytes 8G" --concurrency 1,16,64,256 --client-procs 4 --workers 4
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -33,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,10 +51,52 @@ import httpx
 from serve_app import proctable
 
 MODEL_NAME = "bench-tiny"
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-ENGINE_ARGV = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"]
+CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+CPU_ENGINE_ARGV = "--dtype float32 --enforce-eager --max-model-len 1024"
 # Ray workers of the fleet path that --profile-dir samples with py-spy.
 PROFILED = ("ray::ProxyActor", "ray::ServeReplica:router:router", "ray::HAProxyManager")
+# The relay's own processes per target (Ray process titles), whose CPU is "relay CPU per token".
+RELAY_TITLES = {
+    "fleet": ("ray::ServeReplica:router:router",),
+    "legacy": ("ray::ProxyActor", "ray::ServeReplica:router:router"),
+    "rayllm": ("ray::ProxyActor", "ray::ServeReplica:rayllm:OpenAiIngress"),
+}
+COMPLETION_TOKENS = re.compile(r'"completion_tokens":\s*(\d+)')
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """How every target runs vLLM: the same flags, environment and GPU for all."""
+
+    argv: list[str]
+    env: dict[str, str]
+    gpu: int | None  # None: CPU
+
+    def child_env(self) -> dict[str, str]:
+        """Environment of a vLLM started by hand (direct)."""
+        visible = "" if self.gpu is None else str(self.gpu)
+        return {**os.environ, **self.env, "CUDA_VISIBLE_DEVICES": visible}
+
+    def kwargs(self) -> dict[str, Any]:
+        """The same flags as vLLM engine kwargs (for Ray Serve LLM): --a-b V -> a_b: V, --x -> x: True."""
+        out: dict[str, Any] = {}
+        i = 0
+        while i < len(self.argv):
+            key = self.argv[i].removeprefix("--").replace("-", "_")
+            if i + 1 < len(self.argv) and not self.argv[i + 1].startswith("--"):
+                out[key] = _typed(self.argv[i + 1])
+                i += 2
+            else:
+                out[key] = True
+                i += 1
+        return out
+
+
+def _typed(value: str) -> Any:
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(value)
+    return value
 PROMPT = "Tell me a long story about a lighthouse keeper and the sea."
 
 
@@ -160,6 +211,28 @@ def ray_worker_pids(session_id: int, titles: tuple[str, ...]) -> dict[str, int]:
     return found
 
 
+def relay_cpu_s(target: Any) -> float:
+    """CPU seconds used so far by the target's relay processes (0 for direct)."""
+    titles = RELAY_TITLES.get(str(target.name).split(":")[0], ())
+    session = getattr(target, "session_id", 0)
+    if not titles or not session:
+        return 0.0
+    from reconciler import cluster
+
+    members = set(cluster.session_processes(session))
+    ticks = 0
+    for p in proctable.processes():
+        if p.pid not in members:
+            continue
+        try:
+            title = Path(f"/proc/{p.pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith(titles):
+            ticks += p.cpu_ticks
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def start_profilers(pids: dict[str, int], seconds: float, out_dir: Path) -> list[subprocess.Popen[bytes]]:
     """``py-spy record`` (collapsed stacks, non-blocking) on each pid for ``seconds``."""
     exe = shutil.which("py-spy")
@@ -202,6 +275,7 @@ class DirectVLLM:
 
     model_dir: Path
     log_dir: Path
+    engine: EngineSetup
     name: str = "direct"
     model: str = MODEL_NAME
     base_url: str = ""
@@ -212,9 +286,9 @@ class DirectVLLM:
         port = free_port()
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                 "--served-model-name", self.model, "--host", "127.0.0.1", "--port", str(port),
-                "--disable-uvicorn-access-log", *ENGINE_ARGV]
+                "--disable-uvicorn-access-log", *self.engine.argv]
         log = open(self.log_dir / "direct-vllm.log", "wb")  # noqa: SIM115 (lives with the process)
-        self.proc = subprocess.Popen(argv, env={**os.environ, **ENGINE_ENV}, stdout=log,
+        self.proc = subprocess.Popen(argv, env=self.engine.child_env(), stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.base_url = f"http://127.0.0.1:{port}"
 
@@ -241,7 +315,7 @@ class ServeEndpoint:
     session_id: int = 0  # the Ray head's process group: where its workers live
 
 
-def engine_app(model_dir: Path, engine_options: dict[str, Any]) -> dict[str, Any]:
+def engine_app(model_dir: Path, engine: EngineSetup, engine_options: dict[str, Any]) -> dict[str, Any]:
     """The fleet's engine application for the model, in the shape of docs/contracts.md."""
     return {
         "name": MODEL_NAME,
@@ -251,9 +325,9 @@ def engine_app(model_dir: Path, engine_options: dict[str, Any]) -> dict[str, Any
             "model": MODEL_NAME,
             "source": str(model_dir),
             "task": "generate",
-            "engine_argv": list(ENGINE_ARGV),
-            "env": dict(ENGINE_ENV),
-            "gpus": [],
+            "engine_argv": list(engine.argv),
+            "env": dict(engine.env),
+            "gpus": [] if engine.gpu is None else [engine.gpu],
             "start_timeout_s": 600.0,
         },
         "deployments": [{
@@ -270,16 +344,17 @@ def engine_app(model_dir: Path, engine_options: dict[str, Any]) -> dict[str, Any
     }
 
 
-def router_app(router_options: dict[str, Any]) -> dict[str, Any]:
-    """The fleet's router application at "/", in the shape of docs/contracts.md."""
+def router_app(router_options: dict[str, Any], port: int, workers: int, legacy: str | None) -> dict[str, Any]:
+    """The fleet's router application (docs/contracts.md); ``legacy``: another router's import path,
+    served at "/" through Serve's HTTP proxy instead of on its own port."""
     return {
         "name": "router",
-        "route_prefix": "/",
-        "import_path": "serve_app.router:app",
-        "args": {},
+        "route_prefix": "/" if legacy else None,
+        "import_path": legacy or "serve_app.router:app",
+        "args": {} if legacy else {"host": "127.0.0.1", "port": port},
         "deployments": [{
             "name": "router",
-            "num_replicas": 1,
+            "num_replicas": 1 if legacy else workers,
             "max_ongoing_requests": 1000,
             "ray_actor_options": {"num_cpus": 0},
             "user_config": {
@@ -292,18 +367,24 @@ def router_app(router_options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def rayllm_app(model_dir: Path) -> dict[str, Any]:
-    """Ray Serve LLM's OpenAI app for the same model on the CPU, at route prefix /rayllm."""
-    engine_kwargs = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024}
+def rayllm_app(model_dir: Path, engine: EngineSetup) -> dict[str, Any]:
+    """Ray Serve LLM's OpenAI app for the same model, at route prefix /rayllm.
+
+    The fleet's head has no Ray GPU resource (GPUs are fleet_gpu_<i>), so the LLM server asks
+    for a CPU bundle and is pinned to its GPU through CUDA_VISIBLE_DEVICES in its runtime_env.
+    """
+    env = dict(engine.env)
+    if engine.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(engine.gpu)
     return {
         "name": "rayllm",
         "route_prefix": "/rayllm",
         "import_path": "ray.serve.llm:build_openai_app",
         "args": {"llm_configs": [{
             "model_loading_config": {"model_id": MODEL_NAME, "model_source": str(model_dir)},
-            "engine_kwargs": engine_kwargs,
+            "engine_kwargs": engine.kwargs(),
             "placement_group_config": {"bundles": [{"CPU": 1}]},
-            "runtime_env": {"env_vars": dict(ENGINE_ENV)},
+            "runtime_env": {"env_vars": env},
             "deployment_config": {"num_replicas": 1, "max_ongoing_requests": 1000},
         }]},
     }
@@ -315,8 +396,11 @@ class RayServeStack:
 
     model_dir: Path
     work_dir: Path
+    engine: EngineSetup
     with_fleet: bool
     with_rayllm: bool
+    legacy_router: str | None = None  # a router import path served through Serve's proxy
+    workers: int = 1
     ray_env: dict[str, str] = field(default_factory=dict)
     router_options: dict[str, Any] = field(default_factory=dict)
     engine_options: dict[str, Any] = field(default_factory=dict)
@@ -339,14 +423,22 @@ class RayServeStack:
         self.serve_port = free_port()
         apps: list[dict[str, Any]] = []
         if self.with_fleet:
-            apps += [router_app(self.router_options), engine_app(self.model_dir, self.engine_options)]
+            apps += [router_app(self.router_options, self.serve_port, self.workers, self.legacy_router),
+                     engine_app(self.model_dir, self.engine, self.engine_options)]
         if self.with_rayllm:
-            apps.append(rayllm_app(self.model_dir))
-        config = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": self.serve_port},
-                  "applications": apps}
+            apps.append(rayllm_app(self.model_dir, self.engine))
+        if self.serve_proxy:
+            config = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": self.serve_port},
+                      "applications": apps}
+        else:  # as compile_serve_config: the router's own servers take the port
+            config = {"proxy_location": "Disabled", "applications": apps}
         r = httpx.put(f"{self.dashboard_url}/api/serve/applications/", json=config, timeout=60)
         if r.status_code != 200:
             raise RuntimeError(f"PUT of the Serve config failed: {r.status_code} {r.text[-2000:]}")
+
+    @property
+    def serve_proxy(self) -> bool:
+        return self.with_rayllm or self.legacy_router is not None
 
     def wait(self, deadline: float) -> list[ServeEndpoint]:
         """Wait until every app answers a chat request; return the endpoints."""
@@ -415,6 +507,7 @@ class Round:
     cpu_s: float
     foreign_cpu_s: float  # CPU time on the box used by processes that are not ours
     samples: list[Sample]
+    relay_cpu_s: float = 0.0  # CPU time of the target's relay processes (proxy, router, ingress)
 
 
 def chat_body(model: str, tokens: int) -> dict[str, Any]:
@@ -440,24 +533,25 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                msg = json.loads(line[6:])
-                for choice in msg.get("choices") or []:
-                    if (choice.get("delta") or {}).get("content"):
+                if ttft < 0:  # parse until the first content; afterwards only count (cheap)
+                    msg = json.loads(line[6:])
+                    if any((c.get("delta") or {}).get("content") for c in msg.get("choices") or []):
+                        ttft = time.perf_counter() - t0
                         chunks += 1
-                        if ttft < 0:
-                            ttft = time.perf_counter() - t0
-                if msg.get("usage"):
-                    usage_tokens = int(msg["usage"].get("completion_tokens") or 0)
+                    continue
+                found = COMPLETION_TOKENS.search(line)
+                if found:
+                    usage_tokens = int(found.group(1))
+                else:
+                    chunks += 1
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         return Sample(ttft, chunks, time.perf_counter() - t0, repr(e)[:200])
     return Sample(ttft, usage_tokens if usage_tokens >= 0 else chunks, time.perf_counter() - t0)
 
 
-async def run_round(ep: Target, concurrency: int, n_requests: int, tokens: int, cap_s: float,
-                    index: int) -> Round:
-    """Run ``n_requests`` with ``concurrency`` in flight, stopping new ones after ``cap_s``."""
-    url = f"{ep.base_url}/v1/chat/completions"
-    body = chat_body(ep.model, tokens)
+async def client_share(url: str, body: dict[str, Any], concurrency: int, n_requests: int,
+                       cap_s: float) -> list[Sample]:
+    """``n_requests`` with ``concurrency`` in flight from this process, none started after ``cap_s``."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n_requests):
         queue.put_nowait(i)
@@ -471,12 +565,43 @@ async def run_round(ep: Target, concurrency: int, n_requests: int, tokens: int, 
             samples.append(await one_request(client, url, body))
 
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
-    load, cpu0, own0 = load1(), busy_cpu_s(), own_cpu_s()
     async with httpx.AsyncClient(timeout=httpx.Timeout(cap_s + 60), limits=limits) as client:
         await asyncio.wait_for(asyncio.gather(*(worker(client) for _ in range(concurrency))), cap_s + 120)
+    return samples
+
+
+def _client_process(url: str, body: dict[str, Any], concurrency: int, n_requests: int, cap_s: float) -> list[Sample]:
+    return asyncio.run(client_share(url, body, concurrency, n_requests, cap_s))
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+async def run_round(ep: Target, concurrency: int, n_requests: int, tokens: int, cap_s: float,
+                    index: int, pool: ProcessPoolExecutor | None = None) -> Round:
+    """Run ``n_requests`` with ``concurrency`` in flight, stopping new ones after ``cap_s``.
+
+    With a pool of client processes the streams are split over them: one Python client parsing
+    SSE tops out near what one Python relay does, and must not be what is measured.
+    """
+    url = f"{ep.base_url}/v1/chat/completions"
+    body = chat_body(ep.model, tokens)
+    procs = min(pool._max_workers, concurrency) if pool is not None else 1  # type: ignore[attr-defined]
+    load, cpu0, own0, relay0 = load1(), busy_cpu_s(), own_cpu_s(), relay_cpu_s(ep)
+    start = time.perf_counter()
+    if procs <= 1:
+        samples = await client_share(url, body, concurrency, n_requests, cap_s)
+    else:
+        loop = asyncio.get_running_loop()
+        shares = zip(_split(concurrency, procs), _split(n_requests, procs), strict=True)
+        parts = await asyncio.gather(*(loop.run_in_executor(pool, _client_process, url, body, c, n, cap_s)
+                                       for c, n in shares))
+        samples = [s for part in parts for s in part]
     wall = time.perf_counter() - start
     busy, own = busy_cpu_s() - cpu0, own_cpu_s() - own0
-    return Round(ep.name, concurrency, index, wall, load, busy, max(0.0, busy - own), samples)
+    return Round(ep.name, concurrency, index, wall, load, busy, max(0.0, busy - own), samples,
+                 relay_cpu_s(ep) - relay0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,6 +641,7 @@ def summarize(rounds: list[Round], targets: list[str]) -> list[dict[str, Any]]:
                 "ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99),
                 "cpu_ms_per_tok": (1000 * sum(r.cpu_s - r.foreign_cpu_s for r in rs) / tokens
                                    if tokens else float("nan")),
+                "relay_cpu_us_per_tok": (1e6 * sum(r.relay_cpu_s for r in rs) / tokens if tokens else float("nan")),
                 "others_cpu_share": sum(r.foreign_cpu_s for r in rs) / (wall * (os.cpu_count() or 1)),
                 "load1_max": max(r.load1 for r in rs),
             }
@@ -532,7 +658,8 @@ def summarize(rounds: list[Round], targets: list[str]) -> list[dict[str, Any]]:
 def render_table(rows: list[dict[str, Any]]) -> str:
     """The summary as a fixed-width text table."""
     head = (f"{'conc':>4} {'target':<8} {'tok/s':>8} {'ratio':>6} {'TTFT p50':>9} {'+p50':>7} "
-            f"{'TTFT p99':>9} {'+p99':>7} {'cpu ms/tok':>10} {'err':>4} {'load':>5} {'others':>6}")
+            f"{'TTFT p99':>9} {'+p99':>7} {'cpu ms/tok':>10} {'relay us/tok':>12} {'err':>4} {'load':>5} "
+            f"{'others':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = r.get("tok_s_ratio", float("nan"))
@@ -540,7 +667,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             f"{r['concurrency']:>4} {r['target']:<8} {r['tok_s']:>8.1f} {ratio:>6.3f} "
             f"{r['ttft_p50_ms']:>7.1f}ms {r.get('ttft_p50_added_ms', float('nan')):>+7.1f} "
             f"{r['ttft_p99_ms']:>7.1f}ms {r.get('ttft_p99_added_ms', float('nan')):>+7.1f} "
-            f"{r['cpu_ms_per_tok']:>10.2f} {r['errors']:>4} {r['load1_max']:>5.2f} "
+            f"{r['cpu_ms_per_tok']:>10.2f} {r['relay_cpu_us_per_tok']:>12.1f} {r['errors']:>4} {r['load1_max']:>5.2f} "
             f"{100 * r['others_cpu_share']:>5.1f}%"
         )
     return "\n".join(lines)
@@ -565,7 +692,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="model folder (default: build a tiny random Llama)")
-    p.add_argument("--targets", default="direct,fleet,rayllm", help="comma list of direct,fleet,rayllm")
+    p.add_argument("--targets", default="direct,fleet,rayllm",
+                   help="comma list of direct,fleet,rayllm,legacy (legacy needs --legacy-router)")
+    p.add_argument("--engine-argv", default=CPU_ENGINE_ARGV, help="vLLM flags for every target (one string)")
+    p.add_argument("--engine-env", action="append", default=None, metavar="K=V",
+                   help="environment for every target's vLLM, repeatable (default: a 1 GiB CPU KV cache "
+                   "without --gpu, nothing with it)")
+    p.add_argument("--gpu", type=int, help="GPU index every target's vLLM runs on (default: CPU)")
+    p.add_argument("--workers", type=int, default=1, help="the fleet router's processes (openai.workers)")
+    p.add_argument("--legacy-router", metavar="IMPORT", help="import path of a router served through "
+                   "Serve's HTTP proxy, measured as target legacy (e.g. the previous serve_app/router.py "
+                   "copied to an importable module)")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="load-generator processes the streams are split over (use several on a GPU)")
     p.add_argument("--concurrency", default="1,16", help="comma list of concurrencies")
     p.add_argument("--requests", default="", help="requests per round per concurrency, e.g. '1:8,16:32' "
                    "(default: max(16, 6 x concurrency))")
@@ -604,19 +743,27 @@ def started(args: argparse.Namespace, work: Path) -> Iterator[list[Target]]:
     """Start the requested targets (stopping all of them on the way out); yield them in order."""
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     model_dir = args.model.resolve() if args.model else build_tiny_llama(work / "model")
+    default_env = [] if args.gpu is not None else [f"{k}={v}" for k, v in CPU_ENGINE_ENV.items()]
+    engine = EngineSetup(shlex.split(args.engine_argv), parse_kv(args.engine_env or default_env), args.gpu)
     ray_env = parse_kv(args.ray_env)
     router_opts = {k: json.loads(v) for k, v in parse_kv(args.router_option).items()}
+    if "legacy" in names and not args.legacy_router:
+        raise SystemExit("target legacy needs --legacy-router IMPORT")
     stacks: list[Any] = []
     if "direct" in names:
-        stacks.append(DirectVLLM(model_dir, work))
-    if "fleet" in names or "rayllm" in names:
-        stacks.append(RayServeStack(model_dir, work / "ray-main", "fleet" in names, "rayllm" in names,
-                                    ray_env, router_opts))
+        stacks.append(DirectVLLM(model_dir, work, engine))
+    if "fleet" in names:
+        stacks.append(RayServeStack(model_dir, work / "ray-main", engine, True, False, workers=args.workers,
+                                    ray_env=ray_env, router_options=router_opts))
+    if "rayllm" in names or "legacy" in names:  # both need Serve's HTTP proxy: a head of their own
+        stacks.append(RayServeStack(model_dir, work / "ray-proxy", engine, "legacy" in names, "rayllm" in names,
+                                    legacy_router=args.legacy_router if "legacy" in names else None,
+                                    ray_env=ray_env, router_options=router_opts, fleet_name="legacy"))
     for spec in args.variant:
         label, _, env = spec.partition(":")
-        stacks.append(RayServeStack(model_dir, work / f"ray-{label}", True, False,
-                                    {**ray_env, **parse_kv(env.split(",") if env else [])}, router_opts,
-                                    fleet_name=f"fleet:{label}"))
+        stacks.append(RayServeStack(model_dir, work / f"ray-{label}", engine, True, False, workers=args.workers,
+                                    ray_env={**ray_env, **parse_kv(env.split(",") if env else [])},
+                                    router_options=router_opts, fleet_name=f"fleet:{label}"))
         names.append(f"fleet:{label}")
     targets: dict[str, Target] = {}
     try:
@@ -637,8 +784,11 @@ async def measure(args: argparse.Namespace, targets: list[Target]) -> list[Round
     """Warm every target up, then run the alternating rounds."""
     rounds: list[Round] = []
     concs = [int(c) for c in args.concurrency.split(",")]
+    pool = None
+    if args.client_procs > 1:
+        pool = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"))
     for t in targets:  # warm-up: one short round per target, not recorded
-        await run_round(t, max(concs), max(concs), args.tokens, args.round_cap_s, -1)
+        await run_round(t, max(concs), max(concs), args.tokens, args.round_cap_s, -1, pool)
     for conc in concs:
         n = requests_per_round(args.requests, conc)
         for i in range(args.rounds):
@@ -647,7 +797,7 @@ async def measure(args: argparse.Namespace, targets: list[Target]) -> list[Round
                 if args.profile_dir and t.name.startswith("fleet") and conc == max(concs) and i == 0:
                     pids = ray_worker_pids(getattr(t, "session_id", 0), PROFILED)
                     profilers = start_profilers(pids, args.profile_s, args.profile_dir / t.name)
-                r = await run_round(t, conc, n, args.tokens, args.round_cap_s, i)
+                r = await run_round(t, conc, n, args.tokens, args.round_cap_s, i, pool)
                 for p in profilers:
                     p.wait(timeout=args.profile_s + 60)
                 for _ in range(args.retries):  # others' work on the box spoils a round: redo it
@@ -655,12 +805,14 @@ async def measure(args: argparse.Namespace, targets: list[Target]) -> list[Round
                         break
                     print(f"  (others used {r.foreign_cpu_s:.1f} CPU s; redoing)", file=sys.stderr)
                     await asyncio.sleep(10)
-                    r = await run_round(t, conc, n, args.tokens, args.round_cap_s, i)
+                    r = await run_round(t, conc, n, args.tokens, args.round_cap_s, i, pool)
                 rounds.append(r)
                 print(f"  c={conc} round {i} {t.name:<7} {sum(s.tokens for s in r.samples) / r.wall_s:8.1f} "
                       f"tok/s  load {r.load1:.2f}  others {r.foreign_cpu_s:.1f} CPU s  "
                       f"errors {sum(1 for s in r.samples if s.error)}",
                       file=sys.stderr)
+    if pool is not None:
+        pool.shutdown()
     return rounds
 
 
@@ -684,7 +836,9 @@ def main(argv: list[str] | None = None) -> int:
             rounds = asyncio.run(measure(args, targets))
         rows = summarize(rounds, [t.name for t in targets])
         errors = sorted({s.error for r in rounds for s in r.samples if s.error})[:5]
-        report = {"machine": f"{os.cpu_count()} CPUs", "load1_at_start": load, "tokens": args.tokens,
+        report = {"machine": f"{os.cpu_count()} CPUs", "gpu": args.gpu, "engine_argv": args.engine_argv,
+                  "workers": args.workers, "client_procs": args.client_procs,
+                  "load1_at_start": load, "tokens": args.tokens,
                   "ray_env": parse_kv(args.ray_env), "rows": rows, "first_errors": errors,
                   "rounds": [asdict(r) for r in rounds] if args.json else None}
         if args.json:
