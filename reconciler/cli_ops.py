@@ -244,11 +244,7 @@ def head_state_path(dashboard_url: str) -> Path:
 @click.option("--daemon/--no-daemon", "with_daemon", default=True, show_default=True,
               help="Also start `fleetctl daemon` in the background: it applies every edit of the files "
                    "and heals drift, and serves the status page.")
-@click.option("--fast-ingress", is_flag=True,
-              help="Start Ray with Serve's HAProxy ingress in front of the router instead of Serve's "
-                   "Python proxy: 0.90x vs 0.60x of direct vLLM's tokens/s at 16 streams here "
-                   "(bench/README.md). Experimental: abort-on-disconnect is not yet proven on it.")
-def up_cmd(path: Path, timeout_s: float | None, with_daemon: bool, fast_ingress: bool) -> None:
+def up_cmd(path: Path, timeout_s: float | None, with_daemon: bool) -> None:
     """Start a local Ray head if none answers, prepare the models, apply, print the endpoint.
 
     \b
@@ -263,7 +259,7 @@ def up_cmd(path: Path, timeout_s: float | None, with_daemon: bool, fast_ingress:
     except live_mod.AuthError as e:
         fail(str(e))
     except live_mod.LiveStateError:
-        start_local_head(desired, fast_ingress=fast_ingress)
+        start_local_head(desired)
     prepare_models(desired)
     outcome = reconcile(path, desired=desired.state, approve=_approver(True), report=_progress,
                         timeout_s=timeout_s, lock_command="up")
@@ -283,7 +279,7 @@ def up_cmd(path: Path, timeout_s: float | None, with_daemon: bool, fast_ingress:
     click.echo(click.style("OpenAI endpoint: ", fg="green", bold=True) + f"http://{host}:{openai.port}/v1")
 
 
-def start_local_head(desired: Desired, *, fast_ingress: bool = False) -> None:
+def start_local_head(desired: Desired) -> None:
     from urllib.parse import urlsplit
 
     from reconciler import cluster
@@ -299,7 +295,7 @@ def start_local_head(desired: Desired, *, fast_ingress: bool = False) -> None:
     t0 = time.monotonic()
     try:
         head = cluster.start_head(num_cpus=cpus, resources=cluster.gpu_resources(gpus),
-                                  dashboard_port=url.port or 8265, detach=True, fast_ingress=fast_ingress)
+                                  dashboard_port=url.port or 8265, detach=True)
     except cluster.HeadError as e:
         fail(f"the Ray head did not start: {e}")
     head_state_path(desired.dashboard_url).write_text(json.dumps(head.__dict__))

@@ -6,7 +6,6 @@ Tests that need Ray Serve + vLLM are marked ``@pytest.mark.serve`` (deselect: -m
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +32,6 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         resources=gpu_resources(0),
         object_store_bytes=256 * 1024**2,
         env={TEST_API_KEY_ENV: TEST_API_KEY, "FLEET_LOG_DIR": str(logs)},
-        # Serve's Python proxy, as `fleetctl up` starts it; FLEET_TEST_FAST_INGRESS=1 tests HAProxy ingress
-        fast_ingress=os.environ.get("FLEET_TEST_FAST_INGRESS") == "1",
     )
     try:
         yield head
