@@ -69,12 +69,15 @@ async def _stream(client: httpx.AsyncClient, url: str, tokens: int, leave_early:
         return int(usage) if usage is not None else -1
 
 
-async def _load(base_url: str, streams: int, concurrency: int, tokens: int, leave_every: int) -> list[int | None]:
+async def _load(base_url: str, streams: int, concurrency: int, tokens: int, leave_every: int = 0
+                ) -> list[int | None]:
+    """``streams`` streamed completions, ``concurrency`` at a time; with ``leave_every`` = k, clients
+    0, k, 2k, ... leave after their first chunk."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> int | None:
         async with gate:
-            return await _stream(client, base_url, tokens, leave_early=i % leave_every == 0)
+            return await _stream(client, base_url, tokens, leave_early=bool(leave_every) and i % leave_every == 0)
 
     async with httpx.AsyncClient(timeout=300) as client:
         return list(await asyncio.gather(*(one(i) for i in range(streams))))
@@ -94,7 +97,7 @@ def two_replicas(fleet: Fleet, ray_driver: None) -> Iterator[set[str]]:
 
 def test_both_replicas_take_requests(fleet: Fleet, two_replicas: set[str]) -> None:
     before = {url: _served(url) for url in two_replicas}
-    results = asyncio.run(_load(fleet.base_url, streams=12, concurrency=6, tokens=16, leave_every=10**6))
+    results = asyncio.run(_load(fleet.base_url, streams=12, concurrency=6, tokens=16))
     assert results == [16] * 12
     assert all(_served(url) > before[url] for url in two_replicas), {u: _served(u) - before[u] for u in two_replicas}
 
@@ -116,10 +119,10 @@ def test_dead_replica_drops_out_and_returns(fleet: Fleet, two_replicas: set[str]
     while alive(victim["guard_pid"]):
         time.sleep(0.1)
     # The survivor takes every request meanwhile: the router skips a replica that refuses.
-    results = asyncio.run(_load(fleet.base_url, streams=6, concurrency=3, tokens=8, leave_every=10**6))
+    results = asyncio.run(_load(fleet.base_url, streams=6, concurrency=3, tokens=8))
     assert results == [8] * 6
     # Serve replaces the dead replica; the new one registers and takes requests again.
     urls = _wait_urls(lambda u: len(u) == 2 and victim["url"] not in u, "no replacement replica registered")
     before = {url: _served(url) for url in urls}
-    asyncio.run(_load(fleet.base_url, streams=12, concurrency=6, tokens=8, leave_every=10**6))
+    asyncio.run(_load(fleet.base_url, streams=12, concurrency=6, tokens=8))
     assert all(_served(url) > before[url] for url in urls)
