@@ -449,8 +449,19 @@ class RayServeStack:
         if self.with_rayllm:
             endpoints.append(ServeEndpoint("rayllm", f"{url}/rayllm", session_id=self.head.pid))
         for ep in endpoints:
-            wait_chat_ok(ep, deadline)
+            try:
+                wait_chat_ok(ep, deadline)
+            except TimeoutError as e:
+                raise TimeoutError(f"{e}\nServe's applications on that head: {self.app_states()}") from None
         return endpoints
+
+    def app_states(self) -> str:
+        """Each Serve application's status and message (what to look at when one never answers)."""
+        try:
+            apps = httpx.get(f"{self.dashboard_url}/api/serve/applications/", timeout=30).json()["applications"]
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            return f"(unreadable: {e!r})"
+        return "; ".join(f"{name}: {a.get('status')} {a.get('message', '')[-500:]}" for name, a in apps.items())
 
     def head_env(self) -> dict[str, str]:
         """The head's environment: the Serve knobs under test."""
