@@ -43,3 +43,14 @@ def test_reordering_engine_args_changes_nothing(tmp_path: Path) -> None:
     write_fleet(a, {"fleet.yaml": "models:\n  m: {source: hf://o/m, engine: {dtype: float32, seed: 1}}\n"})
     write_fleet(b, {"fleet.yaml": "models:\n  m: {source: hf://o/m, engine: {seed: 1, dtype: float32}}\n"})
     assert desired_state(a).config == desired_state(b).config
+
+
+def test_the_router_serves_the_openai_port_itself(tmp_path: Path) -> None:
+    write_fleet(tmp_path, {"fleet.yaml": (
+        "openai:\n  host: 0.0.0.0\n  port: 9100\n  workers: 3\nmodels:\n  m:\n    source: hf://o/m\n")})
+    config = desired_state(tmp_path).config
+    # Serve's HTTP proxy is off, so nothing else takes the port the router replicas bind
+    assert config["proxy_location"] == "Disabled" and "http_options" not in config
+    [router] = [a for a in config["applications"] if a["name"] == "router"]
+    assert router["args"] == {"host": "0.0.0.0", "port": 9100}  # a new port restarts the router on it
+    assert router["deployments"][0]["num_replicas"] == 3  # processes sharing the port
