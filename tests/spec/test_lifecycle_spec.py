@@ -60,3 +60,22 @@ def test_disabled_model_is_validated_but_not_served(tmp_path: Path) -> None:
     assert {a["name"] for a in state.config["applications"]} == {"router", "a"}
     router = next(a for a in state.config["applications"] if a["name"] == "router")
     assert set(router["deployments"][0]["user_config"]["models"]) == {"a"}
+
+
+def test_plan_shows_a_disabled_model_going_and_coming_back(tmp_path: Path) -> None:
+    from reconciler.plan import Action, make_plan
+    from tests.test_plan_render import live_of
+
+    served = desired_state(tmp_path_with(tmp_path / "on", "")).config
+    disabled_state = desired_state(tmp_path_with(tmp_path / "off", ", enabled: false"))
+    going = make_plan(disabled_state.config, live_of(served), disabled=disabled_state.placed.disabled)
+    change = going.change_for("b")
+    assert change is not None and change.action is Action.DELETE
+    assert change.reasons == ("disabled in the fleet files (enabled: false)",)
+    coming = make_plan(served, live_of(disabled_state.config)).change_for("b")
+    assert coming is not None and coming.action is Action.CREATE
+
+
+def tmp_path_with(root: Path, b_extra: str) -> Path:
+    write_fleet(root, {"fleet.yaml": f"models:\n  a: {{source: hf://o/a}}\n  b: {{source: hf://o/b{b_extra}}}\n"})
+    return root
