@@ -5,7 +5,10 @@ vLLM child (the URL comes once from the engine deployment's ``endpoint()`` and i
 one shared httpx client, streaming SSE chunk by chunk. No Serve handle call happens per request.
 Errors have OpenAI's shape ``{"error": {"message", "type", "code"}}``: unknown model → 404,
 engine unavailable → 503 with the reason (the wait for a starting model is bounded by
-``load_timeout_s``), missing/wrong API key → 401.
+``load_timeout_s``), missing/wrong API key → 401. A model its engine unloaded or put to sleep
+is brought back by the engine's ``endpoint()``, which the router calls when it has no URL or the
+cached one refuses connections; /v1/models shows each model's lifecycle state from ``state()``.
+Only the OpenAI paths below are relayed: vLLM's dev endpoints (/sleep, /wake_up) never are.
 
 The model list, API-key env names and load timeout are ``user_config`` (docs/contracts.md):
 ``reconfigure`` swaps them in place, so adding or removing a model never restarts the router.
@@ -49,6 +52,7 @@ RELAY_PATHS = (
 )
 STATUS_POLL_S = 1.0
 STATUS_CACHE_S = 2.0
+LIFECYCLE_TIMEOUT_S = 5.0
 # Application status → the model's live state as /v1/models shows it (the fleet's one vocabulary).
 LIVE_STATE = {status: state.value for status, state in SERVE_APP_STATE.items()}
 
@@ -109,6 +113,16 @@ def _reason(exc: BaseException) -> str:
     # Serve wraps the engine's exception (RayTaskError); its `cause` has the readable message.
     cause = getattr(exc, "cause", None) or exc
     return str(cause).strip()[-2000:] or type(cause).__name__
+
+
+def _model_state(app_state: str, lifecycle: dict[str, Any] | None) -> dict[str, Any]:
+    """A running app shows its model's lifecycle state and since when; others the app's own state."""
+    if app_state != "ready" or lifecycle is None:
+        return {"state": app_state, "since": None}
+    out = {"state": lifecycle["state"], "since": lifecycle["since"]}
+    if lifecycle.get("reason"):
+        out["reason"] = lifecycle["reason"]
+    return out
 
 
 async def _stream(upstream: httpx.Response) -> AsyncIterator[bytes]:
@@ -216,11 +230,7 @@ class Router:
 
     async def _discover(self, model: str) -> str:
         """Ask the engine for its URL, waiting (bounded) while it starts; cache the answer."""
-        handle = self._handles.get(model)
-        if handle is None:
-            handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=model, _check_exists=False)
-            self._handles[model] = handle
-        call = asyncio.ensure_future(self._call_endpoint(handle))
+        call = asyncio.ensure_future(self._call_endpoint(self._handle(model)))
         deadline = time.monotonic() + self._settings.load_timeout_s
         try:
             while not call.done():
@@ -244,6 +254,13 @@ class Router:
             call.cancel()
         self._urls[model] = url
         return url
+
+    def _handle(self, model: str) -> DeploymentHandle:
+        handle = self._handles.get(model)
+        if handle is None:
+            handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=model, _check_exists=False)
+            self._handles[model] = handle
+        return handle
 
     @staticmethod
     async def _call_endpoint(handle: DeploymentHandle) -> str:
@@ -269,6 +286,8 @@ class Router:
         if not _authorized(settings, request.headers.get("authorization")):
             return error(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
         states = await self._app_states()
+        running = [name for name in settings.models if states.get(name, ("absent", ""))[0] == "ready"]
+        lifecycles = dict(zip(running, await asyncio.gather(*(self._lifecycle(n) for n in running)), strict=True))
         data = [
             {
                 "id": name,
@@ -277,11 +296,19 @@ class Router:
                 "owned_by": "vllm-fleet",
                 "task": spec.get("task", "generate"),
                 "always_on": bool(spec.get("always_on", False)),
-                "state": states.get(name, ("absent", ""))[0],
+                **_model_state(states.get(name, ("absent", ""))[0], lifecycles.get(name)),
             }
             for name, spec in sorted(settings.models.items())
         ]
         return JSONResponse({"object": "list", "data": data})
+
+    async def _lifecycle(self, model: str) -> dict[str, Any] | None:
+        """The running engine's lifecycle state (awake, asleep, unloaded, loading...), None if it does not answer."""
+        try:
+            return dict(await asyncio.wait_for(self._handle(model).state.remote(), LIFECYCLE_TIMEOUT_S))
+        except Exception as e:
+            logger.warning("no lifecycle state from %s: %s", model, _reason(e))
+            return None
 
 
 def app(args: dict[str, Any]) -> Application:
