@@ -308,7 +308,9 @@ class Engine:
         self._set(lifecycle.State.SLEEPING)
         t0 = time.monotonic()
         try:
-            response = await self._client.post(self._url + "/sleep", params={"level": 1}, timeout=120.0)
+            # mode=wait: a request that slipped in since the last look finishes first (newer vLLM; older ignore it)
+            response = await self._client.post(self._url + "/sleep", params={"level": 1, "mode": "wait"},
+                                               timeout=120.0)
             response.raise_for_status()
         except httpx.HTTPError as e:
             logger.warning("vLLM for %s did not go to sleep (%r); unloading it instead", self._model, e)

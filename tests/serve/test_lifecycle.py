@@ -59,7 +59,7 @@ def cold(fleet: Fleet, tiny_llama_path: Path, tmp_path_factory: pytest.TempPathF
     source = tmp_path_factory.mktemp("cold") / "model"
     shutil.copytree(tiny_llama_path, source)
     fleet.models[COLD] = {"source": str(source), "task": "generate", "idle_timeout": "5s"}
-    fleet.apply()
+    fleet.apply(load_timeout=f"{BOUND_S:.0f}s")  # a bound: loads on demand are slow on a busy 2-core box
     serve_api.wait_running(fleet.dashboard, [COLD])
     yield source
     fleet.models.pop(COLD)
