@@ -81,3 +81,11 @@ def test_activity_sees_requests_between_two_looks() -> None:
     activity.restart(now=6.0)  # a new child counts from zero again: no false activity
     activity.observe(0, 0.0, now=7.0)
     assert activity.last_at == 6.0
+
+
+def test_every_lifecycle_state_is_in_the_fleet_vocabulary_with_a_health() -> None:
+    from reconciler.health import STATE_HEALTH
+    from serve_app.contract import ModelState
+
+    for state in State:
+        assert STATE_HEALTH[ModelState(state.value)] is not None
