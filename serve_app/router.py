@@ -241,6 +241,7 @@ class Router:
                 if state in ("failed", "absent"):
                     raise Unavailable(f"The model `{model}` is {state}: {message}".rstrip(": "))
                 if time.monotonic() > deadline:
+                    state = "loading" if state == "ready" else state  # a running engine loading on demand
                     raise Unavailable(
                         f"The model `{model}` is still {state} after load_timeout_s "
                         f"({self._settings.load_timeout_s:.0f} s). {message}".strip()
