@@ -41,6 +41,7 @@ logger = logging.getLogger("ray.serve")
 # relays to engines on its own node (a single-box fleet); see the report for multi-node.
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
+REASON_CHARS = 1800  # the router shows at most 2000 characters of an engine's error
 # The guard's SIGTERM grace for vLLM; below the contract's graceful_shutdown_timeout_s (20 s).
 STOP_GRACE_S = 10.0
 ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -91,6 +92,16 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError as e:
         return f"(no log: {e})"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def brief(message: str, limit: int = REASON_CHARS) -> str:
+    """A long error (a summary line, then vLLM's log tail) cut to ``limit`` characters, keeping its
+    first line (what failed) and its end (vLLM's own last words)."""
+    if len(message) <= limit:
+        return message
+    first, _, rest = message.partition("\n")
+    first = first[: limit // 2]
+    return f"{first}\n...\n{rest[-(limit - len(first) - 5):]}"
 
 
 def child_env(env: dict[str, str], gpus: list[int]) -> dict[str, str]:
@@ -259,7 +270,7 @@ class Engine:
         except BaseException as e:
             self._stop_child()
             self._record("load_failed", t0)
-            self._set(lifecycle.State.FAILED, str(e))
+            self._set(lifecycle.State.FAILED, brief(str(e)))
             raise
         self._record("load", t0)
         self._activity.restart(time.monotonic())
@@ -367,7 +378,7 @@ class Engine:
                 else:
                     await self._load()
             except Exception as e:
-                raise LoadFailed(f"loading {self._model!r} failed: {e}") from None
+                raise LoadFailed(brief(f"loading {self._model!r} failed: {e}")) from None
 
     # ---- the idle rule ----
 
@@ -469,7 +480,7 @@ class Engine:
         return {
             "state": self._state.value,
             "since": self._since,
-            "reason": self._reason[-2000:],
+            "reason": self._reason,
             "in_flight": self._activity.in_flight,
             "last_request_at": last,
             "idle_timeout_s": self._rules.idle_timeout_s,

@@ -89,3 +89,14 @@ def test_every_lifecycle_state_is_in_the_fleet_vocabulary_with_a_health() -> Non
 
     for state in State:
         assert STATE_HEALTH[ModelState(state.value)] is not None
+
+
+def test_a_long_load_error_keeps_what_failed_and_vllms_last_words() -> None:
+    from serve_app.engine import brief
+
+    message = "loading 'm' failed: vLLM exited with code 1; its log:\n" + "x" * 5000 + "\nValueError: no config.json"
+    short = brief(message, limit=500)
+    assert len(short) <= 500
+    assert short.startswith("loading 'm' failed: vLLM exited with code 1")
+    assert short.endswith("ValueError: no config.json")
+    assert brief("short") == "short"
