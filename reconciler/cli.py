@@ -29,6 +29,7 @@ def main() -> None:
       fleetctl apply         make exactly that change
       fleetctl status        models, health, replicas, GPUs
       fleetctl daemon        apply every edit, heal drift, serve a status page (up starts it)
+      fleetctl load MODEL    load a model now; `fleetctl unload MODEL` frees it (files unchanged)
 
     Exit codes: 0 success, 1 error (invalid files, Serve unreachable, failed apply).
     """
@@ -52,11 +53,14 @@ def validate(path: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"valid": True, "errors": [], "files": list(state.loaded.files),
                                "inventory": state.placed.inventory.source,
+                               "disabled": list(state.placed.disabled),
                                "models": [_model_json(state.placed, i) for i in range(len(state.placed.models))]},
                               indent=2))
         return
     click.echo(click.style("Valid: ", fg="green", bold=True) + _summary(state.placed, state.loaded.files))
     click.echo(format_placement(state.placed))
+    if state.placed.disabled:
+        click.echo(f"Not served (enabled: false): {', '.join(state.placed.disabled)}")
 
 
 def _print_problems(e: SpecError, as_json: bool) -> None:
@@ -119,6 +123,12 @@ def _register_ops() -> None:
     except ImportError:
         return
     for cmd in [*COMMANDS, daemon_cmd]:
+        main.add_command(cmd)
+    try:
+        from .cli_lifecycle import COMMANDS as LIFECYCLE_COMMANDS
+    except ImportError:
+        return
+    for cmd in LIFECYCLE_COMMANDS:
         main.add_command(cmd)
 
 

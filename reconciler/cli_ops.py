@@ -108,7 +108,7 @@ def plan_cmd(path: Path, as_json: bool, detailed_exitcode: bool, out_file: Path 
     desired = _desired_or_exit(path)
     live = _live_or_exit(desired.dashboard_url)
     plan = make_plan(desired.config, live, foreign_apps=desired.foreign_apps,
-                     start_times=history.load(desired.dashboard_url).latest())
+                     start_times=history.load(desired.dashboard_url).latest(), disabled=desired.placed.disabled)
     click.echo(render.format_json(plan) if as_json else render.format_text(plan, color=_color()), nl=False)
     problems = capacity.check(plan, desired.state, live_mod.read_cluster_resources(desired.dashboard_url))
     if problems:

@@ -2,9 +2,10 @@
 
 One application per model (so one model restarts alone) plus the OpenAI router, which serves the
 OpenAI port itself (Serve's HTTP proxy is off). Fields are laid out so that what needs no engine
-restart travels as in-place options: the idle timeout and always-on in `user_config`, replica
-counts in `num_replicas`, the router's model list in its `user_config`. What changes the engine
-(source, engine args, GPUs) lives in the app's `args`. See docs/contracts.md for the shape.
+restart travels as in-place options: the lifecycle settings (idle timeout, unload_after,
+always-on) in `user_config`, replica counts in `num_replicas`, the router's model list in its
+`user_config`. What changes the engine (source, engine args, GPUs) lives in the app's `args`.
+See docs/contracts.md for the shape.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from serve_app.contract import (
     ROUTER_DEPLOYMENT,
     ROUTER_IMPORT,
     EngineArgs,
+    EngineUserConfig,
     RouterArgs,
     RouterUserConfig,
     gpu_resource,
@@ -29,6 +31,7 @@ from serve_app.contract import (
 
 from .placement import PlacedFleet, PlacedModel
 
+SLEEP_ENV = "VLLM_SERVER_DEV_MODE"  # vLLM serves /sleep and /wake_up only in its dev mode
 TASK_RUNNER = {"generate": "generate", "embed": "pooling"}  # vLLM's --runner for each task
 
 
@@ -72,7 +75,21 @@ def model_argv(model: PlacedModel) -> list[str]:
         argv += ["--tensor-parallel-size", str(model.tensor_parallel)]
     if model.gpu_memory is not None:
         argv += ["--gpu-memory-utilization", f"{model.gpu_memory:g}"]
+    if model.sleep:
+        argv.append("--enable-sleep-mode")
     return argv + engine_argv(model.engine)
+
+
+def model_env(model: PlacedModel) -> dict[str, str]:
+    """The user's env; sleep mode's /sleep and /wake_up exist only in vLLM's dev mode.
+
+    They are reachable on the engine's loopback port only: the router relays a fixed list of
+    OpenAI paths, never these.
+    """
+    env = dict(model.env)
+    if model.sleep:
+        env[SLEEP_ENV] = "1"
+    return dict(sorted(env.items()))
 
 
 def actor_options(model: PlacedModel) -> dict[str, Any]:
@@ -89,9 +106,14 @@ def model_app(model: PlacedModel) -> dict[str, Any]:
         "source": model.source,
         "task": model.task,
         "engine_argv": model_argv(model),
-        "env": dict(sorted(model.env.items())),
+        "env": model_env(model),
         "gpus": list(model.gpus),
         "start_timeout_s": _finite(model.start_timeout_s),
+    }
+    user_config: EngineUserConfig = {
+        "idle_timeout_s": model.idle_timeout_s,
+        "unload_after_s": model.unload_after_s,
+        "always_on": model.always_on,
     }
     return {
         "name": model.name,
@@ -106,7 +128,7 @@ def model_app(model: PlacedModel) -> dict[str, Any]:
             "health_check_timeout_s": 30.0,
             "graceful_shutdown_timeout_s": 20.0,
             "ray_actor_options": actor_options(model),
-            "user_config": {"idle_timeout_s": model.idle_timeout_s, "always_on": model.always_on},
+            "user_config": dict(user_config),
         }],
     }
 

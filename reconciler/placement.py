@@ -40,7 +40,9 @@ class PlacedModel:
     gpu_memory: float | None  # share of each of its GPUs; None on the CPU
     tensor_parallel: int
     always_on: bool
-    idle_timeout_s: float | None  # None = never unloaded
+    idle_timeout_s: float | None  # None = never goes down (always_on, or idle_timeout: never)
+    unload_after_s: float | None  # asleep → unloaded after this much more idle time; None = stays asleep
+    sleep: bool  # on its GPUs, idle goes to vLLM's sleep mode first (False on the CPU)
     start_timeout_s: float
     replicas: int
     weights_bytes: int | None
@@ -56,6 +58,7 @@ class PlacedFleet:
     settings: Settings
     root: str = field(default=".")
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    disabled: tuple[str, ...] = ()  # declared with enabled: false: validated, not placed, not served
 
 
 def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
@@ -76,12 +79,14 @@ def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
     weights = {name: estimate.weights_bytes(m.source, root, m.size) if inv.gpus else m.size
                for name, m in fleet.models.items()}
     auto: list[tuple[str, Model]] = []
+    disabled = tuple(name for name, m in fleet.models.items() if not m.enabled)
     for name, model in fleet.models.items():
         if model.gpus is None:
-            auto.append((name, model))
+            if model.enabled:
+                auto.append((name, model))
             continue
         result = _check_declared(name, model, inv, root, weights[name], problem)
-        if result is not None:
+        if result is not None and model.enabled:  # a disabled model's GPUs are checked, not reserved
             placed[name] = _placed(fleet, name, model, root, result, model.node, "declared", weights[name])
             for idx in result[0]:
                 used[(model.node, idx)].append((name, result[1], model.always_on))
@@ -96,8 +101,8 @@ def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
             placed[name] = _placed(fleet, name, model, root, result, node, "auto", weights[name])
     if problems:
         raise SpecError(problems)
-    ordered = tuple(placed[n] for n in fleet.models)
-    return PlacedFleet(ordered, inv, fleet.ray, fleet.openai, fleet.settings, str(root), fleet.daemon)
+    ordered = tuple(placed[n] for n in fleet.models if n in placed)
+    return PlacedFleet(ordered, inv, fleet.ray, fleet.openai, fleet.settings, str(root), fleet.daemon, disabled)
 
 
 def _check_declared(name: str, model: Model, inv: Inventory, root: Path, weights: int | None,
@@ -202,6 +207,8 @@ def _placed(fleet: Fleet, name: str, model: Model, root: Path, where: tuple[tupl
     gpus, share = where
     idle = model.idle_timeout if model.idle_timeout is not None else d.idle_timeout
     start = model.start_timeout if model.start_timeout is not None else d.start_timeout
+    unload_after = model.unload_after if model.unload_after is not None else d.unload_after
+    sleep = model.sleep if model.sleep is not None else d.sleep
     return PlacedModel(
         name=name,
         source=_absolute(model.source, root),
@@ -214,6 +221,8 @@ def _placed(fleet: Fleet, name: str, model: Model, root: Path, where: tuple[tupl
         tensor_parallel=max(len(gpus), 1),
         always_on=model.always_on,
         idle_timeout_s=None if math.isinf(idle) or model.always_on else idle,
+        unload_after_s=None if math.isinf(unload_after) else unload_after,
+        sleep=bool(gpus) and sleep,
         start_timeout_s=start,
         replicas=model.replicas or d.replicas,
         weights_bytes=weights,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,8 +96,10 @@ class Plan:
 
 
 def make_plan(desired_config: Mapping[str, Any], live: LiveState, *,
-              foreign_apps: str = FOREIGN_KEEP, start_times: Mapping[str, float] | None = None) -> Plan:
-    """Decide, purely, what apply will do. ``start_times``: each model's last measured start (s)."""
+              foreign_apps: str = FOREIGN_KEEP, start_times: Mapping[str, float] | None = None,
+              disabled: Collection[str] = ()) -> Plan:
+    """Decide, purely, what apply will do. ``start_times``: each model's last measured start (s);
+    ``disabled``: models declared with enabled: false (their deletion says so)."""
     if foreign_apps not in (FOREIGN_KEEP, FOREIGN_DELETE):
         raise ValueError(f"foreign_apps must be keep or delete, not {foreign_apps!r}")
     live_configs = live.configs()
@@ -115,7 +117,7 @@ def make_plan(desired_config: Mapping[str, Any], live: LiveState, *,
                 continue
             if p.live is None:
                 continue  # a PUT cannot remove a serve.run app; the note says so
-        changes.append(_change(p, d, (start_times or {}).get(p.name)))
+        changes.append(_change(p, d, (start_times or {}).get(p.name), p.name in disabled))
     # Shared, not copied: plans are read-only data, and copying 200 apps costs more than planning.
     put_config = {**desired_config,
                   "applications": [*(desired_config.get("applications") or []), *kept]}
@@ -130,10 +132,12 @@ def make_plan(desired_config: Mapping[str, Any], live: LiveState, *,
     )
 
 
-def _change(p: diff.Pair, d: diff.AppDiff, start_s: float | None) -> Change:
+def _change(p: diff.Pair, d: diff.AppDiff, start_s: float | None, disabled: bool = False) -> Change:
     action = _KIND_TO_ACTION[d.kind]
+    reasons = ("disabled in the fleet files (enabled: false)",) if disabled and action is Action.DELETE \
+        else _reasons(action, d)
     return Change(action=action, model=p.name, before=p.live, after=p.desired,
-                  reasons=_reasons(action, d), fields=d.fields,
+                  reasons=reasons, fields=d.fields,
                   always_on=is_always_on(p.desired or p.live),
                   downtime_s=start_s if action is Action.RESTART else None)
 

@@ -35,6 +35,7 @@ FLEET_OWNED_ARGS = {
     "revision": "source (hf://org/name@revision)",
     "task": "task",
     "runner": "task",
+    "enable_sleep_mode": "sleep: (GPU models get sleep mode unless sleep: false)",
 }
 SECRET_ARGS = {"api_key", "hf_token", "token"}
 
@@ -158,7 +159,15 @@ class Settings(Strict):
 class Defaults(Strict):
     """Values every model inherits unless it sets its own."""
 
-    idle_timeout: Duration = Field(900.0, description="idle time before a model is unloaded; never = stays")
+    idle_timeout: Duration = Field(900.0, description=(
+        "idle time (no request in flight) before a model goes down: asleep on a GPU when sleep is on, "
+        "else unloaded; the next request brings it back. never = stays loaded"))
+    unload_after: Duration = Field(3600.0, description=(
+        "further idle time an asleep model (GPU) keeps its weights in host RAM before it is unloaded; "
+        "never = stays asleep"))
+    sleep: bool = Field(True, description=(
+        "on a GPU, go to vLLM's sleep mode first (GPU memory freed, wake in about a second); "
+        "false = unload straight away. Ignored on the CPU, which has no sleep mode"))
     start_timeout: Duration = Field(600.0, description="bound on an engine's start-up")
     engine: EngineArgs = Field(default_factory=dict)
     env: Env = Field(default_factory=dict)
@@ -195,8 +204,11 @@ class Model(Strict):
     node: str | None = Field(None, description="Ray node for the model's GPUs")
     gpu_memory: float | None = Field(None, gt=0, le=1, description="share of each of its GPUs' memory")
     tensor_parallel: int | None = Field(None, ge=1, description="defaults to the number of gpus")
-    always_on: bool = Field(False, description="kept loaded always (e.g. the embedding model)")
-    idle_timeout: Duration | None = None
+    enabled: bool = Field(True, description="false = declared and validated, but not served")
+    always_on: bool = Field(False, description="kept loaded and awake always (e.g. the embedding model)")
+    idle_timeout: Duration | None = Field(None, description="overrides defaults.idle_timeout")
+    unload_after: Duration | None = Field(None, description="overrides defaults.unload_after")
+    sleep: bool | None = Field(None, description="overrides defaults.sleep")
     start_timeout: Duration | None = None
     replicas: int | None = Field(None, ge=1)
     size: Size | None = Field(None, description="memory the weights need, for automatic placement")

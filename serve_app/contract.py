@@ -59,6 +59,7 @@ class EngineUserConfig(TypedDict, total=False):
     """An engine deployment's ``user_config``: changed in place, no restart."""
 
     idle_timeout_s: float | None  # None = never idle out
+    unload_after_s: float | None  # asleep (GPU) → unloaded after this much more idle time; None = stays asleep
     always_on: bool
 
 
@@ -95,7 +96,10 @@ class ModelState(str, enum.Enum):
     READY = "ready"  # Serve: running and healthy
     LOADING = "loading"  # lifecycle: the engine is (re)loading the model
     AWAKE = "awake"  # lifecycle: loaded, serving
+    SLEEPING = "sleeping"  # lifecycle: going to sleep (vLLM /sleep in progress)
     ASLEEP = "asleep"  # lifecycle: GPU memory freed, process kept (vLLM sleep mode)
+    WAKING = "waking"  # lifecycle: vLLM /wake_up in progress
+    UNLOADING = "unloading"  # lifecycle: the engine's vLLM process is stopping
     UNLOADED = "unloaded"  # lifecycle: engine stopped, replica kept; the next request loads it
     UNSCHEDULABLE = "unschedulable"  # Ray cannot place a replica: resources missing
     FAILED = "failed"  # its engine could not start

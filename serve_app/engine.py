@@ -5,6 +5,9 @@ vLLM process outlives the replica, even a SIGKILLed one), waits for its ``/healt
 child's health to Serve, and hands the router the child's URL so requests go straight to vLLM.
 It serves no requests itself: the router relays them.
 
+The model's lifecycle (serve_app.lifecycle) lives here too: an idle model goes to sleep (GPU) or
+is unloaded (its child stops) while the replica stays RUNNING; ``endpoint()`` brings it back.
+
 import_path ``serve_app.engine:app``; the args are the ``args`` of docs/contracts.md.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import signal
@@ -26,9 +30,9 @@ from typing import Any
 
 import httpx
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, metrics
 
-from serve_app import endpoints, model_source
+from serve_app import endpoints, lifecycle, model_source
 from serve_app.contract import ENGINE_DEPLOYMENT, ENGINE_START_ATTEMPTS, engine_log_name
 
 logger = logging.getLogger("ray.serve")
@@ -37,6 +41,7 @@ logger = logging.getLogger("ray.serve")
 # relays to engines on its own node (a single-box fleet); see the report for multi-node.
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
+REASON_CHARS = 1800  # the router shows at most 2000 characters of an engine's error
 # The guard's SIGTERM grace for vLLM; below the contract's graceful_shutdown_timeout_s (20 s).
 STOP_GRACE_S = 10.0
 ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -48,6 +53,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
 
 
 def _log_dir() -> Path:
@@ -80,6 +94,16 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def brief(message: str, limit: int = REASON_CHARS) -> str:
+    """A long error (a summary line, then vLLM's log tail) cut to ``limit`` characters, keeping its
+    first line (what failed) and its end (vLLM's own last words)."""
+    if len(message) <= limit:
+        return message
+    first, _, rest = message.partition("\n")
+    first = first[: limit // 2]
+    return f"{first}\n...\n{rest[-(limit - len(first) - 5):]}"
+
+
 def child_env(env: dict[str, str], gpus: list[int]) -> dict[str, str]:
     """The child's environment, pinned to exactly its GPUs.
 
@@ -110,6 +134,9 @@ def vllm_argv(model: str, resolved: model_source.Resolved, task: str, engine_arg
         "--served-model-name", model,
         "--host", HOST,
         "--port", str(port),
+        "--enable-server-load-tracking",  # GET /load: requests in flight, which the idle rule reads
+        # the replica's own polls (vLLM >= 0.16); relayed requests are still logged
+        "--disable-access-log-for-endpoints", "/health,/load,/metrics",
         *task_argv,
         *engine_argv,
     ]  # fmt: skip
@@ -155,9 +182,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+class LoadFailed(RuntimeError):
+    """A load on demand failed; the message is the engine's own reason (the tail of vLLM's log)."""
+
+
 @serve.deployment(name=ENGINE_DEPLOYMENT, max_constructor_retry_count=ENGINE_START_ATTEMPTS)
 class Engine:
-    """One vLLM OpenAI server, as a guarded child process of this replica."""
+    """One vLLM OpenAI server, as a guarded child process of this replica, with its lifecycle.
+
+    The replica stays RUNNING and healthy while its model sleeps or is unloaded; only the child
+    comes and goes. One task at a time changes the child (under ``_lock``); a load or wake asked
+    for by many requests at once is one shared task.
+    """
 
     async def __init__(
         self,
@@ -170,28 +206,44 @@ class Engine:
         start_timeout_s: float = 600.0,
     ) -> None:
         self._model = model
+        self._source = source
+        self._task = task
+        self._engine_argv = list(engine_argv or [])
+        self._environ = child_env(env or {}, gpus or [])
+        self._start_timeout_s = start_timeout_s
+        # vLLM's sleep mode is GPU-only and needs the flag at start (compile adds it for GPU models).
+        self._can_sleep = bool(gpus) and "--enable-sleep-mode" in self._engine_argv
         self._proc: subprocess.Popen[bytes] | None = None
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._registered = False
-        self.idle_timeout_s: float | None = None
-        self.always_on = False
+        self._last_guard_pid: int | None = None  # the latest child's, kept after it stops
+        self._rules = lifecycle.Rules()
+        self._state = lifecycle.State.LOADING
+        self._since = time.time()
+        self._reason = ""
+        self._activity = lifecycle.Activity(last_at=time.monotonic())
+        self._counters = lifecycle.Counters()
+        # Prometheus, through Ray's metrics export (Serve adds application/deployment/replica tags).
+        self._transitions = metrics.Counter(
+            "fleet_model_transitions", "Model lifecycle transitions (load, load_failed, unload, sleep, wake).",
+            tag_keys=("model", "transition"))
+        self._durations = metrics.Histogram(
+            "fleet_model_transition_seconds", "How long each lifecycle transition took.",
+            boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600], tag_keys=("model", "transition"))
+        self._lock = asyncio.Lock()
+        self._up: asyncio.Task[None] | None = None
         self._log_path = _log_dir() / engine_log_name(model, os.getpid())
-        deadline = time.monotonic() + start_timeout_s
-        environ = child_env(env or {}, gpus or [])
-        resolved = await self._resolve(source, environ, start_timeout_s)
-        port = _free_port()
-        self._url = f"http://{HOST}:{port}"
-        argv = vllm_argv(model, resolved, task, list(engine_argv or []), port)
-        logger.info("starting vLLM for %s: %s (log: %s)", model, argv, self._log_path)
-        self._proc = _guarded(argv, environ, self._log_path)
+        self._port = _free_port()
+        self._url = f"http://{HOST}:{self._port}"
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
-        try:
-            await self._wait_ready(deadline)
-        except BaseException:
-            self._shutdown()
-            raise
+        async with self._lock:
+            await self._load()  # a model that cannot start at deploy time fails the deploy, as before
+        # The URL (port) stays the replica's across unloads and reloads: routers keep it, and a
+        # refused connection sends them to endpoint(), which loads the model again.
         await self._register()
-        logger.info("vLLM for %s is ready at %s (guard pid %d)", model, self._url, self._proc.pid)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    # ---- the child process ----
 
     async def _register(self) -> None:
         """Tell the routers where this replica's vLLM listens (and that it still does)."""
@@ -209,6 +261,31 @@ class Engine:
         if code != 0:
             raise RuntimeError(f"preparing {source!r} failed (exit {code}):\n{log_tail(self._log_path)}")
         return model_source.resolve(source)
+
+    async def _load(self) -> None:
+        """Start vLLM and wait for its /health (caller holds the lock); state awake, or failed and raise."""
+        self._set(lifecycle.State.LOADING)
+        t0 = time.monotonic()
+        deadline = t0 + self._start_timeout_s
+        try:
+            resolved = await self._resolve(self._source, self._environ, self._start_timeout_s)
+            if not _port_free(self._port):  # keep the old port when free: routers' cached URL stays good
+                self._port = _free_port()
+                self._url = f"http://{HOST}:{self._port}"
+            argv = vllm_argv(self._model, resolved, self._task, self._engine_argv, self._port)
+            logger.info("starting vLLM for %s: %s (log: %s)", self._model, argv, self._log_path)
+            self._proc = _guarded(argv, self._environ, self._log_path)
+            self._last_guard_pid = self._proc.pid
+            await self._wait_ready(deadline)
+        except BaseException as e:
+            self._stop_child()
+            self._record("load_failed", t0)
+            self._set(lifecycle.State.FAILED, brief(str(e)))
+            raise
+        self._record("load", t0)
+        self._activity.restart(time.monotonic())
+        self._set(lifecycle.State.AWAKE)
+        logger.info("vLLM for %s is ready at %s (guard pid %d)", self._model, self._url, self._proc.pid)
 
     async def _wait_ready(self, deadline: float) -> None:
         while True:
@@ -233,14 +310,144 @@ class Engine:
                 f"last lines of its log ({self._log_path}):\n{log_tail(self._log_path)}"
             )
 
+    def _stop_child(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _stop(proc)
+
+    async def _unload(self) -> None:
+        """Stop the child (caller holds the lock): memory freed, the replica stays."""
+        self._set(lifecycle.State.UNLOADING)
+        t0 = time.monotonic()
+        await asyncio.to_thread(self._stop_child)  # up to the guard's grace; keep the event loop free
+        self._activity.in_flight = 0
+        self._record("unload", t0)
+        self._set(lifecycle.State.UNLOADED)
+
+    async def _sleep(self) -> None:
+        """vLLM sleep mode level 1 (caller holds the lock): weights to host RAM, GPU memory freed."""
+        self._set(lifecycle.State.SLEEPING)
+        t0 = time.monotonic()
+        try:
+            # mode=wait: a request that slipped in since the last look finishes first (newer vLLM; older ignore it)
+            response = await self._client.post(self._url + "/sleep", params={"level": 1, "mode": "wait"},
+                                               timeout=120.0)
+            response.raise_for_status()
+        except httpx.HTTPError as e:
+            logger.warning("vLLM for %s did not go to sleep (%r); unloading it instead", self._model, e)
+            await self._unload()
+            return
+        self._record("sleep", t0)
+        self._set(lifecycle.State.ASLEEP)
+
+    async def _wake(self) -> None:
+        self._set(lifecycle.State.WAKING)
+        t0 = time.monotonic()
+        try:
+            response = await self._client.post(self._url + "/wake_up", timeout=120.0)
+            response.raise_for_status()
+        except httpx.HTTPError as e:  # a broken sleeper: start afresh
+            logger.warning("vLLM for %s did not wake (%r); reloading it", self._model, e)
+            self._stop_child()
+            await self._load()
+            return
+        self._record("wake", t0)
+        self._activity.touch(time.monotonic())
+        self._set(lifecycle.State.AWAKE)
+
+    def _record(self, transition: str, t0: float) -> None:
+        seconds = time.monotonic() - t0
+        self._counters.add(transition, seconds)
+        tags = {"model": self._model, "transition": transition}
+        self._transitions.inc(tags=tags)
+        self._durations.observe(seconds, tags=tags)
+
+    def _set(self, state: lifecycle.State, reason: str = "") -> None:
+        if state is not self._state:
+            logger.info("model %s: %s -> %s", self._model, self._state.value, state.value)
+        self._state, self._since, self._reason = state, time.time(), reason
+
+    # ---- bringing the model up on demand ----
+
+    async def _bring_up(self) -> None:
+        """Load or wake the model; concurrent callers share one attempt, a failed one is not reused."""
+        if self._up is None or self._up.done():
+            self._up = asyncio.get_running_loop().create_task(self._up_once())
+            # Retrieved here too, so a failure whose every waiter left is not logged as unretrieved.
+            self._up.add_done_callback(lambda t: t.cancelled() or t.exception())
+        # Shielded: a caller that gives up (router timeout, client gone) must not cancel the others' load.
+        await asyncio.shield(self._up)
+
+    async def _up_once(self) -> None:
+        async with self._lock:
+            if self._state is lifecycle.State.AWAKE:
+                return
+            try:
+                if self._state is lifecycle.State.ASLEEP:
+                    await self._wake()
+                else:
+                    await self._load()
+            except Exception as e:
+                raise LoadFailed(brief(f"loading {self._model!r} failed: {e}")) from None
+
+    # ---- the idle rule ----
+
+    async def _watch(self) -> None:
+        """Look at the child now and then; apply the idle rule. The only caller of sleep/unload besides unload()."""
+        while True:
+            await asyncio.sleep(lifecycle.poll_interval(self._state, self._rules))
+            try:
+                await self._observe()
+                step = self._step()
+                if step is not lifecycle.Step.NONE and not self._lock.locked():
+                    await self._apply_step(step)
+            except Exception:  # keep watching; the next look tries again
+                logger.exception("lifecycle watch of %s", self._model)
+
+    def _step(self) -> lifecycle.Step:
+        if self._state in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP) and not self._child_running():
+            return lifecycle.Step.NONE  # died on its own: check_health reports it and Serve replaces us
+        idle_s = time.monotonic() - self._activity.last_at
+        return lifecycle.next_step(self._state, self._rules, idle_s, self._activity.in_flight, self._can_sleep)
+
+    async def _observe(self) -> None:
+        if self._state not in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP) or not self._child_running():
+            return
+        load = await self._client.get(self._url + "/load")
+        metrics = await self._client.get(self._url + "/metrics")
+        in_flight = int(load.json().get("server_load", 0)) if load.status_code == 200 else 0
+        finished = lifecycle.counter_total(metrics.text) if metrics.status_code == 200 else math.nan
+        self._activity.observe(in_flight, finished, time.monotonic())
+
+    async def _apply_step(self, step: lifecycle.Step) -> None:
+        async with self._lock:
+            await self._observe()  # look again under the lock: a request may have just arrived
+            if self._step() is not step:
+                return
+            if step is lifecycle.Step.SLEEP:
+                await self._sleep()
+            elif step is lifecycle.Step.UNLOAD:
+                await self._unload()
+        if step in (lifecycle.Step.WAKE, lifecycle.Step.LOAD):
+            await self._bring_up()
+
+    def _child_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # ---- what Serve, the router and operators call ----
+
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """In-place settings; the idle-unload lifecycle that reads them comes later."""
-        timeout = user_config.get("idle_timeout_s")
-        self.idle_timeout_s = None if timeout is None else float(timeout)
-        self.always_on = bool(user_config.get("always_on", False))
+        """In-place lifecycle settings: idle_timeout_s, unload_after_s, always_on."""
+        self._rules = lifecycle.Rules.from_user_config(user_config)
 
     async def check_health(self) -> None:
-        """Unhealthy when the child died or its /health fails: Serve then replaces us."""
+        """Unhealthy only when a child that should run died or fails /health: Serve then replaces us.
+
+        Loading, unloaded and failed are states of the model, not of the replica, which stays healthy
+        so the next request can load it again.
+        """
+        if self._state not in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP):
+            return
         self._raise_if_exited("")
         response = await self._client.get(self._url + "/health")
         if response.status_code != 200:
@@ -248,24 +455,67 @@ class Engine:
         await self._register()  # the refresh that keeps the registration from going stale
 
     async def endpoint(self) -> str:
-        """The child's base URL, for the router to relay to; raises when the child is dead.
+        """The child's base URL, for the router to relay to: loads or wakes the model when it is down.
 
         Routers learn every replica's URL from ``serve_app.endpoints``; they call this when they
-        know none for the model (it goes to a live replica, and is where a sleeping one wakes).
+        know none for the model or its vLLM refused them (a model unloaded or asleep comes back here).
+        Raises when the child died unexpectedly, or when the load failed (with vLLM's reason).
         """
+        self._activity.touch(time.monotonic())
+        if self._state is not lifecycle.State.AWAKE:
+            await self._bring_up()
         self._raise_if_exited("")
         return self._url
 
+    async def load(self) -> dict[str, Any]:
+        """Bring the model up now (`fleetctl load`); the idle rule applies again from now."""
+        await self.endpoint()
+        return await self.state()
+
+    async def unload(self, force: bool = False) -> dict[str, Any]:
+        """Unload now (`fleetctl unload`); refused for always-on models and, unless forced, while busy."""
+        if self._rules.always_on:
+            raise ValueError(f"{self._model!r} is always_on: it stays loaded; set always_on: false in the fleet "
+                             "files to let it unload")
+        async with self._lock:
+            if self._state in (lifecycle.State.UNLOADED, lifecycle.State.FAILED):
+                return await self.state()
+            await self._observe()
+            if self._activity.in_flight and not force:
+                raise RuntimeError(f"{self._model!r} has {self._activity.in_flight} request(s) in flight; "
+                                   "wait, or force it")
+            await self._unload()
+        return await self.state()
+
+    async def state(self) -> dict[str, Any]:
+        """The model's lifecycle state as status, /v1/models and operators show it."""
+        last = time.time() - (time.monotonic() - self._activity.last_at)
+        return {
+            "state": self._state.value,
+            "since": self._since,
+            "reason": self._reason,
+            "in_flight": self._activity.in_flight,
+            "last_request_at": last,
+            "idle_timeout_s": self._rules.idle_timeout_s,
+            "unload_after_s": self._rules.unload_after_s,
+            "always_on": self._rules.always_on,
+            "can_sleep": self._can_sleep,
+            "load_seconds": self._counters.last_s.get("load"),
+            **self._counters.as_dict(),
+        }
+
     async def info(self) -> dict[str, Any]:
-        """What operators and tests look at: URL, pids, log file, in-place settings."""
+        """What operators and tests look at: URL, pids, log file, in-place settings, lifecycle state."""
         return {
             "url": self._url,
             "replica_pid": os.getpid(),
             "guard_pid": self._proc.pid if self._proc else None,
-            "alive": bool(self._proc and self._proc.poll() is None),
+            "last_guard_pid": self._last_guard_pid,
+            "alive": self._child_running(),
             "log_path": str(self._log_path),
-            "idle_timeout_s": self.idle_timeout_s,
-            "always_on": self.always_on,
+            "idle_timeout_s": self._rules.idle_timeout_s,
+            "always_on": self._rules.always_on,
+            "lifecycle": await self.state(),
         }
 
     def _shutdown(self) -> None:
@@ -273,7 +523,10 @@ class Engine:
             self._registered = False
             with contextlib.suppress(Exception):  # the GCS may be gone with the cluster
                 endpoints.unregister(self._model, self._replica)
-        proc = getattr(self, "_proc", None)  # __del__ may run on a half-built instance
+        watcher = getattr(self, "_watcher", None)  # __del__ may run on a half-built instance
+        if watcher is not None:
+            watcher.cancel()
+        proc = getattr(self, "_proc", None)
         if proc is not None:
             _stop(proc)
 

@@ -19,9 +19,13 @@ Inside a replica:
   handle, which also wakes it), the applications' states, and refreshing the URL registry.
 
 Errors have OpenAI's shape ``{"error": {"message", "type", "code"}}``: unknown model → 404,
-engine unavailable → 503 with the reason, missing/wrong API key → 401. The model list, API-key
-env names and load timeout are ``user_config`` (docs/contracts.md): ``reconfigure`` swaps them in
-place. Host and port are the app's ``args``: changing them restarts the router on the new port.
+engine unavailable → 503 with the reason, missing/wrong API key → 401. A model its engine unloaded
+or put to sleep is brought back by the engine's ``endpoint()``, which the relay reaches when it
+knows no URL or the known ones refuse; /v1/models shows each model's lifecycle state from the
+engine's ``state()``. Only the OpenAI paths below are relayed: vLLM's dev endpoints (/sleep,
+/wake_up) never are. The model list, API-key env names and load timeout are ``user_config``
+(docs/contracts.md): ``reconfigure`` swaps them in place. Host and port are the app's ``args``:
+changing them restarts the router on the new port.
 import_path ``serve_app.router:app``.
 """
 
@@ -78,6 +82,7 @@ ATTEMPTS = 3
 # A replica that refused a connection is skipped this long; Serve replaces it if it is dead.
 DOWN_S = 3.0
 SHUTDOWN_GRACE_S = 5.0
+LIFECYCLE_TIMEOUT_S = 5.0
 # Application status → the model's live state as /v1/models shows it (the fleet's one vocabulary).
 LIVE_STATE = {status: state.value for status, state in SERVE_APP_STATE.items()}
 
@@ -145,6 +150,16 @@ def _reason(exc: BaseException) -> str:
     return str(cause).strip()[-2000:] or type(cause).__name__
 
 
+def _model_state(app_state: str, lifecycle: dict[str, Any] | None) -> dict[str, Any]:
+    """A running app shows its model's lifecycle state and since when; others the app's own state."""
+    if app_state != "ready" or lifecycle is None:
+        return {"state": app_state, "since": None}
+    out = {"state": lifecycle["state"], "since": lifecycle["since"]}
+    if lifecycle.get("reason"):
+        out["reason"] = lifecycle["reason"]
+    return out
+
+
 # ---- the relay (runs in the HTTP server's loop) ----
 
 
@@ -209,9 +224,11 @@ class Relay:
         settings: Settings,
         discover: Callable[[str], Awaitable[str]],
         app_states: Callable[[], Awaitable[dict[str, tuple[str, str]]]],
+        lifecycles: Callable[[list[str]], Awaitable[dict[str, dict[str, Any] | None]]] | None = None,
     ) -> None:
         self.settings = settings
         self.app_states = app_states
+        self.lifecycles = lifecycles
         self._discover = discover
         self._backends: dict[str, list[Backend]] = {}
         self._pending: dict[str, asyncio.Future[str]] = {}
@@ -437,6 +454,8 @@ async def list_models(request: Request) -> Response:
     if not authorized(settings, request.headers.get("authorization")):
         return error(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
     states = await relay.app_states()
+    running = [name for name in settings.models if states.get(name, ("absent", ""))[0] == "ready"]
+    lifecycles = await relay.lifecycles(running) if relay.lifecycles and running else {}
     data = [
         {
             "id": name,
@@ -445,7 +464,7 @@ async def list_models(request: Request) -> Response:
             "owned_by": "vllm-fleet",
             "task": spec.get("task", "generate"),
             "always_on": bool(spec.get("always_on", False)),
-            "state": states.get(name, ("absent", ""))[0],
+            **_model_state(states.get(name, ("absent", ""))[0], lifecycles.get(name)),
         }
         for name, spec in sorted(settings.models.items())
     ]
@@ -553,7 +572,8 @@ class Router:
         self._settings = settings_from({})
         self._handles: dict[str, DeploymentHandle] = {}
         self._status: tuple[float, dict[str, tuple[str, str]]] = (0.0, {})
-        relay = Relay(self._settings, self._bridge(self._discover), self._bridge(self._app_states))
+        relay = Relay(self._settings, self._bridge(self._discover), self._bridge(self._app_states),
+                      self._bridge(self._lifecycles))
         self._server = Server(listen_socket(host, port), relay)
         await asyncio.to_thread(self._server.wait_started, 30.0)
         self._refresher = asyncio.ensure_future(self._refresh_registry())
@@ -595,11 +615,7 @@ class Router:
         ``endpoint()`` on the app's handle goes to a live replica (and is where a sleeping model
         is woken); meanwhile the app's state ends the wait early when it failed or is gone.
         """
-        handle = self._handles.get(model)
-        if handle is None:
-            handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=model, _check_exists=False)
-            self._handles[model] = handle
-        call = asyncio.ensure_future(self._call_endpoint(handle))
+        call = asyncio.ensure_future(self._call_endpoint(self._handle(model)))
         deadline = time.monotonic() + self._settings.load_timeout_s
         try:
             while not call.done():
@@ -610,6 +626,7 @@ class Router:
                 if state in ("failed", "absent"):
                     raise Unavailable(f"The model `{model}` is {state}: {message}".rstrip(": "))
                 if time.monotonic() > deadline:
+                    state = "loading" if state == "ready" else state  # a running engine loading on demand
                     raise Unavailable(
                         f"The model `{model}` is still {state} after load_timeout_s "
                         f"({self._settings.load_timeout_s:.0f} s). {message}".strip()
@@ -621,6 +638,24 @@ class Router:
             raise Unavailable(f"The engine of `{model}` is not available: {_reason(e)}") from e
         finally:
             call.cancel()
+
+    def _handle(self, model: str) -> DeploymentHandle:
+        handle = self._handles.get(model)
+        if handle is None:
+            handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=model, _check_exists=False)
+            self._handles[model] = handle
+        return handle
+
+    async def _lifecycles(self, models: list[str]) -> dict[str, dict[str, Any] | None]:
+        """Each running engine's lifecycle state (awake, asleep, unloaded, loading...); None if it does not answer."""
+        async def one(model: str) -> dict[str, Any] | None:
+            try:
+                return dict(await asyncio.wait_for(self._handle(model).state.remote(), LIFECYCLE_TIMEOUT_S))
+            except Exception as e:
+                logger.warning("no lifecycle state from %s: %s", model, _reason(e))
+                return None
+
+        return dict(zip(models, await asyncio.gather(*(one(m) for m in models)), strict=True))
 
     @staticmethod
     async def _call_endpoint(handle: DeploymentHandle) -> str:

@@ -45,7 +45,9 @@ def fleet(
 ) -> Iterator[Fleet]:
     models: dict[str, dict[str, Any]] = {
         # a long context, so an abandoned 1000-token stream is still generating when the abort lands
-        GEN: {"source": str(tiny_llama_path), "task": "generate", "engine": {"max_model_len": 1024}},
+        # idle_timeout never: tests that follow its vLLM process by pid must not see it unloaded when idle
+        GEN: {"source": str(tiny_llama_path), "task": "generate", "idle_timeout": "never",
+              "engine": {"max_model_len": 1024}},
         EMB: {"source": str(minilm_path), "task": "embed", "always_on": True, "engine": {"max_model_len": 256}},
     }
     root = tmp_path_factory.mktemp("serve-fleet")

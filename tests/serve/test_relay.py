@@ -17,7 +17,8 @@ pytestmark = pytest.mark.serve
 def test_models_lists_the_fleet_with_task_and_state(fleet: Fleet) -> None:
     assert {m.id for m in fleet.client().models.list()} == {GEN, EMB}
     data = httpx.get(fleet.base_url + "/models").json()["data"]
-    assert {(m["id"], m["task"], m["state"]) for m in data} == {(GEN, "generate", "ready"), (EMB, "embed", "ready")}
+    assert {(m["id"], m["task"], m["state"]) for m in data} == {(GEN, "generate", "awake"), (EMB, "embed", "awake")}
+    assert all(m["since"] > 0 for m in data)
 
 
 def test_chat(fleet: Fleet) -> None:

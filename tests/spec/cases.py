@@ -77,6 +77,15 @@ CASES = [
           "or never"]),
     Case("negative-duration", {"fleet.yaml": BASE + "defaults:\n  idle_timeout: -5\n"},
          ["fleet.yaml:5:17: defaults.idle_timeout: a duration cannot be negative"]),
+    Case("bad-unload-after", {"fleet.yaml": BASE + "    unload_after: soon\n"},
+         ["fleet.yaml:4:19: models.chat.unload_after: 'soon' is not a duration; write e.g. 90s, 15m, 1h30m, "
+          "or never"]),
+    Case("sleep-not-a-bool", {"fleet.yaml": BASE + "defaults:\n  sleep: sometimes\n"},
+         ["fleet.yaml:5:10: defaults.sleep: Input should be a valid boolean, unable to interpret input "
+          "(got 'sometimes')"]),
+    Case("sleep-mode-engine-arg", {"fleet.yaml": BASE + "    engine: {enable_sleep_mode: true}\n"},
+         ["fleet.yaml:4:13: models.chat.engine: engine arg 'enable_sleep_mode' is set by the fleet; use sleep: "
+          "(GPU models get sleep mode unless sleep: false) instead"]),
     Case("bad-source-scheme", {"fleet.yaml": "models:\n  chat:\n    source: s3://bucket/model\n"},
          ["fleet.yaml:3:13: models.chat.source: unsupported source scheme 's3'; use hf://org/name[@revision], "
           "pkg://package/path, or a local path (/abs or ./relative)"]),

@@ -1,0 +1,142 @@
+"""A model's runtime lifecycle inside its engine replica: states, activity, the idle rule. Pure: no I/O.
+
+States: ``loading`` → ``awake`` → (``sleeping`` →) ``asleep`` → (``unloading`` →) ``unloaded``, plus
+``waking`` and ``failed`` (a load that failed; the next request tries again). The Serve config never
+changes with them, so plan and the daemon never see a sleeping model as drift.
+
+Activity is read from the engine's own vLLM child, not reported by the router: ``GET /load`` (vLLM's
+``--enable-server-load-tracking``) counts HTTP requests in flight, streams until their last byte,
+and the ``/metrics`` counters of finished requests catch requests that came and went between two
+looks. So it holds however many router processes relay, and costs the hot path nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+# /metrics counters whose change means "a request passed": vLLM's finished requests (generate and
+# pooling) and the HTTP instrumentator's handled requests (it leaves out /metrics, /health, /load).
+ACTIVITY_COUNTERS = ("vllm:request_success_total", "http_requests_total")
+# How often the replica looks at its child: often enough for short test timeouts, rarely for long ones.
+MIN_POLL_S, MAX_POLL_S, ASLEEP_POLL_S = 0.5, 5.0, 0.25
+
+
+class State(str, enum.Enum):
+    LOADING = "loading"
+    AWAKE = "awake"
+    SLEEPING = "sleeping"
+    ASLEEP = "asleep"
+    WAKING = "waking"
+    UNLOADING = "unloading"
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+
+
+class Step(str, enum.Enum):
+    """What the idle rule asks the replica to do next."""
+
+    NONE = "none"
+    SLEEP = "sleep"
+    WAKE = "wake"
+    UNLOAD = "unload"
+    LOAD = "load"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The in-place lifecycle settings (the engine's user_config)."""
+
+    idle_timeout_s: float | None = None  # None: never goes down
+    unload_after_s: float | None = None  # asleep → unloaded after this much more idle time; None: stays asleep
+    always_on: bool = False
+
+    @classmethod
+    def from_user_config(cls, user_config: dict[str, object]) -> Rules:
+        def seconds(key: str) -> float | None:
+            value = user_config.get(key)
+            return None if value is None else float(value)  # type: ignore[arg-type]
+
+        return cls(seconds("idle_timeout_s"), seconds("unload_after_s"), bool(user_config.get("always_on", False)))
+
+
+def next_step(state: State, rules: Rules, idle_s: float, in_flight: int, can_sleep: bool) -> Step:
+    """The idle rule: what a replica in ``state``, idle for ``idle_s`` with ``in_flight`` requests, does now."""
+    if rules.always_on:  # never leaves awake; brought back if it was down when always_on was turned on
+        return {State.ASLEEP: Step.WAKE, State.UNLOADED: Step.LOAD}.get(state, Step.NONE)
+    if state is State.ASLEEP:
+        if in_flight:  # a request reached the sleeping vLLM, which holds it until woken
+            return Step.WAKE
+        if rules.unload_after_s is not None and rules.idle_timeout_s is not None and \
+                idle_s >= rules.idle_timeout_s + rules.unload_after_s:
+            return Step.UNLOAD
+        return Step.NONE
+    if state is State.AWAKE and not in_flight and rules.idle_timeout_s is not None and idle_s >= rules.idle_timeout_s:
+        return Step.SLEEP if can_sleep else Step.UNLOAD
+    return Step.NONE
+
+
+def poll_interval(state: State, rules: Rules) -> float:
+    """Seconds between two looks at the child: a fifth of the idle timeout, within bounds."""
+    if state is State.ASLEEP:
+        return ASLEEP_POLL_S
+    if rules.idle_timeout_s is None:
+        return MAX_POLL_S
+    return min(MAX_POLL_S, max(MIN_POLL_S, rules.idle_timeout_s / 5))
+
+
+def counter_total(metrics_text: str, names: tuple[str, ...] = ACTIVITY_COUNTERS) -> float:
+    """Sum of every sample of the named Prometheus counters in a /metrics text."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(names):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in names:
+                value = line.rsplit(" ", 1)[-1]
+                try:
+                    total += float(value)
+                except ValueError:
+                    continue
+    return total
+
+
+@dataclass
+class Activity:
+    """In-flight count and the last moment a request was seen (monotonic seconds)."""
+
+    last_at: float
+    in_flight: int = 0
+    finished: float = math.nan  # the activity counters' total at the last look
+
+    def observe(self, in_flight: int, finished: float, now: float) -> None:
+        """One look at the child: busy now, or counters moved since the last look, means active."""
+        if in_flight > 0 or (not math.isnan(self.finished) and finished != self.finished):
+            self.last_at = now
+        self.in_flight = in_flight
+        self.finished = finished
+
+    def touch(self, now: float) -> None:
+        """A request asked for this engine (through endpoint()): active now."""
+        self.last_at = max(self.last_at, now)
+
+    def restart(self, now: float) -> None:
+        """A new child: its counters start again from zero."""
+        self.last_at, self.in_flight, self.finished = now, 0, math.nan
+
+
+@dataclass
+class Counters:
+    """How often each transition happened and how long the last and all of them took."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    last_s: dict[str, float] = field(default_factory=dict)
+    total_s: dict[str, float] = field(default_factory=dict)
+
+    def add(self, what: str, seconds: float) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+        self.last_s[what] = round(seconds, 3)
+        self.total_s[what] = round(self.total_s.get(what, 0.0) + seconds, 3)
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {"counts": dict(self.counts), "last_seconds": dict(self.last_s), "total_seconds": dict(self.total_s)}
