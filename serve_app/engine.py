@@ -238,9 +238,6 @@ class Engine:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
         async with self._lock:
             await self._load()  # a model that cannot start at deploy time fails the deploy, as before
-        # The URL (port) stays the replica's across unloads and reloads: routers keep it, and a
-        # refused connection sends them to endpoint(), which loads the model again.
-        await self._register()
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     # ---- the child process ----
@@ -249,6 +246,12 @@ class Engine:
         """Tell the routers where this replica's vLLM listens (and that it still does)."""
         await asyncio.to_thread(endpoints.register, self._model, self._replica, self._url)
         self._registered = True
+
+    async def _unregister(self) -> None:
+        """Routers stop sending here (before a sleep or an unload); endpoint() brings them back."""
+        if self._registered:
+            self._registered = False
+            await asyncio.to_thread(endpoints.unregister, self._model, self._replica)
 
     async def _resolve(self, source: str, environ: dict[str, str], timeout_s: float) -> model_source.Resolved:
         try:
@@ -285,6 +288,7 @@ class Engine:
         self._record("load", t0)
         self._activity.restart(time.monotonic())
         self._set(lifecycle.State.AWAKE)
+        await self._register()  # the port may be new after an unload
         logger.info("vLLM for %s is ready at %s (guard pid %d)", self._model, self._url, self._proc.pid)
 
     async def _wait_ready(self, deadline: float) -> None:
@@ -319,6 +323,7 @@ class Engine:
         """Stop the child (caller holds the lock): memory freed, the replica stays."""
         self._set(lifecycle.State.UNLOADING)
         t0 = time.monotonic()
+        await self._unregister()
         await asyncio.to_thread(self._stop_child)  # up to the guard's grace; keep the event loop free
         self._activity.in_flight = 0
         self._record("unload", t0)
@@ -328,6 +333,7 @@ class Engine:
         """vLLM sleep mode level 1 (caller holds the lock): weights to host RAM, GPU memory freed."""
         self._set(lifecycle.State.SLEEPING)
         t0 = time.monotonic()
+        await self._unregister()  # a sleeping vLLM must get no requests
         try:
             # mode=wait: a request that slipped in since the last look finishes first (newer vLLM; older ignore it)
             response = await self._client.post(self._url + "/sleep", params={"level": 1, "mode": "wait"},
@@ -354,6 +360,7 @@ class Engine:
         self._record("wake", t0)
         self._activity.touch(time.monotonic())
         self._set(lifecycle.State.AWAKE)
+        await self._register()
 
     def _record(self, transition: str, t0: float) -> None:
         seconds = time.monotonic() - t0
@@ -452,7 +459,8 @@ class Engine:
         response = await self._client.get(self._url + "/health")
         if response.status_code != 200:
             raise RuntimeError(f"vLLM /health answered {response.status_code}: {response.text[:200]}")
-        await self._register()  # the refresh that keeps the registration from going stale
+        if self._state is lifecycle.State.AWAKE:
+            await self._register()  # the refresh that keeps the registration from going stale
 
     async def endpoint(self) -> str:
         """The child's base URL, for the router to relay to: loads or wakes the model when it is down.
