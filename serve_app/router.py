@@ -33,6 +33,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import ollama
 from serve_app.contract import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, SERVE_APP_STATE
 
 logger = logging.getLogger("ray.serve")
@@ -282,6 +283,41 @@ class Router:
             for name, spec in sorted(settings.models.items())
         ]
         return JSONResponse({"object": "list", "data": data})
+
+
+    # ---- Ollama's API (serve_app/ollama.py translates; off the OpenAI hot path) ----
+
+    @api.api_route("/", methods=["GET", "HEAD"])
+    @api.api_route("/api/{name}", methods=["GET", "POST", "HEAD", "DELETE"])
+    async def ollama_api(self, request: Request) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        return await ollama.handle(request, _OllamaUpstream(self), request_id)
+
+
+class _OllamaUpstream:
+    """The router as serve_app.ollama sees it (ollama.Upstream)."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self.models = router._settings.models
+
+    def authorized(self, header: str | None) -> bool:
+        return _authorized(self._router._settings, header)
+
+    async def states(self) -> dict[str, tuple[str, str]]:
+        return await self._router._app_states()
+
+    async def load(self, model: str) -> None:
+        try:
+            self._router._urls.get(model) or await self._router._endpoint(model)
+        except Unavailable as e:
+            raise ollama.UpstreamUnavailable(str(e)) from e
+
+    async def post(self, model: str, path: str, body: dict[str, Any], request_id: str) -> httpx.Response:
+        try:
+            return await self._router._send(model, path, json.dumps(body).encode(), request_id)
+        except Unavailable as e:
+            raise ollama.UpstreamUnavailable(str(e)) from e
 
 
 def app(args: dict[str, Any]) -> Application:
