@@ -92,11 +92,14 @@ def capabilities(spec: dict[str, Any]) -> list[str]:
 
 
 def tags(models: dict[str, dict[str, Any]], modified_at: str) -> dict[str, Any]:
-    """GET /api/tags: every fleet model, loaded or not (Ollama lists what it *can* run)."""
+    """GET /api/tags: every fleet model, loaded or not (Ollama lists what it *can* run).
+
+    Chat models first: UIs preselect the first model listed.
+    """
     return {"models": [
         {"name": ollama_name(m), "model": ollama_name(m), "modified_at": modified_at, "size": 0,
          "digest": _digest(m), "details": _details(spec)}
-        for m, spec in sorted(models.items())
+        for m, spec in sorted(models.items(), key=lambda kv: (kv[1].get("task") == "embed", kv[0]))
     ]}
 
 

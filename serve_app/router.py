@@ -127,6 +127,43 @@ async def _close(upstream: httpx.Response) -> None:
         await upstream.aclose()
 
 
+def _chat_first(item: tuple[str, dict[str, Any]]) -> tuple[bool, str]:
+    # Chat UIs (OpenWebUI among them) preselect the first model listed: never an embedding model.
+    return (item[1].get("task") == "embed", item[0])
+
+
+def _ui_hints(spec: dict[str, Any]) -> dict[str, Any]:
+    # OpenWebUI keeps extra fields of a listed model; `info.meta.hidden` keeps an embedding model
+    # out of its chat model picker (it is still used by name for RAG). Other clients ignore it.
+    return {"info": {"meta": {"hidden": True}}} if spec.get("task") == "embed" else {}
+
+
+class _OllamaUpstream:
+    """The router as serve_app.ollama sees it (ollama.Upstream)."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self.models = router._settings.models
+
+    def authorized(self, header: str | None) -> bool:
+        return _authorized(self._router._settings, header)
+
+    async def states(self) -> dict[str, tuple[str, str]]:
+        return await self._router._app_states()
+
+    async def load(self, model: str) -> None:
+        try:
+            self._router._urls.get(model) or await self._router._endpoint(model)
+        except Unavailable as e:
+            raise ollama.UpstreamUnavailable(str(e)) from e
+
+    async def post(self, model: str, path: str, body: dict[str, Any], request_id: str) -> httpx.Response:
+        try:
+            return await self._router._send(model, path, json.dumps(body).encode(), request_id)
+        except Unavailable as e:
+            raise ollama.UpstreamUnavailable(str(e)) from e
+
+
 @serve.deployment(name=ROUTER_DEPLOYMENT)
 @serve.ingress(api)
 class Router:
@@ -279,8 +316,9 @@ class Router:
                 "task": spec.get("task", "generate"),
                 "always_on": bool(spec.get("always_on", False)),
                 "state": states.get(name, ("absent", ""))[0],
+                **_ui_hints(spec),
             }
-            for name, spec in sorted(settings.models.items())
+            for name, spec in sorted(settings.models.items(), key=_chat_first)
         ]
         return JSONResponse({"object": "list", "data": data})
 
@@ -292,32 +330,6 @@ class Router:
     async def ollama_api(self, request: Request) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         return await ollama.handle(request, _OllamaUpstream(self), request_id)
-
-
-class _OllamaUpstream:
-    """The router as serve_app.ollama sees it (ollama.Upstream)."""
-
-    def __init__(self, router: Router) -> None:
-        self._router = router
-        self.models = router._settings.models
-
-    def authorized(self, header: str | None) -> bool:
-        return _authorized(self._router._settings, header)
-
-    async def states(self) -> dict[str, tuple[str, str]]:
-        return await self._router._app_states()
-
-    async def load(self, model: str) -> None:
-        try:
-            self._router._urls.get(model) or await self._router._endpoint(model)
-        except Unavailable as e:
-            raise ollama.UpstreamUnavailable(str(e)) from e
-
-    async def post(self, model: str, path: str, body: dict[str, Any], request_id: str) -> httpx.Response:
-        try:
-            return await self._router._send(model, path, json.dumps(body).encode(), request_id)
-        except Unavailable as e:
-            raise ollama.UpstreamUnavailable(str(e)) from e
 
 
 def app(args: dict[str, Any]) -> Application:

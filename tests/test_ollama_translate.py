@@ -8,7 +8,7 @@ import pytest
 
 from serve_app import ollama
 
-MODELS = {"chat": {"task": "generate", "always_on": False}, "emb": {"task": "embed", "always_on": True}}
+MODELS = {"emb": {"task": "embed", "always_on": True}, "chat": {"task": "generate", "always_on": False}}
 
 
 @pytest.mark.parametrize(("name", "model"), [
@@ -20,7 +20,7 @@ def test_ollama_names_map_to_fleet_models(name: str, model: str | None) -> None:
 
 def test_tags_list_every_model_and_ps_only_running_ones() -> None:
     listed = ollama.tags(MODELS, "2026-01-01T00:00:00Z")["models"]
-    assert [m["name"] for m in listed] == ["chat:latest", "emb:latest"]
+    assert [m["name"] for m in listed] == ["chat:latest", "emb:latest"]  # chat first: UIs pick the first
     assert listed[0]["digest"] != listed[1]["digest"]
     running = ollama.ps(MODELS, {"chat": ("starting", ""), "emb": ("ready", "")})["models"]
     assert [m["name"] for m in running] == ["emb:latest"]
