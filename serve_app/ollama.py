@@ -376,8 +376,8 @@ def error_message(status: int, body: bytes) -> str:
         return str(err.get("message") or err)
     if isinstance(err, str):
         return err
-    if isinstance(payload, dict) and payload.get("message"):
-        return str(payload["message"])
+    if isinstance(payload, dict) and (payload.get("message") or payload.get("detail")):
+        return str(payload.get("message") or payload["detail"])
     return f"HTTP {status}"
 
 
@@ -469,6 +469,11 @@ async def handle(request: Request, up: Upstream, request_id: str) -> Response:
         known = ", ".join(ollama_name(m) for m in sorted(models)) or "(none)"
         return ollama_error(404, f'model "{name}" not found; this fleet serves: {known}')
     spec = models[model]
+    task = spec.get("task", "generate")
+    if (path in ("/api/chat", "/api/generate") and task == "embed") or (
+            path in ("/api/embed", "/api/embeddings") and task != "embed"):
+        verb = {"/api/chat": "chat", "/api/generate": "generate"}.get(path, "embeddings")
+        return ollama_error(400, f'"{name}" does not support {verb} (fleet task: {task})')
     if path == "/api/show":
         return JSONResponse(show(model, spec, started))
     if path == "/api/chat":

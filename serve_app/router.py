@@ -127,15 +127,37 @@ async def _close(upstream: httpx.Response) -> None:
         await upstream.aclose()
 
 
+GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def wrong_task(model: str, spec: dict[str, Any], path: str) -> str | None:
+    """Why an embedding model can't answer a chat request (vLLM itself only says "Not Found")."""
+    if spec.get("task") == "embed" and path in GENERATE_PATHS:
+        return f"`{model}` is an embedding model (task: embed); it cannot answer {path}. Pick a chat model."
+    if spec.get("task", "generate") == "generate" and path == "/v1/embeddings":
+        return f"`{model}` is a generative model (task: generate); use an embedding model for {path}."
+    return None
+
+
 def _chat_first(item: tuple[str, dict[str, Any]]) -> tuple[bool, str]:
     # Chat UIs (OpenWebUI among them) preselect the first model listed: never an embedding model.
     return (item[1].get("task") == "embed", item[0])
 
 
 def _ui_hints(spec: dict[str, Any]) -> dict[str, Any]:
-    # OpenWebUI keeps extra fields of a listed model; `info.meta.hidden` keeps an embedding model
-    # out of its chat model picker (it is still used by name for RAG). Other clients ignore it.
-    return {"info": {"meta": {"hidden": True}}} if spec.get("task") == "embed" else {}
+    """Fields OpenWebUI reads from a listed model (other clients ignore them).
+
+    ``hidden`` keeps an embedding model out of its chat model picker (RAG still uses it by name);
+    ``builtin_tools: false`` stops it from sending its built-in tools to a model whose engine has
+    no tool-call parser: vLLM refuses any request with tools then ("auto" tool choice requires
+    --enable-auto-tool-choice), so the chat failed on its first message.
+    """
+    meta: dict[str, Any] = {}
+    if spec.get("task") == "embed":
+        meta["hidden"] = True
+    elif not spec.get("tool_parser"):
+        meta["capabilities"] = {"builtin_tools": False}
+    return {"info": {"meta": meta}} if meta else {}
 
 
 class _OllamaUpstream:
@@ -211,6 +233,9 @@ class Router:
             known = ", ".join(sorted(settings.models)) or "(none)"
             message = f"The model `{model}` does not exist. Models: {known}."
             return error(404, message, "invalid_request_error", "model_not_found")
+        wrong = wrong_task(model, settings.models[model], request.url.path)
+        if wrong:
+            return error(400, wrong, "invalid_request_error", "model_not_supported")
         try:
             upstream = await self._send(model, request.url.path, body, request_id)
         except Unavailable as e:

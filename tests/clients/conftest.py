@@ -157,7 +157,7 @@ def run_open_webui(tmp: Path, fleet: ClientFleet, **env_overrides: str) -> Itera
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     ui = OpenWebUI(f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 900
         while True:
             assert proc.poll() is None, f"open-webui exited {proc.returncode}:\n{ui.log_tail()}"
             try:
@@ -165,7 +165,7 @@ def run_open_webui(tmp: Path, fleet: ClientFleet, **env_overrides: str) -> Itera
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, f"open-webui not healthy in 600 s:\n{ui.log_tail()}"
+            assert time.monotonic() < deadline, f"open-webui not healthy in 900 s:\n{ui.log_tail()}"
             time.sleep(2)
         yield ui
     finally:

@@ -1,0 +1,139 @@
+"""A real OpenWebUI, driven in headless Chromium, against the fleet — as a new user meets it.
+
+OpenWebUI gets only the two settings the README names (OPENAI_API_BASE_URL, OPENAI_API_KEY) plus
+test-box ones (offline, no login). Its documents are embedded by the fleet's always-on embedding
+model through OpenWebUI's OpenAI embedding engine. Checked: the first chat message gets an answer
+(OpenWebUI preselects the first listed model; this once was the embedding model and the first
+answer was an engine error), its background tasks (title, tags, follow-ups) reach the engine
+without errors, a second OpenWebUI over the Ollama API also chats, and a document uploaded into
+a chat is used to answer a question about it. No error may show in the page at any point.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import CHAT, EMBED, ClientFleet, OpenWebUI, run_open_webui
+
+pytestmark = pytest.mark.serve
+
+# What a user sees when something failed: toasts of type error, and OpenWebUI's error box in a message.
+ERROR_SELECTORS = "[data-sonner-toast][data-type='error'], .chat-assistant [class*='bg-red'], #response-error"
+ANSWER_TIMEOUT_MS = 300_000
+# A fact the model cannot know, so an answer that has it came from the uploaded document.
+DOC_TEXT = ("Internal memo. The secret project codename is BLUEHERON. The project started in 2019 "
+            "and is run by the Zurich office. Its codename is BLUEHERON.\n")
+
+
+@pytest.fixture(scope="module")
+def webui(client_fleet: ClientFleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenWebUI]:
+    yield from run_open_webui(
+        tmp_path_factory.mktemp("open-webui"), client_fleet,
+        # RAG through the fleet: OpenWebUI's OpenAI embedding engine at the same endpoint
+        RAG_EMBEDDING_ENGINE="openai", RAG_EMBEDDING_MODEL=EMBED,
+        RAG_OPENAI_API_BASE_URL=client_fleet.endpoint + "/v1", RAG_OPENAI_API_KEY="unused",
+        # the chunks of a tiny document fit the small model's 2048-token context
+        CHUNK_SIZE="400", CHUNK_OVERLAP="50", RAG_TOP_K="2",
+    )
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def open_chat(browser: Any, url: str) -> Any:
+    page = browser.new_page()
+    page.set_default_timeout(120_000)
+    page.goto(url, wait_until="load")
+    page.wait_for_selector("#chat-input")
+    for label in ("Okay, Let's Go!", "Okay, Let's Go"):  # the first-visit changelog
+        button = page.get_by_role("button", name=label)
+        if button.count():
+            button.first.click()
+            break
+    page.keyboard.press("Escape")
+    return page
+
+
+def assert_no_error(page: Any, ui: OpenWebUI) -> None:
+    errors = [e.inner_text() for e in page.locator(ERROR_SELECTORS).all()]
+    assert not errors, f"OpenWebUI shows errors: {errors}\n--- its log:\n{ui.log_tail()}"
+
+
+def send(page: Any, text: str) -> None:
+    page.locator("#chat-input").click()
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")
+
+
+def last_answer(page: Any, ui: OpenWebUI, n: int) -> str:
+    """Wait until the n-th assistant message is complete; its text."""
+    message = page.locator(".chat-assistant").nth(n - 1)
+    deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
+    text = ""
+    while time.monotonic() < deadline:
+        assert_no_error(page, ui)
+        # done: OpenWebUI shows the message's action buttons (copy, regenerate) once it ends
+        if message.count() and message.get_by_role("button", name="Regenerate").count():
+            text = message.locator("#response-content-container").inner_text().strip()
+            if text:
+                return text
+        time.sleep(1)
+    raise AssertionError(f"no complete answer #{n} in time; page says: {page.locator('body').inner_text()[-2000:]}")
+
+
+def selected_model(page: Any) -> str:
+    return str(page.locator("#model-selector-0-button").inner_text()).strip()
+
+
+def test_first_chat_message_gets_an_answer(browser: Any, webui: OpenWebUI) -> None:
+    page = open_chat(browser, webui.url)
+    assert CHAT in selected_model(page)  # not the embedding model
+    send(page, "What is the capital of France?")
+    answer = last_answer(page, webui, 1)
+    assert "Paris" in answer
+    # background tasks ran against the engine and failed nowhere
+    time.sleep(5)
+    assert_no_error(page, webui)
+    assert not re.search(r"(?i)error .*(title|tags|follow)", webui.log.read_text(errors="replace"))
+
+
+def test_embedding_model_is_not_offered_for_chat(browser: Any, webui: OpenWebUI) -> None:
+    token = httpx.post(webui.url + "/api/v1/auths/signin", json={"email": "", "password": ""}).json()["token"]
+    models = httpx.get(webui.url + "/api/models", headers={"Authorization": f"Bearer {token}"}, timeout=60).json()
+    ids = [m["id"] for m in models["data"]]
+    assert ids[0] == CHAT
+    assert next(m for m in models["data"] if m["id"] == EMBED)["info"]["meta"]["hidden"] is True
+    page = open_chat(browser, webui.url)
+    page.locator("#model-selector-0-button").click()
+    listed = page.get_by_role("button").filter(has_text=EMBED)
+    assert listed.count() == 0
+    page.keyboard.press("Escape")
+
+
+def test_document_upload_then_question(browser: Any, webui: OpenWebUI, tmp_path: Path) -> None:
+    doc = tmp_path / "memo.txt"
+    doc.write_text(DOC_TEXT)
+    page = open_chat(browser, webui.url)
+    page.locator("input[type='file']").first.set_input_files(str(doc))
+    # the file chip appears once OpenWebUI has stored and embedded it (through the fleet)
+    page.get_by_text("memo.txt").first.wait_for()
+    page.wait_for_function("() => !document.querySelector('#chat-input')?.closest('form')"
+                           "?.querySelector('[class*=animate-spin]')", timeout=ANSWER_TIMEOUT_MS)
+    assert_no_error(page, webui)
+    send(page, "What is the secret project codename in the memo?")
+    answer = last_answer(page, webui, 1)
+    assert "BLUEHERON" in answer.upper().replace(" ", "")
