@@ -22,7 +22,8 @@ PIP=("$PY" -m pip)
 stamp_file="$("$PY" -c 'import sys; print(sys.prefix)')/.vllm-fleet-install"
 stamp="$ENGINE $PWD $(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
-   && "$PY" -c "import vllm, ray.serve, reconciler, serve_app" 2>/dev/null; then
+   && "$PY" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ['vllm', 'ray', 'reconciler'])))" \
+      2>/dev/null; then
   echo "vLLM Fleet is installed ($ENGINE engine, $PY)" >&2
   exit 0
 fi
