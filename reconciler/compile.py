@@ -22,6 +22,7 @@ from serve_app.contract import (
     ROUTER_DEPLOYMENT,
     ROUTER_IMPORT,
     EngineArgs,
+    RouterModel,
     RouterUserConfig,
     gpu_resource,
 )
@@ -71,6 +72,8 @@ def model_argv(model: PlacedModel) -> list[str]:
         argv += ["--tensor-parallel-size", str(model.tensor_parallel)]
     if model.gpu_memory is not None:
         argv += ["--gpu-memory-utilization", f"{model.gpu_memory:g}"]
+    if model.tool_parser and "tool_call_parser" not in model.engine:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_parser]
     return argv + engine_argv(model.engine)
 
 
@@ -110,9 +113,17 @@ def model_app(model: PlacedModel) -> dict[str, Any]:
     }
 
 
+def _router_model(model: PlacedModel) -> RouterModel:
+    # tool_parser only when set, so fleets without one keep the router config they had
+    entry: RouterModel = {"task": model.task, "always_on": model.always_on}
+    if model.tool_parser:
+        entry["tool_parser"] = model.tool_parser
+    return entry
+
+
 def router_app(fleet: PlacedFleet) -> dict[str, Any]:
     user_config: RouterUserConfig = {
-        "models": {m.name: {"task": m.task, "always_on": m.always_on} for m in fleet.models},
+        "models": {m.name: _router_model(m) for m in fleet.models},
         "api_key_envs": list(fleet.openai.api_keys),
         "load_timeout_s": _finite(fleet.openai.load_timeout),
     }

@@ -62,9 +62,10 @@ class EngineUserConfig(TypedDict, total=False):
     always_on: bool
 
 
-class RouterModel(TypedDict):
+class RouterModel(TypedDict, total=False):
     task: str
     always_on: bool
+    tool_parser: str  # present only when the engine takes tools (vLLM --tool-call-parser)
 
 
 class RouterUserConfig(TypedDict, total=False):
