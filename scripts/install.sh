@@ -17,6 +17,10 @@ if [ -z "${ENGINE:-}" ]; then
 fi
 case "$ENGINE" in cpu|gpu) ;; *) echo "error: ENGINE=$ENGINE: expected cpu or gpu" >&2; exit 1 ;; esac
 
+if [ -n "${FLEET_NO_INSTALL:-}" ]; then   # an environment managed by hand, e.g. shared by developers
+  echo "FLEET_NO_INSTALL is set: using $PY as it is" >&2
+  exit 0
+fi
 PIP=("$PY" -m pip)
 # What was installed, and for which checkout: unchanged → nothing to do.
 stamp_file="$("$PY" -c 'import sys; print(sys.prefix)')/.vllm-fleet-install"

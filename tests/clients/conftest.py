@@ -64,8 +64,8 @@ def start_env(lock_dir: Path, log_dir: Path) -> dict[str, str]:
                FLEET_LOG_DIR=str(log_dir), NO_COLOR="1")
     if sys.prefix != sys.base_prefix:
         env["FLEET_VENV"] = sys.prefix  # the venv this run uses: start.sh must find it complete
-    else:
-        env["PYTHON"] = sys.executable  # a hand-managed env (no venv): start.sh honours PYTHON
+    else:  # a hand-managed env (no venv, e.g. shared by developers): used as it is, never reinstalled
+        env.update(PYTHON=sys.executable, FLEET_NO_INSTALL="1")
     if os.environ.get("PYTHONPATH"):  # a worktree's code over the installed one (developers)
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return env

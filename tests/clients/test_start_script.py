@@ -22,9 +22,9 @@ pytestmark = pytest.mark.serve
 
 def test_start_sh_used_a_venv_and_serves_the_default_fleet(client_fleet: ClientFleet) -> None:
     start = client_fleet.start
-    assert "vLLM Fleet is installed" in start.stderr, start.stderr[-3000:]  # the install step was a check
     assert f"OpenAI endpoint: {client_fleet.endpoint}/v1" in start.stdout
-    if sys.prefix != sys.base_prefix:  # this run is in a venv: start.sh must have used it, not /usr/bin/python3
+    if sys.prefix != sys.base_prefix:  # this run is in a venv: start.sh used it (not /usr/bin/python3's packages)
+        assert "vLLM Fleet is installed" in start.stderr, start.stderr[-3000:]  # and its install step was a check
         assert f"({Path(sys.prefix) / 'bin' / 'python'})" in start.stderr
     client = openai.OpenAI(base_url=client_fleet.endpoint + "/v1", api_key="unused", timeout=300, max_retries=0)
     chat = client.chat.completions.create(model=CHAT, max_tokens=20, temperature=0,
@@ -37,6 +37,6 @@ def test_second_start_changes_nothing(client_fleet: ClientFleet) -> None:
     again = subprocess.run(["bash", str(REPO / "scripts" / "start.sh"), str(client_fleet.root)], cwd=client_fleet.root,
                            env=client_fleet.env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "vLLM Fleet is installed" in again.stderr
+    assert "vLLM Fleet is installed" in again.stderr or "FLEET_NO_INSTALL" in again.stderr
     out = again.stdout + again.stderr
     assert "using it" in out and "No changes" in out, out[-3000:]
