@@ -9,7 +9,8 @@ engine unavailable → 503 with the reason (the wait for a starting model is bou
 
 The model list, API-key env names and load timeout are ``user_config`` (docs/contracts.md):
 ``reconfigure`` swaps them in place, so adding or removing a model never restarts the router.
-import_path ``serve_app.router:app``.
+The same port answers Ollama's API under /api/ (serve_app/ollama.py translates it onto the
+same engines). import_path ``serve_app.router:app``.
 """
 
 from __future__ import annotations
@@ -346,7 +347,6 @@ class Router:
             for name, spec in sorted(settings.models.items(), key=_chat_first)
         ]
         return JSONResponse({"object": "list", "data": data})
-
 
     # ---- Ollama's API (serve_app/ollama.py translates; off the OpenAI hot path) ----
 
