@@ -121,7 +121,7 @@ def wait_file_processed(ui: OpenWebUI, name: str) -> None:
 
 def engine_chat_statuses(fleet: ClientFleet) -> list[int]:
     """HTTP statuses of the chat engine's /v1/chat/completions requests, from its vLLM log."""
-    logs = sorted(Path(fleet.env["FLEET_LOG_DIR"]).glob(f"{CHAT}-*.log"))
+    logs = sorted(Path(fleet.env["FLEET_LOG_DIR"]).glob(f"{CHAT}-*.log"), key=lambda p: p.stat().st_mtime)
     text = "".join(p.read_text(errors="replace") for p in logs)
     return [int(m) for m in re.findall(r'"POST /v1/chat/completions HTTP/1.1" (\d+)', text)]
 
