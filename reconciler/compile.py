@@ -25,6 +25,7 @@ from serve_app.contract import (
     EngineArgs,
     EngineUserConfig,
     RouterArgs,
+    RouterModel,
     RouterUserConfig,
     gpu_resource,
 )
@@ -77,6 +78,8 @@ def model_argv(model: PlacedModel) -> list[str]:
         argv += ["--gpu-memory-utilization", f"{model.gpu_memory:g}"]
     if model.sleep:
         argv.append("--enable-sleep-mode")
+    if model.tool_parser and "tool_call_parser" not in model.engine:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_parser]
     return argv + engine_argv(model.engine)
 
 
@@ -133,11 +136,19 @@ def model_app(model: PlacedModel) -> dict[str, Any]:
     }
 
 
+def _router_model(model: PlacedModel) -> RouterModel:
+    # tool_parser only when set, so fleets without one keep the router config they had
+    entry: RouterModel = {"task": model.task, "always_on": model.always_on}
+    if model.tool_parser:
+        entry["tool_parser"] = model.tool_parser
+    return entry
+
+
 def router_app(fleet: PlacedFleet) -> dict[str, Any]:
     """The fleet ingress: each replica serves the OpenAI port itself (SO_REUSEPORT), so host and
     port are constructor args (a change restarts it on the new port)."""
     user_config: RouterUserConfig = {
-        "models": {m.name: {"task": m.task, "always_on": m.always_on} for m in fleet.models},
+        "models": {m.name: _router_model(m) for m in fleet.models},
         "api_key_envs": list(fleet.openai.api_keys),
         "load_timeout_s": _finite(fleet.openai.load_timeout),
     }

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import estimate
+from . import estimate, tool_parsers
 from .errors import Problem, SpecError, field_path
 from .inventory import GpuInfo, Inventory, discover
 from .loader import Origins
@@ -47,6 +47,7 @@ class PlacedModel:
     replicas: int
     weights_bytes: int | None
     placed_by: Literal["declared", "auto", "cpu"]
+    tool_parser: str | None = None  # vLLM --tool-call-parser; None = the engine takes no tools
 
 
 @dataclass(frozen=True)
@@ -227,4 +228,6 @@ def _placed(fleet: Fleet, name: str, model: Model, root: Path, where: tuple[tupl
         replicas=model.replicas or d.replicas,
         weights_bytes=weights,
         placed_by=by,
+        tool_parser=tool_parsers.tool_parser(
+            model.source, model.task, model.tool_parser or model.engine.get("tool_call_parser")),
     )

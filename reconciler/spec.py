@@ -212,6 +212,9 @@ class Model(Strict):
     start_timeout: Duration | None = None
     replicas: int | None = Field(None, ge=1)
     size: Size | None = Field(None, description="memory the weights need, for automatic placement")
+    tool_parser: str | None = Field(
+        None, description="vLLM --tool-call-parser for tool calls; default: known from the model's name "
+                          "(e.g. Qwen2.5 → hermes, Llama-3.1 → llama3_json); none = no tool calls")
 
     @model_validator(mode="after")
     def _tp_matches_gpus(self) -> Model:

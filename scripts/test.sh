@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Fresh box → the whole test suite: install everything, then run the tests against a real Ray
-# (started by the tests) and real vLLM on the CPU. Extra arguments go to pytest.
+# Fresh box → the whole test suite: install everything (the fleet, and the clients the tests
+# drive: OpenWebUI, Chromium), then run the tests against a real Ray (started by the tests) and
+# real vLLM on the CPU. Extra arguments go to pytest. The Python: see scripts/python-env.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+bash scripts/install-clients.sh
+source scripts/python-env.sh
+fleet_python_env
 export HF_HUB_OFFLINE=1   # tests never reach a model hub; they build or ship their models
-exec python3 -m pytest -q "$@"
+exec "$PY" -m pytest -q "$@"

@@ -70,9 +70,10 @@ class RouterArgs(TypedDict):
     port: int  # openai.port; every replica on a node binds it with SO_REUSEPORT
 
 
-class RouterModel(TypedDict):
+class RouterModel(TypedDict, total=False):
     task: str
     always_on: bool
+    tool_parser: str  # present only when the engine takes tools (vLLM --tool-call-parser)
 
 
 class RouterUserConfig(TypedDict, total=False):

@@ -25,7 +25,8 @@ knows no URL or the known ones refuse; /v1/models shows each model's lifecycle s
 engine's ``state()``. Only the OpenAI paths below are relayed: vLLM's dev endpoints (/sleep,
 /wake_up) never are. The model list, API-key env names and load timeout are ``user_config``
 (docs/contracts.md): ``reconfigure`` swaps them in place. Host and port are the app's ``args``:
-changing them restarts the router on the new port.
+changing them restarts the router on the new port. The same port answers Ollama's API under
+/api/ (serve_app/ollama.py translates it onto the same engines, through the relay).
 import_path ``serve_app.router:app``.
 """
 
@@ -54,7 +55,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from serve_app import endpoints
+from serve_app import endpoints, ollama
 from serve_app.contract import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, SERVE_APP_STATE
 
 logger = logging.getLogger("ray.serve")
@@ -160,6 +161,39 @@ def _model_state(app_state: str, lifecycle: dict[str, Any] | None) -> dict[str, 
     return out
 
 
+GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def wrong_task(model: str, spec: dict[str, Any], path: str) -> str | None:
+    """Why an embedding model can't answer a chat request (vLLM itself only says "Not Found")."""
+    if spec.get("task") == "embed" and path in GENERATE_PATHS:
+        return f"`{model}` is an embedding model (task: embed); it cannot answer {path}. Pick a chat model."
+    if spec.get("task", "generate") == "generate" and path == "/v1/embeddings":
+        return f"`{model}` is a generative model (task: generate); use an embedding model for {path}."
+    return None
+
+
+def _chat_first(item: tuple[str, dict[str, Any]]) -> tuple[bool, str]:
+    # Chat UIs (OpenWebUI among them) preselect the first model listed: never an embedding model.
+    return (item[1].get("task") == "embed", item[0])
+
+
+def _ui_hints(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fields OpenWebUI reads from a listed model (other clients ignore them).
+
+    ``hidden`` keeps an embedding model out of its chat model picker (RAG still uses it by name);
+    ``builtin_tools: false`` stops it from sending its built-in tools to a model whose engine has
+    no tool-call parser: vLLM refuses any request with tools then ("auto" tool choice requires
+    --enable-auto-tool-choice), so the chat failed on its first message.
+    """
+    meta: dict[str, Any] = {}
+    if spec.get("task") == "embed":
+        meta["hidden"] = True
+    elif not spec.get("tool_parser"):
+        meta["capabilities"] = {"builtin_tools": False}
+    return {"info": {"meta": meta}} if meta else {}
+
+
 # ---- the relay (runs in the HTTP server's loop) ----
 
 
@@ -261,6 +295,11 @@ class Relay:
                 continue
             known = {b.url: b for b in self._backends.get(model, [])}
             self._backends[model] = [known.get(url) or Backend(url) for url in sorted(set(urls))]
+
+    async def ensure(self, model: str) -> None:
+        """Wait (bounded) until the model has an engine to send to: loads or wakes it if need be."""
+        if self._pick(model, set()) is None:
+            await self._found(model)
 
     def backends(self, model: str) -> list[Backend]:
         return list(self._backends.get(model, []))
@@ -393,6 +432,10 @@ class Ingress:
             message = error_body(f"The model `{model}` does not exist. Models: {known}.",
                                  "invalid_request_error", "model_not_found")
             return await _send_json(send, 404, message, request_id)
+        wrong = wrong_task(model, settings.models[model], scope["path"])
+        if wrong:
+            return await _send_json(send, 400, error_body(wrong, "invalid_request_error", "model_not_supported"),
+                                    request_id)
         try:
             upstream = await self.relay.open(model, scope["path"], body, request_id)
         except Unavailable as e:
@@ -465,10 +508,74 @@ async def list_models(request: Request) -> Response:
             "task": spec.get("task", "generate"),
             "always_on": bool(spec.get("always_on", False)),
             **_model_state(states.get(name, ("absent", ""))[0], lifecycles.get(name)),
+            **_ui_hints(spec),
         }
-        for name, spec in sorted(settings.models.items())
+        for name, spec in sorted(settings.models.items(), key=_chat_first)
     ]
     return JSONResponse({"object": "list", "data": data})
+
+
+# ---- Ollama's API (serve_app/ollama.py translates; off the OpenAI hot path) ----
+
+
+class _OllamaResponse:
+    """An engine's answer with the few httpx.Response methods serve_app.ollama reads."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self._up = upstream
+
+    @property
+    def status_code(self) -> int:
+        return self._up.status
+
+    async def aread(self) -> bytes:
+        return await self._up.read()
+
+    async def aiter_lines(self) -> AsyncIterator[str]:
+        pending = b""
+        async for chunk in self._up.chunks():
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.rstrip(b"\r").decode()
+        if pending:
+            yield pending.decode()
+
+    async def aclose(self) -> None:
+        self._up.finish()  # not read to the end: closed, so vLLM aborts the request
+
+
+class _OllamaUpstream:
+    """The relay as serve_app.ollama sees it (ollama.Upstream)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+        self.models = relay.settings.models
+
+    def authorized(self, header: str | None) -> bool:
+        return self._relay.authorized(header)
+
+    async def states(self) -> dict[str, tuple[str, str]]:
+        return await self._relay.app_states()
+
+    async def load(self, model: str) -> None:
+        try:
+            await self._relay.ensure(model)
+        except Unavailable as e:
+            raise ollama.UpstreamUnavailable(str(e)) from e
+
+    async def post(self, model: str, path: str, body: dict[str, Any], request_id: str) -> _OllamaResponse:
+        try:
+            return _OllamaResponse(await self._relay.open(model, path, json.dumps(body).encode(), request_id))
+        except Unavailable as e:
+            raise ollama.UpstreamUnavailable(str(e)) from e
+
+
+@api.api_route("/", methods=["GET", "HEAD"])
+@api.api_route("/api/{name}", methods=["GET", "POST", "HEAD", "DELETE"])
+async def ollama_api(request: Request) -> Response:
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    return await ollama.handle(request, _OllamaUpstream(request.app.state.relay), request_id)
 
 
 # ---- the HTTP server ----
