@@ -157,10 +157,10 @@ def test_errors_have_openai_shape(front: Front) -> None:
 def test_api_key_on_every_route(engines: list[Engine]) -> None:
     front = _front(engines, keys=frozenset({"k1"}))
     try:
-        for method, path in (("POST", "/v1/embeddings"), ("GET", "/v1/models")):
+        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models")):
             answer = httpx.request(method, front.base + path, json={"model": "m"})
             assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
-        ok = httpx.post(front.base + "/v1/embeddings", json={"model": "m"}, headers={"Authorization": "Bearer k1"})
+        ok = httpx.post(front.base + "/v1/completions", json={"model": "m"}, headers={"Authorization": "Bearer k1"})
         assert ok.status_code == 200
     finally:
         front.server.stop()
@@ -181,7 +181,7 @@ def test_dropped_connection_before_any_answer_is_retried() -> None:
     engine.start()
     front = _front([engine])
     try:
-        answer = httpx.post(front.base + "/v1/embeddings", json={"model": "m"})
+        answer = httpx.post(front.base + "/v1/completions", json={"model": "m"})
         assert answer.status_code == 200 and engine.dropped == 1 and engine.served == 1
     finally:
         front.server.stop()
@@ -192,7 +192,7 @@ def test_dead_engine_is_skipped(engines: list[Engine]) -> None:
     front = _front([dead, *engines])
     try:
         for _ in range(6):
-            assert httpx.post(front.base + "/v1/embeddings", json={"model": "m"}).status_code == 200
+            assert httpx.post(front.base + "/v1/completions", json={"model": "m"}).status_code == 200
     finally:
         front.server.stop()
 
