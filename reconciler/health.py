@@ -108,12 +108,16 @@ def app_health(app: AppLive | None) -> AppHealth:
     if reason and app.status != "RUNNING":
         return AppHealth(State.UNSCHEDULABLE, Health.DEGRADED, reason)
     state = APP_STATE.get(app.status, State.UNHEALTHY)
-    message = "" if state is State.READY else app.message.strip() or _deployment_messages(app)
+    message = "" if state is State.READY else _messages(app)
     return AppHealth(state, STATE_HEALTH[state], message)
 
 
-def _deployment_messages(app: AppLive) -> str:
-    return "\n".join(d.message.strip() for d in app.deployments if d.message)
+def _messages(app: AppLive) -> str:
+    """Serve's app message ("Failed to update the deployments ['engine'].") and then each
+    deployment's, which carries the engine's own error."""
+    parts = [app.message.strip()] + [d.message.strip() for d in app.deployments
+                                     if d.message and d.message.strip() not in app.message]
+    return "\n".join(p for p in parts if p)
 
 
 def worst(healths: list[Health]) -> Health:
