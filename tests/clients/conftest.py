@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -29,6 +28,7 @@ import pytest
 from reconciler import cluster
 from reconciler.cli_ops import head_state_path, kill_leftovers
 from serve_app.proctable import descendants
+from tests.fixtures.default_fleet import copy_default_fleet
 
 REPO = Path(__file__).resolve().parents[2]
 OPEN_WEBUI_VERSION = "0.12.4"  # as scripts/install-clients.sh installs it
@@ -74,13 +74,8 @@ def start_env(lock_dir: Path, log_dir: Path) -> dict[str, str]:
 @pytest.fixture(scope="package")
 def client_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientFleet]:
     root = tmp_path_factory.mktemp("client-fleet")
-    dash, port = cluster.free_port(), cluster.free_port()
-    text = (REPO / "fleet.yaml").read_text()
-    text = re.sub(r"dashboard_url: \S+", f"dashboard_url: http://127.0.0.1:{dash}", text)
-    text = re.sub(r"(openai:\n(?:  .*\n)*?  port: )\d+", rf"\g<1>{port}", text)
-    (root / "fleet.yaml").write_text(text)
-    if (REPO / "fleet.d").is_dir():
-        shutil.copytree(REPO / "fleet.d", root / "fleet.d")
+    ports = copy_default_fleet(root)
+    dash, port = ports.dashboard, ports.openai
     env = start_env(tmp_path_factory.mktemp("locks"), tmp_path_factory.mktemp("vllm-logs"))
     dashboard = f"http://127.0.0.1:{dash}"
     try:

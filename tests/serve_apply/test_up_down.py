@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,24 +18,18 @@ import pytest
 from reconciler import cluster
 from reconciler.cli_ops import head_state_path, kill_leftovers
 from serve_app.proctable import alive, cmdline, descendants, processes
+from tests.fixtures.default_fleet import copy_default_fleet
 
 from .helpers import Fleet
 
 pytestmark = pytest.mark.serve
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def default_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("default-fleet")
-    dash, port = cluster.free_port(), cluster.free_port()
-    text = (REPO / "fleet.yaml").read_text()
-    text = re.sub(r"dashboard_url: \S+", f"dashboard_url: http://127.0.0.1:{dash}", text)
-    text = re.sub(r"(openai:\n(?:  .*\n)*?  port: )\d+", rf"\g<1>{port}", text)
-    text += f"\ndaemon:\n  port: {cluster.free_port()}\n"
-    (root / "fleet.yaml").write_text(text)
-    if (REPO / "fleet.d").is_dir():
-        shutil.copytree(REPO / "fleet.d", root / "fleet.d")
+    ports = copy_default_fleet(root)
+    dash, port = ports.dashboard, ports.openai
     fleet = Fleet(root, f"http://127.0.0.1:{dash}", port, tmp_path_factory.mktemp("locks"), root)
     yield fleet
     # Whatever happened, leave nothing running.
