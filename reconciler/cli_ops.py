@@ -21,14 +21,14 @@ from typing import Any, NoReturn
 
 import click
 
-from reconciler import capacity, history, render
+from reconciler import capacity, render
 from reconciler import live as live_mod
 from reconciler import lock as lock_mod
 from reconciler import status as status_mod
 from reconciler.errors import Problem, SpecError
 from reconciler.pipeline import DesiredState, desired_state
-from reconciler.plan import Action, Plan, PlanFormatError, make_plan, plan_from_dict, plan_to_dict
-from reconciler.reconcile import Approve, Outcome, Result, reconcile
+from reconciler.plan import Action, Plan, PlanFormatError, plan_from_dict, plan_to_dict
+from reconciler.reconcile import Approve, Outcome, Result, plan_for, reconcile
 from serve_app import proctable
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
@@ -107,8 +107,7 @@ def plan_cmd(path: Path, as_json: bool, detailed_exitcode: bool, out_file: Path 
     """Show what apply would change on the live Ray Serve, and why."""
     desired = _desired_or_exit(path)
     live = _live_or_exit(desired.dashboard_url)
-    plan = make_plan(desired.config, live, foreign_apps=desired.foreign_apps,
-                     start_times=history.load(desired.dashboard_url).latest(), disabled=desired.placed.disabled)
+    plan = plan_for(desired.state, live)
     click.echo(render.format_json(plan) if as_json else render.format_text(plan, color=_color()), nl=False)
     problems = capacity.check(plan, desired.state, live_mod.read_cluster_resources(desired.dashboard_url))
     if problems:
@@ -215,8 +214,8 @@ def status_cmd(path: Path, as_json: bool) -> None:
     """Models: desired vs live, state, health, sync, replicas, GPUs, and Serve's reason when one is stuck."""
     desired = _desired_or_exit(path)
     live = _live_or_exit(desired.dashboard_url)
-    plan = make_plan(desired.config, live, foreign_apps=desired.foreign_apps)
-    doc = status_mod.document(plan, live, desired.placed)
+    plan = plan_for(desired.state, live)
+    doc = status_mod.document(plan, live, desired.placed, runtime=live_mod.read_model_states(desired.placed.openai))
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return

@@ -27,8 +27,8 @@ from reconciler import live as live_mod
 from reconciler import status as status_mod
 from reconciler.errors import SpecError
 from reconciler.pipeline import DesiredState, desired_state
-from reconciler.plan import Action, Plan, make_plan
-from reconciler.reconcile import Failures, Outcome, Result, reconcile
+from reconciler.plan import Action, Plan
+from reconciler.reconcile import Failures, Outcome, Result, plan_for, reconcile
 from reconciler.watch import DEBOUNCE_MS, watch
 
 logger = logging.getLogger("fleetctl.daemon")
@@ -234,8 +234,9 @@ class Daemon:
             live = live_mod.read_live_state(desired.placed.ray.dashboard_url)
         except live_mod.LiveStateError as e:
             return None, str(e)
-        plan = make_plan(desired.config, live, foreign_apps=desired.placed.settings.foreign_apps)
-        return status_mod.document(plan, live, desired.placed), ""
+        plan = plan_for(desired, live)
+        runtime = live_mod.read_model_states(desired.placed.openai)
+        return status_mod.document(plan, live, desired.placed, runtime=runtime), ""
 
     def status_document(self) -> dict[str, Any]:
         """GET /status: the status document of the last pass plus the daemon's own section."""

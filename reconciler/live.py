@@ -215,3 +215,20 @@ def read_cluster_resources(dashboard_url: str, *, client: httpx.Client | None = 
         return None
     return Cluster(tuple(Node(str(n.get("node_id")), str(n.get("node_ip")), dict(n.get("resources_total") or {}))
                          for n in rows if n.get("state") == "ALIVE"))
+
+
+def read_model_states(openai: Any) -> dict[str, dict[str, Any]]:
+    """Each model's lifecycle state (awake, unloaded, ...) as the fleet's endpoint (``openai``: the
+    fleet's openai settings) lists it in /v1/models; {} when it does not answer (status then shows
+    Serve's view alone). The key, if the fleet wants one, comes from the first env var it names."""
+    key = next((os.environ[n] for n in openai.api_keys if os.environ.get(n)), None)
+    host = "127.0.0.1" if openai.host in ("0.0.0.0", "::", "") else openai.host
+    port = openai.port
+    try:
+        resp = httpx.get(f"http://{host}:{port}/v1/models", timeout=3.0,
+                         headers={"Authorization": f"Bearer {key}"} if key else {})
+        data = resp.json()["data"] if resp.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return {}
+    return {str(m["id"]): {"state": m.get("state"), "since": m.get("since"), "reason": m.get("reason")}
+            for m in data if isinstance(m, dict) and "id" in m}

@@ -120,6 +120,13 @@ def _noop_report(_: str) -> None:
     return None
 
 
+def plan_for(desired: DesiredState, live: live_mod.LiveState) -> Plan:
+    """The plan from the files to this live state, with the fleet's settings and measured starts."""
+    placed = desired.placed
+    return make_plan(desired.config, live, foreign_apps=placed.settings.foreign_apps,
+                     start_times=history_mod.load(placed.ray.dashboard_url).latest(), disabled=placed.disabled)
+
+
 def reconcile(
     path: str | os.PathLike[str] = ".",
     *,
@@ -159,9 +166,7 @@ def _locked(desired: DesiredState, saved_plan: Plan | None, approve: Approve | N
             failures: Failures | None, timeout_s: float | None, done: Callable[..., Outcome]) -> Outcome:
     dashboard = desired.placed.ray.dashboard_url
     live = live_mod.read_live_state(dashboard)
-    starts = history_mod.load(dashboard)
-    plan = make_plan(desired.config, live, foreign_apps=desired.placed.settings.foreign_apps,
-                     start_times=starts.latest())
+    plan = plan_for(desired, live)
     if saved_plan is not None:
         stale = _staleness(saved_plan, plan)
         if stale:

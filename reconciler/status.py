@@ -10,16 +10,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from reconciler.health import Health, Sync, app_health, worst
+from reconciler.health import STATE_HEALTH, AppHealth, Health, State, Sync, app_health, worst
 from reconciler.live import LiveState
 from reconciler.placement import PlacedFleet
 from reconciler.plan import Action, Plan
 from serve_app.contract import ENGINE_IMPORT
 
 FORMAT_VERSION = "2"
+# The lifecycle states a running engine reports (serve_app.lifecycle), shown instead of "ready".
+_LIFECYCLE = {s.value for s in (State.LOADING, State.AWAKE, State.SLEEPING, State.ASLEEP, State.WAKING,
+                                State.UNLOADING, State.UNLOADED, State.FAILED)}
 
 
-def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None) -> list[dict[str, Any]]:
+def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
+               runtime: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """``runtime``: each model's lifecycle state from the router's /v1/models (awake, unloaded...)."""
     names = [c.model for c in plan.changes] + [f.name for f in plan.foreign
                                                 if f.name not in {c.model for c in plan.changes}]
     by_name = {m.name: m for m in placed.models} if placed else {}
@@ -31,6 +36,11 @@ def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None) -
         running = sum(d.running_replicas for d in app.deployments) if app else 0
         target = sum(d.target_num_replicas or 0 for d in app.deployments) if app else 0
         h = app_health(app)
+        state, since = h.state.value, None
+        lifecycle = (runtime or {}).get(name)
+        if h.state is State.READY and lifecycle and lifecycle.get("state") in _LIFECYCLE:
+            state, since = lifecycle["state"], lifecycle.get("since")
+            h = AppHealth(State(state), STATE_HEALTH[State(state)], str(lifecycle.get("reason") or ""))
         if change is None:
             sync = Sync.FOREIGN
         elif change.action is Action.NOOP:
@@ -47,7 +57,8 @@ def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None) -
             "sync": sync.value,
             "pending": change.action.value if change and change.action is not Action.NOOP else None,
             "health": h.health.value,
-            "state": h.state.value,
+            "state": state,
+            "since": since,
             "replicas": f"{running}/{target}" if app else "0/0",
             "gpus": _gpus(cfg),
             "gpu_memory": m.gpu_memory if m else None,
@@ -66,9 +77,9 @@ def _gpus(app_config: Mapping[str, Any]) -> str:
 
 
 def document(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
-             **sections: Any) -> dict[str, Any]:
+             runtime: Mapping[str, Mapping[str, Any]] | None = None, **sections: Any) -> dict[str, Any]:
     """The whole status document; ``sections`` (e.g. daemon=...) are added at the top level."""
-    rows = model_rows(plan, live, placed)
+    rows = model_rows(plan, live, placed, runtime)
     overall = worst([Health(r["health"]) for r in rows if r["sync"] != Sync.FOREIGN.value]) \
         if live.serve_running else Health.UNKNOWN
     return {
