@@ -108,9 +108,9 @@ class Daemon:
         self._kick_reason = "start"
         self._last_good: DesiredState | None = None
         self._failures = Failures()
-        # Plans applied by passes no edit triggered, in a row: the same one twice means Serve does not
-        # keep what we send (a field its version drops), and a third PUT would only loop.
-        self._repeats: tuple[str, int] = ("", 0)
+        # A change Serve did not keep: right after it was applied and settled, live still differed from
+        # the files in this way (a field its version drops). Sending it again would only loop.
+        self._unkept = ""
         self._lock = threading.Lock()
         self._state = DaemonState(str(self.path), time.time(), os.getpid())
 
@@ -186,28 +186,24 @@ class Daemon:
         return outcome
 
     def _approve(self, plan: Plan) -> bool:
-        key, count = self._repeats
-        if plan_key(plan) == key and count >= 2:
-            logger.error("not applying again: the same change was applied %d times and Serve still differs "
-                         "(%s); Serve does not keep these fields", count, ", ".join(
-                             f.path for c in plan.changes for f in c.fields) or "whole apps")
+        if self._unkept and plan_key(plan) == self._unkept:
+            logger.error("not applying again: Serve did not keep this change when it was applied (%s)",
+                         ", ".join(f.path for c in plan.changes for f in c.fields) or "whole apps")
             return False
         return True
 
-    def _count_repeats(self, reason: str, outcome: Outcome) -> None:
-        if outcome.result is not Result.APPLIED or outcome.plan is None or reason == "edit":
-            if reason == "edit" or outcome.result is Result.SYNCED:
-                self._repeats = ("", 0)
-            return
-        key = plan_key(outcome.plan)
-        self._repeats = (key, self._repeats[1] + 1 if self._repeats[0] == key else 1)
+    def _check_kept(self, outcome: Outcome) -> None:
+        """After an apply, does live now match the files? If not, remember what Serve did not keep."""
+        if outcome.result is Result.APPLIED and outcome.applied and outcome.desired:
+            after = plan_for(outcome.desired, outcome.applied.live)
+            self._unkept = plan_key(after) if after.has_changes else ""
 
     def _record(self, reason: str, outcome: Outcome, spec_error: tuple[dict[str, Any], ...]) -> None:
-        self._count_repeats(reason, outcome)
+        self._check_kept(outcome)
         if outcome.result is Result.CANCELLED:
             outcome = replace(outcome, result=Result.HELD, message=(
-                "Serve does not keep part of the config: the same change was applied twice and Serve "
-                "still differs; not sending it again until the files change. `fleetctl plan` shows the fields."))
+                "Serve does not keep part of the config: right after it was applied, live still differed "
+                "from the files; not sending it again until the files change. `fleetctl plan` shows the fields."))
         s = self.snapshot()
         changed = outcome.result in (Result.APPLIED, Result.FAILED)
         drift = outcome.result is Result.APPLIED and reason in ("resync", "retry")
