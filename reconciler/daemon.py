@@ -14,6 +14,7 @@ Only the loop thread writes `DaemonState`; the API reads immutable snapshots of 
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import threading
@@ -111,6 +112,7 @@ class Daemon:
         # A change Serve did not keep: right after it was applied and settled, live still differed from
         # the files in this way (a field its version drops). Sending it again would only loop.
         self._unkept = ""
+        self._json_cache: tuple[DaemonState, bytes] | None = None
         self._lock = threading.Lock()
         self._state = DaemonState(str(self.path), time.time(), os.getpid())
 
@@ -242,6 +244,15 @@ class Daemon:
             "health": "Unknown", "pending_changes": [], "models": [], "error": s.status_error}
         doc["daemon"] = s.section()
         return doc
+
+    def status_json(self) -> bytes:
+        """status_document() as JSON, serialised once per recorded state (the API's hot path)."""
+        s = self.snapshot()
+        cached = self._json_cache
+        if cached is None or cached[0] is not s:
+            cached = (s, json.dumps(self.status_document()).encode())
+            self._json_cache = cached
+        return cached[1]
 
     def placed(self) -> Any:
         return self._last_good.placed if self._last_good else None

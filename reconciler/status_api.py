@@ -99,12 +99,13 @@ def make_app(daemon: Daemon, metrics: Metrics | None = None) -> FastAPI:
                                 status_code=405, headers={"Allow": "GET, HEAD"})
         return await call_next(request)
 
+    # async handlers: no thread hop per request; the JSON is made once per pass (Daemon.status_json)
     @app.get("/status")
-    def status() -> JSONResponse:
-        return JSONResponse(daemon.status_document())
+    async def status() -> Response:
+        return Response(daemon.status_json(), media_type="application/json")
 
     @app.get("/healthz")
-    def healthz() -> JSONResponse:
+    async def healthz() -> JSONResponse:
         s = daemon.snapshot()
         age = time.time() - (s.last.started_at + s.last.seconds) if s.last else None
         # A pass may legitimately run long (a model starting); stalled is "no pass and no progress".
@@ -114,11 +115,11 @@ def make_app(daemon: Daemon, metrics: Metrics | None = None) -> FastAPI:
         return JSONResponse(body, status_code=503 if stalled else 200)
 
     @app.get("/metrics")
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
-    def page() -> HTMLResponse:
+    async def page() -> HTMLResponse:
         return HTMLResponse(render_page(daemon.status_document(), daemon.placed()))
 
     return app
