@@ -65,17 +65,22 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def api_load(url: str, clients: int, requests: int) -> list[float]:
+    """``clients`` concurrent keep-alive clients, ``requests`` each. aiohttp: an httpx client
+    on 2 cores was itself the bottleneck (curl saw 3.7 ms per request where httpx saw 150)."""
+    import aiohttp
+
     lat: list[float] = []
 
-    async def one(c: httpx.AsyncClient) -> None:
+    async def one(session: aiohttp.ClientSession) -> None:
         for _ in range(requests):
             t = time.perf_counter()
-            r = await c.get(url)
-            r.raise_for_status()
+            async with session.get(url) as r:
+                await r.read()
+                r.raise_for_status()
             lat.append(time.perf_counter() - t)
 
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=clients)) as c:
-        await asyncio.gather(*(one(c) for _ in range(clients)))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
+        await asyncio.gather(*(one(session) for _ in range(clients)))
     return lat
 
 
