@@ -19,7 +19,6 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from reconciler import apply as apply_mod
@@ -27,7 +26,7 @@ from reconciler import capacity
 from reconciler import history as history_mod
 from reconciler import live as live_mod
 from reconciler import lock as lock_mod
-from reconciler.errors import FleetError, Problem, SpecError
+from reconciler.errors import Problem, SpecError
 from reconciler.pipeline import DesiredState, desired_state
 from reconciler.plan import Action, Plan, app_fingerprint, make_plan
 
@@ -210,11 +209,3 @@ def _staleness(saved: Plan, fresh: Plan) -> str:
         return ("the saved plan is stale: the live Serve changed since it was made; "
                 "run `fleetctl plan -out FILE` again")
     return ""
-
-
-def fleet_root(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    return p if p.is_dir() else p.parent
-
-
-__all__ = ["Approve", "Failures", "FleetError", "Outcome", "Report", "Result", "fleet_root", "reconcile"]
