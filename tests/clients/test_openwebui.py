@@ -98,7 +98,9 @@ def selected_model(page: Any) -> str:
 
 def api(ui: OpenWebUI) -> httpx.Client:
     """OpenWebUI's own API as the page's user (no accounts: an empty sign-in gives a token)."""
-    token = httpx.post(ui.url + "/api/v1/auths/signin", json={"email": "", "password": ""}).json()["token"]
+    # a generous timeout: OpenWebUI answers slowly while its background tasks run on a busy box
+    token = httpx.post(ui.url + "/api/v1/auths/signin", json={"email": "", "password": ""},
+                       timeout=60).json()["token"]
     return httpx.Client(base_url=ui.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
 
 
