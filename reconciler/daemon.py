@@ -228,11 +228,14 @@ class Daemon:
         desired = outcome.desired or self._last_good
         if desired is None:
             return None, outcome.message
-        try:
-            live = live_mod.read_live_state(desired.placed.ray.dashboard_url)
-        except live_mod.LiveStateError as e:
-            return None, str(e)
-        plan = plan_for(desired, live)
+        if outcome.result is Result.SYNCED and outcome.live is not None and outcome.plan is not None:
+            live, plan = outcome.live, outcome.plan  # just read and planned by this pass: no second GET
+        else:  # after an apply or a failure, what the pass saw has moved on
+            try:
+                live = live_mod.read_live_state(desired.placed.ray.dashboard_url)
+            except live_mod.LiveStateError as e:
+                return None, str(e)
+            plan = plan_for(desired, live)
         runtime = live_mod.read_model_states(desired.placed.openai)
         return status_mod.document(plan, live, desired.placed, runtime=runtime), ""
 
