@@ -25,7 +25,7 @@ def test_start_sh_used_a_venv_and_serves_the_default_fleet(client_fleet: ClientF
     assert f"OpenAI endpoint: {client_fleet.endpoint}/v1" in start.stdout
     if sys.prefix != sys.base_prefix:  # this run is in a venv: start.sh used it (not /usr/bin/python3's packages)
         assert "vLLM Fleet is installed" in start.stderr, start.stderr[-3000:]  # and its install step was a check
-        assert f"({Path(sys.prefix) / 'bin' / 'python'})" in start.stderr
+        assert f"{Path(sys.prefix) / 'bin' / 'python'})" in start.stderr
     client = openai.OpenAI(base_url=client_fleet.endpoint + "/v1", api_key="unused", timeout=300, max_retries=0)
     chat = client.chat.completions.create(model=CHAT, max_tokens=20, temperature=0,
                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
