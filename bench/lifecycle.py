@@ -100,8 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="an HF model folder (default: build a tiny random Llama)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gpu", type=int, help="GPU mode: sleep/wake and a swap group on this GPU")
+    parser.add_argument("--engine", default="{}", help="GPU mode: the fleet's defaults.engine as JSON")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.gpu is not None:
+        import lifecycle_gpu
+
+        return lifecycle_gpu.run(args.model, args.gpu, args.rounds, json.loads(args.engine), args.json)
     work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-"))
     model_dir = args.model or build_tiny_llama(work / "tiny-llama")
     stack = RayServeStack(model_dir, work / "ray", with_fleet=True, with_rayllm=False,
