@@ -1,10 +1,13 @@
 """Apply a Plan to the live Serve: PUT the full desired config, then wait until it has settled.
 
 The only module that changes Serve. Serve's PUT replaces the whole set of declarative apps
-(DESIGN choice 6), so every PUT carries every app we keep. When an always-on model is being
-created or restarted together with other changes, a first PUT holds the always-on apps at
-their desired config and every other app at its live config; once those are up, the full
-config follows, so the always-on model is never queued behind the others.
+(DESIGN choice 6), so every PUT carries every app we keep. Engines that share a GPU start in
+turns (serve_app.gpu_turns); when an always-on model is being created or restarted on a GPU
+that another changed engine also uses, a first PUT holds the always-on apps at their desired
+config and every other app at its live config; once those are up, the full config follows, so
+the always-on model is never queued behind the others. Elsewhere (the CPU, GPUs of its own)
+nothing queues, and one PUT starts everything at once: on a fresh box the chat model is not
+held back behind the embedder.
 
 Waiting reads the live state each second (level-triggered) and judges each changed app:
 RUNNING with every deployment HEALTHY, and for a restart every running replica id new.
@@ -126,11 +129,16 @@ def default_timeout(changes: Sequence[Change]) -> float:
 def phases(plan: Plan) -> list[tuple[dict[str, Any], tuple[Change, ...]]]:
     """The PUT bodies in order, each with the changes it must bring about."""
     changed = [c for c in plan.changes if c.action is not Action.NOOP]
-    first = [c for c in changed if c.always_on and c.action in (Action.CREATE, Action.RESTART)]
+    starting = [c for c in changed if c.action in (Action.CREATE, Action.RESTART)]
+    first = [c for c in starting if c.always_on and _gpus(c) & set().union(*(_gpus(o) for o in starting if o is not c))]
     full = (dict(plan.put_config), tuple(changed))
     if not first or len(first) == len(changed):
         return [full]
     return [(_always_on_first_body(plan, {c.model for c in first}), tuple(first)), full]
+
+
+def _gpus(change: Change) -> set[int]:
+    return set((change.after or {}).get("args", {}).get("gpus") or [])
 
 
 def _always_on_first_body(plan: Plan, first: set[str]) -> dict[str, Any]:

@@ -135,10 +135,15 @@ def test_http_option_drift_is_a_warning() -> None:
     assert "Warning: http_options.port" in render.format_text(plan)
 
 
-def test_always_on_models_come_up_first() -> None:
-    live_cfg = config(router_app(MODELS), engine_app("a"))
+def _on_gpu(app: dict[str, Any], *gpus: int) -> dict[str, Any]:
+    app["args"]["gpus"] = list(gpus)
+    return app
+
+
+def test_always_on_models_come_up_first_where_starts_share_a_gpu() -> None:
+    live_cfg = config(router_app(MODELS), _on_gpu(engine_app("a"), 0))
     desired = config(router_app({**MODELS, "e": {"task": "embed", "always_on": True}}),
-                     always_on(engine_app("e")), engine_app("a"), engine_app("b"))
+                     _on_gpu(always_on(engine_app("e")), 0), _on_gpu(engine_app("a"), 0), engine_app("b"))
     desired["applications"][2]["args"]["engine_argv"] = ["--x"]
     plan = make_plan(desired, live_of(live_cfg))
     (first, first_targets), (full, full_targets) = apply_mod.phases(plan)
@@ -148,6 +153,15 @@ def test_always_on_models_come_up_first() -> None:
     assert by_name["a"] == live_cfg["applications"][1]  # still the live config: untouched
     assert by_name["router"] == live_cfg["applications"][0]
     assert full == plan.put_config and {t.model for t in full_targets} == {"router", "e", "a", "b"}
+
+
+def test_one_put_when_no_start_waits_for_another() -> None:
+    # the CPU, or an always-on model on a GPU of its own: every engine starts at once
+    live_cfg = config(router_app(MODELS))
+    for e_gpus, a_gpus in (((), ()), ((0,), (1,)), ((), (0,))):
+        desired = config(router_app({**MODELS, "e": {"task": "embed", "always_on": True}}),
+                         _on_gpu(always_on(engine_app("e")), *e_gpus), _on_gpu(engine_app("a"), *a_gpus))
+        assert len(apply_mod.phases(make_plan(desired, live_of(live_cfg)))) == 1
 
 
 def test_single_put_without_always_on_change() -> None:
