@@ -507,6 +507,7 @@ async def list_models(request: Request) -> Response:
             "owned_by": "vllm-fleet",
             "task": spec.get("task", "generate"),
             "always_on": bool(spec.get("always_on", False)),
+            **({"swap_group": spec["swap_group"]} if spec.get("swap_group") else {}),
             **_model_state(states.get(name, ("absent", ""))[0], lifecycles.get(name)),
             **_ui_hints(spec),
         }

@@ -48,7 +48,7 @@ CASES = [
          ["fleet.yaml:1:1: file is 5.2 MB; fleet files are limited to 1024 KiB — is this the right file?"]),
     Case("unknown-top-key", {"fleet.yaml": BASE + "colour: blue\n"},
          ["fleet.yaml:4:1: colour: unknown key 'colour'; allowed here: daemon, defaults, inventory, models, openai, "
-          "ray, settings"]),
+          "ray, settings, swap_groups"]),
     Case("typo-model-key", {"fleet.yaml": "models:\n  chat:\n    source: hf://org/chat\n    gpu_memroy: 0.5\n"},
          ["fleet.yaml:4:5: models.chat.gpu_memroy: unknown key 'gpu_memroy'; did you mean 'gpu_memory'?"]),
     Case("typo-top-key", {"fleet.yaml": "model:\n  chat:\n    source: hf://org/chat\n"},
