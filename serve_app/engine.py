@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from ray import serve
 from ray.serve import Application, metrics
 
@@ -474,7 +475,12 @@ class Engine:
         if self._state in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP) and not self._child_running():
             return lifecycle.Step.NONE  # died on its own: check_health reports it and Serve replaces us
         idle_s = time.monotonic() - self._activity.last_at
-        return lifecycle.next_step(self._state, self._rules, idle_s, self._activity.in_flight, self._can_sleep)
+        ram_short = False
+        if self._state is lifecycle.State.ASLEEP:
+            memory = psutil.virtual_memory()
+            ram_short = lifecycle.host_ram_short(memory.available, memory.total)
+        return lifecycle.next_step(self._state, self._rules, idle_s, self._activity.in_flight, self._can_sleep,
+                                   ram_short)
 
     async def _observe(self) -> None:
         if self._state not in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP) or not self._child_running():
