@@ -118,3 +118,15 @@ def test_a_long_load_error_keeps_what_failed_and_vllms_last_words() -> None:
     assert short.startswith("loading 'm' failed: vLLM exited with code 1")
     assert short.endswith("ValueError: no config.json")
     assert brief("short") == "short"
+
+
+@pytest.mark.parametrize(("load_timeout_s", "last_load_s", "bound"), [
+    (600.0, None, 600.0),      # never loaded here: the configured bound
+    (600.0, 60.0, 600.0),      # loads well within it
+    (600.0, 700.0, 1080.0),    # its own loads take longer: 1.5 x 700 + 30, not a 503 on every cold request
+])
+def test_router_hold_bound_reflects_the_measured_load(load_timeout_s: float, last_load_s: float | None,
+                                                      bound: float) -> None:
+    from serve_app.router import hold_bound
+
+    assert hold_bound(load_timeout_s, last_load_s) == bound
