@@ -29,9 +29,10 @@ from typing import Any
 
 import httpx
 from relay import (
-    ENGINE_ARGV,
-    ENGINE_ENV,
+    CPU_ENGINE_ARGV,
+    CPU_ENGINE_ENV,
     MODEL_NAME,
+    EngineSetup,
     RayServeStack,
     build_tiny_llama,
     free_port,
@@ -42,11 +43,12 @@ from serve_app import engine, model_source
 
 IDLE_S = 2.0
 BOUND_S = 900.0
+CPU_ENGINE = EngineSetup(CPU_ENGINE_ARGV.split(), CPU_ENGINE_ENV, None)
 
 
-def first_token_s(base_url: str, t0: float) -> float:
+def first_token_s(base_url: str, t0: float, model: str = MODEL_NAME) -> float:
     """Send a streamed chat; seconds from ``t0`` to its first content chunk."""
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
     with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=BOUND_S) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {r.read()[-500:]!r}")
@@ -59,11 +61,11 @@ def first_token_s(base_url: str, t0: float) -> float:
 def direct_round(model_dir: Path, work: Path) -> dict[str, float]:
     """Start vLLM as the engine would; time /health and the first token."""
     port = free_port()
-    argv = engine.vllm_argv(MODEL_NAME, model_source.resolve(str(model_dir)), "generate", list(ENGINE_ARGV), port)
+    argv = engine.vllm_argv(MODEL_NAME, model_source.resolve(str(model_dir)), "generate", list(CPU_ENGINE.argv), port)
     url = f"http://127.0.0.1:{port}"
     with open(work / "direct.log", "ab") as log:
         t0 = time.monotonic()
-        proc = subprocess.Popen(argv, env=engine.child_env(ENGINE_ENV, []), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, env=engine.child_env(CPU_ENGINE.env, []), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         while True:
@@ -101,10 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="an HF model folder (default: build a tiny random Llama)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--swap", action="store_true", help=(
+        "measure one swap in a swap group instead: two copies of the model in a group with awake: 1, "
+        "through the endpoint, against a request to the awake member"))
+    parser.add_argument("--gpus", default="", help="--swap: GPU indices both members share, e.g. 0 (default: CPU)")
+    parser.add_argument("--gpu-memory", type=float, default=0.6, help="--swap: each member's share of its GPUs")
+    parser.add_argument("--engine", default="", help=(
+        '--swap: vLLM engine args as JSON for the fleet file, e.g. \'{"dtype": "bfloat16", "max_model_len": 1024}\' '
+        "(default: the CPU flags)"))
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-"))
     model_dir = args.model or build_tiny_llama(work / "tiny-llama")
-    stack = RayServeStack(model_dir, work / "ray", with_fleet=True, with_rayllm=False,
+    if args.swap:
+        from swap_bench import run_swap_bench  # one swap, end to end through the endpoint
+
+        return run_swap_bench(model_dir, work, args)
+    stack = RayServeStack(model_dir, work / "ray", CPU_ENGINE, with_fleet=True, with_rayllm=False,
                           engine_options={"user_config": {"idle_timeout_s": IDLE_S, "always_on": False}})
     rounds: list[dict[str, Any]] = []
     try:
