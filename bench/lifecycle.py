@@ -111,8 +111,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="", help=(
         '--swap: vLLM engine args as JSON for the fleet file, e.g. \'{"dtype": "bfloat16", "max_model_len": 1024}\' '
         "(default: the CPU flags)"))
+    parser.add_argument("--serve-config", help="--swap: a Serve config compiled elsewhere (see --write-config)")
+    parser.add_argument("--write-config", help="--swap: compile the swap fleet's Serve config to this file and stop")
+    parser.add_argument("--inventory", default="", help="--write-config: the GPUs to plan for, e.g. 0:141GiB,1:141GiB")
+    parser.add_argument("--port", type=int, default=18000, help="--write-config: the endpoint's port")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-"))
+    if args.write_config:  # for a box that cannot compile (no YAML reader there)
+        from swap_bench import compile_config
+
+        root = work / "fleet"
+        if args.inventory:
+            gpus = [dict(zip(("index", "memory"), g.split(":"), strict=True)) for g in args.inventory.split(",")]
+            root.mkdir(parents=True)
+            (root / "fleet.d").mkdir()
+            (root / "fleet.d" / "inventory.yaml").write_text(json.dumps({"inventory": {"gpus": [
+                {"index": int(g["index"]), "memory": g["memory"]} for g in gpus]}}))
+        Path(args.write_config).write_text(json.dumps(compile_config(args.model, args.port, args, root), indent=2))
+        return 0
     model_dir = args.model or build_tiny_llama(work / "tiny-llama")
     if args.swap:
         from swap_bench import run_swap_bench  # one swap, end to end through the endpoint

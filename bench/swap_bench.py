@@ -30,6 +30,15 @@ A, B = "swap-a", "swap-b"
 CPU_ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024}
 
 
+def compile_config(model_dir: Path, port: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """The Serve config of the swap fleet, compiled by the real pipeline (``--write-config``)."""
+    from reconciler.pipeline import desired_state
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "fleet.yaml").write_text(json.dumps(_fleet(model_dir, port, args), indent=2))  # JSON is YAML
+    return dict(desired_state(root).config)
+
+
 def _fleet(model_dir: Path, port: int, args: argparse.Namespace) -> dict[str, Any]:
     gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
     engine_args = json.loads(args.engine) if args.engine else CPU_ENGINE_ARGS
@@ -60,18 +69,24 @@ def _states(base_url: str) -> dict[str, str]:
 
 def run_swap_bench(model_dir: Path, work: Path, args: argparse.Namespace) -> int:
     from reconciler import cluster, inventory
-    from reconciler.pipeline import desired_state
+
+    if not args.serve_config:
+        from reconciler.pipeline import desired_state
 
     gpus = len(inventory.nvml_gpus()) if args.gpus else 0
     head = cluster.start_head(num_cpus=4, resources=cluster.gpu_resources(gpus),
                               env={"FLEET_LOG_DIR": str(work / "fleet-logs")})
     rounds: list[dict[str, Any]] = []
     try:
-        port = free_port()
-        root = work / "fleet"
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "fleet.yaml").write_text(json.dumps(_fleet(model_dir, port, args), indent=2))  # JSON is YAML
-        config = desired_state(root).config
+        if args.serve_config:  # compiled elsewhere (a box without the fleet's YAML reader)
+            config = json.loads(Path(args.serve_config).read_text())
+            port = int(next(a for a in config["applications"] if a["name"] == "router")["args"]["port"])
+        else:
+            port = free_port()
+            root = work / "fleet"
+            root.mkdir(parents=True, exist_ok=True)
+            (root / "fleet.yaml").write_text(json.dumps(_fleet(model_dir, port, args), indent=2))  # JSON is YAML
+            config = desired_state(root).config
         r = httpx.put(head.dashboard_url + "/api/serve/applications/", json=config, timeout=120)
         r.raise_for_status()
         _wait_running(head.dashboard_url, {"router", "swap-groups", A, B})

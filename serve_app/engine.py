@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 from ray import serve
 from ray.serve import Application, metrics
 
@@ -184,6 +183,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _host_ram_short() -> bool:
+    try:
+        import psutil  # Ray's own dependency; absent only in unusual installs, where the rule is skipped
+    except ImportError:
+        return False
+    memory = psutil.virtual_memory()
+    return lifecycle.host_ram_short(memory.available, memory.total)
 
 
 class LoadFailed(RuntimeError):
@@ -477,8 +485,7 @@ class Engine:
         idle_s = time.monotonic() - self._activity.last_at
         ram_short = False
         if self._state is lifecycle.State.ASLEEP:
-            memory = psutil.virtual_memory()
-            ram_short = lifecycle.host_ram_short(memory.available, memory.total)
+            ram_short = _host_ram_short()
         return lifecycle.next_step(self._state, self._rules, idle_s, self._activity.in_flight, self._can_sleep,
                                    ram_short)
 
