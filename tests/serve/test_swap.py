@@ -162,3 +162,28 @@ def test_a_long_stream_is_not_cut_the_other_member_waits_for_it(fleet: Fleet, pa
     assert events["b_answered"] > events["a_done"]  # B got its turn only after A's stream ended
     assert _state(B)["state"] == "awake" and _state(A)["state"] in ("unloaded", "asleep")
     assert pair.both == []
+
+
+def test_a_request_that_waits_past_queue_timeout_gets_503_with_the_reason(fleet: Fleet, pair: Sampler) -> None:
+    import openai
+
+    awake = next(m for m in (A, B) if _state(m)["state"] == "awake")
+    other = B if awake == A else A
+    # the group, now declared: a request may wait 2 s for a busy member (changed in place)
+    fleet.apply(load_timeout=f"{BOUND_S:.0f}s", swap_groups={"pair": {"awake": 1, "queue_timeout": "2s"}})
+    try:
+        client = fleet.client(timeout=BOUND_S)
+        stream = client.completions.create(model=awake, prompt="a long story", max_tokens=600, stream=True,
+                                           extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        next(chunks)  # streaming: the awake member is busy
+        with pytest.raises(openai.APIStatusError) as refused:
+            _ask(fleet, other, stream=False)
+        error = refused.value.response.json()["error"]
+        assert refused.value.status_code == 503 and error["code"] == "model_unavailable"
+        assert "swap group `pair`" in error["message"] and f"`{awake}` (1 request(s) in flight)" in error["message"]
+        rest = list(chunks)
+        assert rest[-1].choices[0].finish_reason == "length"  # the busy member was not cut
+        assert _state(awake)["state"] == "awake" and _state(other)["state"] in ("unloaded", "asleep")
+    finally:
+        fleet.apply(load_timeout=f"{BOUND_S:.0f}s")
