@@ -169,12 +169,13 @@ class SwapGroups:
             return False
 
     async def status(self) -> dict[str, Any]:
-        """Each group: awake limit, members with their states, swaps made, callers waiting."""
+        """Each group: its settings, members with their states, swaps made, callers waiting."""
         out: dict[str, Any] = {}
         for name, group in sorted(self._groups.items()):
             states = await self._states(group.members)
             out[name] = {
                 "awake": group.awake,
+                "queue_timeout_s": group.queue_timeout_s,
                 "members": {m: (s or {}).get("state", "unknown") for m, s in states.items()},
                 "swaps": group.swaps,
                 "waiting": group.waiting,

@@ -164,6 +164,12 @@ def test_a_long_stream_is_not_cut_the_other_member_waits_for_it(fleet: Fleet, pa
     assert pair.both == []
 
 
+def _coordinator_timeout(group: str) -> float | None:
+    from ray import serve
+
+    return serve.get_app_handle(SWAP_APP).status.remote().result(timeout_s=60)[group]["queue_timeout_s"]
+
+
 def test_a_request_that_waits_past_queue_timeout_gets_503_with_the_reason(fleet: Fleet, pair: Sampler) -> None:
     import openai
 
@@ -172,18 +178,30 @@ def test_a_request_that_waits_past_queue_timeout_gets_503_with_the_reason(fleet:
     # the group, now declared: a request may wait 2 s for a busy member (changed in place)
     fleet.apply(load_timeout=f"{BOUND_S:.0f}s", swap_groups={"pair": {"awake": 1, "queue_timeout": "2s"}})
     try:
-        client = fleet.client(timeout=BOUND_S)
-        stream = client.completions.create(model=awake, prompt="a long story", max_tokens=600, stream=True,
-                                           extra_body={"ignore_eos": True})
+        deadline = time.monotonic() + 120
+        while _coordinator_timeout("pair") != 2.0:
+            assert time.monotonic() < deadline, "the coordinator never got the new queue_timeout"
+            time.sleep(0.5)
+        stream = fleet.client(timeout=BOUND_S).completions.create(
+            model=awake, prompt="a long story", max_tokens=1000, stream=True, extra_body={"ignore_eos": True})
         chunks = iter(stream)
         next(chunks)  # streaming: the awake member is busy
+        finish: list[str | None] = []
+
+        def read_slowly() -> None:  # keeps the stream, and so the member, busy for a while
+            for chunk in chunks:
+                finish.append(chunk.choices[0].finish_reason if chunk.choices else None)
+                time.sleep(0.02)
+
+        reader = threading.Thread(target=read_slowly)
+        reader.start()
         with pytest.raises(openai.APIStatusError) as refused:
             _ask(fleet, other, stream=False)
+        reader.join(BOUND_S)
         error = refused.value.response.json()["error"]
         assert refused.value.status_code == 503 and error["code"] == "model_unavailable"
         assert "swap group `pair`" in error["message"] and f"`{awake}` (1 request(s) in flight)" in error["message"]
-        rest = list(chunks)
-        assert rest[-1].choices[0].finish_reason == "length"  # the busy member was not cut
+        assert "length" in finish  # the busy member was not cut
         assert _state(awake)["state"] == "awake" and _state(other)["state"] in ("unloaded", "asleep")
     finally:
         fleet.apply(load_timeout=f"{BOUND_S:.0f}s")
