@@ -45,10 +45,6 @@ def groups_of(fleet: Fleet) -> dict[str, SwapGroup]:
     return {name: fleet.swap_groups.get(name, DEFAULT_GROUP) for name in sorted(used | set(fleet.swap_groups))}
 
 
-def members(fleet: Fleet, group: str, enabled_only: bool = True) -> list[str]:
-    return [n for n, m in fleet.models.items() if m.swap_group == group and (m.enabled or not enabled_only)]
-
-
 def check(fleet: Fleet, problem: Callable[[tuple[str | int, ...], str], None]) -> None:
     """Report what cannot work: lonely groups (typos), groups nobody joins, awake ≥ members, and
     members that cannot take turns (always_on, several replicas)."""

@@ -58,7 +58,7 @@ class Group:
 def _group(config: dict[str, Any], old: Group | None) -> Group:
     group = Group(int(config.get("awake", 1)), list(config.get("members") or []), config.get("queue_timeout_s"))
     if old is not None:  # keep the queue and the lease across an in-place change
-        group.lock, group.holder, group.swaps = old.lock, old.holder, old.swaps
+        group.lock, group.holder, group.swaps, group.waiting = old.lock, old.holder, old.swaps, old.waiting
     return group
 
 
