@@ -105,3 +105,17 @@ def test_status_table_shows_the_group() -> None:
     table = format_table([row, {**row, "model": "c", "state": "awake", "swap_group": None}])
     assert table.splitlines()[0].split() == ["MODEL", "STATE", "HEALTH", "SYNC", "REPLICAS", "GPUS", "SWAP_GROUP"]
     assert table.splitlines()[1].split()[-1] == "big"
+
+
+def test_automatic_placement_packs_a_group_where_its_members_alone_would_not_fit(tmp_path: Path) -> None:
+    text = ("inventory:\n  gpus: [{index: 0, memory: 24GiB}]\nmodels:\n"
+            "  c: {source: hf://o/c, gpus: [0], gpu_memory: 0.4}\n"
+            "  a: {source: hf://o/a, size: 10GiB, swap_group: g}\n"
+            "  b: {source: hf://o/b, size: 10GiB, swap_group: g}\n")
+    write_fleet(tmp_path, {"fleet.yaml": text})
+    placed = {m.name: m for m in desired_state(tmp_path).placed.models}
+    assert placed["a"].gpus == placed["b"].gpus == (0,) and placed["a"].placed_by == "auto"
+    write_fleet(tmp_path, {"fleet.yaml": text.replace(", swap_group: g", "")})
+    with pytest.raises(SpecError) as e:
+        desired_state(tmp_path)
+    assert "models.b: does not fit" in str(e.value)
