@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="an HF model folder (default: build a tiny random Llama)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gpu", type=int, help="GPU mode: sleep/wake and a swap group on this GPU")
+    parser.add_argument("--engine", default="{}", help="GPU mode: the fleet's defaults.engine as JSON")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--swap", action="store_true", help=(
         "measure one swap in a swap group instead: two copies of the model in a group with awake: 1, "
@@ -116,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inventory", default="", help="--write-config: the GPUs to plan for, e.g. 0:141GiB,1:141GiB")
     parser.add_argument("--port", type=int, default=18000, help="--write-config: the endpoint's port")
     args = parser.parse_args(argv)
+    if args.gpu is not None:
+        import lifecycle_gpu
+
+        return lifecycle_gpu.run(args.model, args.gpu, args.rounds, json.loads(args.engine), args.json)
     work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-"))
     if args.write_config:  # for a box that cannot compile (no YAML reader there)
         from swap_bench import compile_config

@@ -32,7 +32,7 @@ import httpx
 from ray import serve
 from ray.serve import Application, metrics
 
-from serve_app import endpoints, lifecycle, model_source, proctable
+from serve_app import endpoints, gpu_turns, lifecycle, model_source, proctable
 from serve_app.contract import ENGINE_DEPLOYMENT, ENGINE_START_ATTEMPTS, SWAP_APP, SWAP_DEPLOYMENT, engine_log_name
 
 logger = logging.getLogger("ray.serve")
@@ -222,7 +222,8 @@ class Engine:
         self._source = source
         self._task = task
         self._engine_argv = list(engine_argv or [])
-        self._environ = child_env(env or {}, gpus or [])
+        self._gpus = list(gpus or [])
+        self._environ = child_env(env or {}, self._gpus)
         self._start_timeout_s = start_timeout_s
         self._swap_group = swap_group
         # vLLM's sleep mode is GPU-only and needs the flag at start (compile adds it for GPU models).
@@ -295,10 +296,12 @@ class Engine:
                 self._port = _free_port()
                 self._url = f"http://{HOST}:{self._port}"
             argv = vllm_argv(self._model, resolved, self._task, self._engine_argv, self._port)
-            logger.info("starting vLLM for %s: %s (log: %s)", self._model, argv, self._log_path)
-            self._proc = _guarded(argv, self._environ, self._log_path)
-            self._last_guard_pid = self._proc.pid
-            await self._wait_ready(deadline)
+            async with gpu_turns.start_turn(self._gpus, self._waiting_for_gpu):
+                deadline = max(deadline, time.monotonic() + self._start_timeout_s)  # the wait is not its start
+                logger.info("starting vLLM for %s: %s (log: %s)", self._model, argv, self._log_path)
+                self._proc = _guarded(argv, self._environ, self._log_path)
+                self._last_guard_pid = self._proc.pid
+                await self._wait_ready(deadline)
         except BaseException as e:
             self._stop_child()
             self._record("load_failed", t0)
@@ -324,6 +327,10 @@ class Engine:
                     f"last lines of its log ({self._log_path}):\n{log_tail(self._log_path)}"
                 )
             await asyncio.sleep(0.5)
+
+    def _waiting_for_gpu(self, gpu: int) -> None:
+        logger.info("%s waits for GPU %d: another engine is starting there (vLLM sizes its cache from free memory)",
+                    self._model, gpu)
 
     def _raise_if_exited(self, when: str) -> None:
         code = self._proc.poll() if self._proc else -1
@@ -373,7 +380,9 @@ class Engine:
         self._set(lifecycle.State.WAKING)
         t0 = time.monotonic()
         try:
-            response = await self._client.post(self._url + "/wake_up", timeout=120.0)
+            # a wake allocates the KV cache again: not while another engine on the GPU measures its start
+            async with gpu_turns.start_turn(self._gpus, self._waiting_for_gpu):
+                response = await self._client.post(self._url + "/wake_up", timeout=120.0)
             response.raise_for_status()
         except httpx.HTTPError as e:  # a broken sleeper: start afresh
             logger.warning("vLLM for %s did not wake (%r); reloading it", self._model, e)

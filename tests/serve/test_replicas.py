@@ -83,12 +83,24 @@ async def _load(base_url: str, streams: int, concurrency: int, tokens: int, leav
         return list(await asyncio.gather(*(one(i) for i in range(streams))))
 
 
+def _until_all_take_requests(fleet: Fleet, urls: set[str]) -> None:
+    """Routers re-read the registry every few seconds: a replica that just registered gets traffic
+    within a bound, not at once. Send batches until every one of ``urls`` has answered some."""
+    before = {url: _served(url) for url in urls}
+    deadline = time.monotonic() + 120
+    while not all(_served(url) > before[url] for url in urls) and time.monotonic() < deadline:
+        assert asyncio.run(_load(fleet.base_url, streams=12, concurrency=6, tokens=8)) == [8] * 12
+    assert all(_served(url) > before[url] for url in urls), {u: _served(u) - before[u] for u in urls}
+
+
 @pytest.fixture(scope="module")
 def two_replicas(fleet: Fleet, ray_driver: None) -> Iterator[set[str]]:
     fleet.models[GEN]["replicas"] = 2
     fleet.apply()
     try:
-        yield _wait_urls(lambda urls: len(urls) == 2, "two replicas did not both register")
+        urls = _wait_urls(lambda urls: len(urls) == 2, "two replicas did not both register")
+        _until_all_take_requests(fleet, urls)  # every router knows both
+        yield urls
     finally:
         fleet.models[GEN].pop("replicas")
         fleet.apply()
@@ -123,9 +135,4 @@ def test_dead_replica_drops_out_and_returns(fleet: Fleet, two_replicas: set[str]
     assert results == [8] * 6
     # Serve replaces the dead replica; the new one registers and takes requests again.
     urls = _wait_urls(lambda u: len(u) == 2 and victim["url"] not in u, "no replacement replica registered")
-    # Routers re-read the registry every few seconds, so the newcomer gets traffic within a bound, not at once.
-    before = {url: _served(url) for url in urls}
-    deadline = time.monotonic() + 120
-    while not all(_served(url) > before[url] for url in urls) and time.monotonic() < deadline:
-        assert asyncio.run(_load(fleet.base_url, streams=12, concurrency=6, tokens=8)) == [8] * 12
-    assert all(_served(url) > before[url] for url in urls), {u: _served(u) - before[u] for u in urls}
+    _until_all_take_requests(fleet, urls)
