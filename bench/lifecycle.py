@@ -29,9 +29,10 @@ from typing import Any
 
 import httpx
 from relay import (
-    ENGINE_ARGV,
-    ENGINE_ENV,
+    CPU_ENGINE_ARGV,
+    CPU_ENGINE_ENV,
     MODEL_NAME,
+    EngineSetup,
     RayServeStack,
     build_tiny_llama,
     free_port,
@@ -42,11 +43,12 @@ from serve_app import engine, model_source
 
 IDLE_S = 2.0
 BOUND_S = 900.0
+CPU_ENGINE = EngineSetup(CPU_ENGINE_ARGV.split(), CPU_ENGINE_ENV, None)
 
 
-def first_token_s(base_url: str, t0: float) -> float:
+def first_token_s(base_url: str, t0: float, model: str = MODEL_NAME) -> float:
     """Send a streamed chat; seconds from ``t0`` to its first content chunk."""
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
     with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=BOUND_S) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {r.read()[-500:]!r}")
@@ -59,11 +61,11 @@ def first_token_s(base_url: str, t0: float) -> float:
 def direct_round(model_dir: Path, work: Path) -> dict[str, float]:
     """Start vLLM as the engine would; time /health and the first token."""
     port = free_port()
-    argv = engine.vllm_argv(MODEL_NAME, model_source.resolve(str(model_dir)), "generate", list(ENGINE_ARGV), port)
+    argv = engine.vllm_argv(MODEL_NAME, model_source.resolve(str(model_dir)), "generate", list(CPU_ENGINE.argv), port)
     url = f"http://127.0.0.1:{port}"
     with open(work / "direct.log", "ab") as log:
         t0 = time.monotonic()
-        proc = subprocess.Popen(argv, env=engine.child_env(ENGINE_ENV, []), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, env=engine.child_env(CPU_ENGINE.env, []), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         while True:
@@ -103,14 +105,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", type=int, help="GPU mode: sleep/wake and a swap group on this GPU")
     parser.add_argument("--engine", default="{}", help="GPU mode: the fleet's defaults.engine as JSON")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--swap", action="store_true", help=(
+        "measure one swap in a swap group instead: two copies of the model in a group with awake: 1, "
+        "through the endpoint, against a request to the awake member"))
+    parser.add_argument("--gpus", default="", help="--swap: GPU indices both members share, e.g. 0 (default: CPU)")
+    parser.add_argument("--gpu-memory", type=float, default=0.6, help="--swap: each member's share of its GPUs")
+    parser.add_argument("--engine", default="", help=(
+        '--swap: vLLM engine args as JSON for the fleet file, e.g. \'{"dtype": "bfloat16", "max_model_len": 1024}\' '
+        "(default: the CPU flags)"))
+    parser.add_argument("--serve-config", help="--swap: a Serve config compiled elsewhere (see --write-config)")
+    parser.add_argument("--write-config", help="--swap: compile the swap fleet's Serve config to this file and stop")
+    parser.add_argument("--inventory", default="", help="--write-config: the GPUs to plan for, e.g. 0:141GiB,1:141GiB")
+    parser.add_argument("--port", type=int, default=18000, help="--write-config: the endpoint's port")
     args = parser.parse_args(argv)
     if args.gpu is not None:
         import lifecycle_gpu
 
         return lifecycle_gpu.run(args.model, args.gpu, args.rounds, json.loads(args.engine), args.json)
     work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-"))
+    if args.write_config:  # for a box that cannot compile (no YAML reader there)
+        from swap_bench import compile_config
+
+        root = work / "fleet"
+        if args.inventory:
+            gpus = [dict(zip(("index", "memory"), g.split(":"), strict=True)) for g in args.inventory.split(",")]
+            root.mkdir(parents=True)
+            (root / "fleet.d").mkdir()
+            (root / "fleet.d" / "inventory.yaml").write_text(json.dumps({"inventory": {"gpus": [
+                {"index": int(g["index"]), "memory": g["memory"]} for g in gpus]}}))
+        Path(args.write_config).write_text(json.dumps(compile_config(args.model, args.port, args, root), indent=2))
+        return 0
     model_dir = args.model or build_tiny_llama(work / "tiny-llama")
-    stack = RayServeStack(model_dir, work / "ray", with_fleet=True, with_rayllm=False,
+    if args.swap:
+        from swap_bench import run_swap_bench  # one swap, end to end through the endpoint
+
+        return run_swap_bench(model_dir, work, args)
+    stack = RayServeStack(model_dir, work / "ray", CPU_ENGINE, with_fleet=True, with_rayllm=False,
                           engine_options={"user_config": {"idle_timeout_s": IDLE_S, "always_on": False}})
     rounds: list[dict[str, Any]] = []
     try:

@@ -54,11 +54,16 @@ def validate(path: Path, as_json: bool) -> None:
         click.echo(json.dumps({"valid": True, "errors": [], "files": list(state.loaded.files),
                                "inventory": state.placed.inventory.source,
                                "disabled": list(state.placed.disabled),
+                               "swap_groups": {g: {"awake": sg.awake, "queue_timeout_s": sg.queue_timeout}
+                                               for g, sg in state.placed.swap_groups.items()},
+                               "notes": list(state.placed.notes),
                                "models": [_model_json(state.placed, i) for i in range(len(state.placed.models))]},
                               indent=2))
         return
     click.echo(click.style("Valid: ", fg="green", bold=True) + _summary(state.placed, state.loaded.files))
     click.echo(format_placement(state.placed))
+    for note in state.placed.notes:  # how swap groups fit: what is declared, what is needed at once
+        click.echo(note)
     if state.placed.disabled:
         click.echo(f"Not served (enabled: false): {', '.join(state.placed.disabled)}")
 
@@ -81,12 +86,13 @@ def _summary(placed: PlacedFleet, files: tuple[str, ...]) -> str:
 
 
 def format_placement(placed: PlacedFleet) -> str:
-    rows = [("MODEL", "TASK", "GPUS", "SHARE", "TP", "WEIGHTS", "ALWAYS ON", "PLACED")]
+    grouped = any(m.swap_group for m in placed.models)
+    rows = [("MODEL", "TASK", "GPUS", "SHARE", "TP", "WEIGHTS", "ALWAYS ON", "PLACED", *(["SWAP GROUP"] * grouped))]
     for m in placed.models:
         rows.append((m.name, m.task, ",".join(map(str, m.gpus)) or "cpu",
                      f"{m.gpu_memory:g}" if m.gpu_memory is not None else "-", str(m.tensor_parallel),
                      format_size(m.weights_bytes) if m.weights_bytes else "?", "yes" if m.always_on else "",
-                     m.placed_by))
+                     m.placed_by, *([m.swap_group or ""] * grouped)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
@@ -96,7 +102,8 @@ def _model_json(placed: PlacedFleet, i: int) -> dict[str, object]:
     return {"name": m.name, "task": m.task, "source": m.source, "gpus": list(m.gpus), "node": m.node,
             "gpu_memory": m.gpu_memory, "tensor_parallel": m.tensor_parallel, "always_on": m.always_on,
             "idle_timeout_s": m.idle_timeout_s, "replicas": m.replicas, "weights_bytes": m.weights_bytes,
-            "placed_by": m.placed_by}
+            "placed_by": m.placed_by, "swap_group": m.swap_group,
+            "ray_reserved": list(m.reserved) or None}
 
 
 @main.command()

@@ -22,11 +22,16 @@ from serve_app.contract import (
     ROUTER_APP,
     ROUTER_DEPLOYMENT,
     ROUTER_IMPORT,
+    SWAP_APP,
+    SWAP_DEPLOYMENT,
+    SWAP_IMPORT,
     EngineArgs,
     EngineUserConfig,
     RouterArgs,
     RouterModel,
     RouterUserConfig,
+    SwapGroupConfig,
+    SwapUserConfig,
     gpu_resource,
 )
 
@@ -99,7 +104,9 @@ def actor_options(model: PlacedModel) -> dict[str, Any]:
     """Ray schedules the replica on its GPUs' custom resources, so shares can never exceed a card."""
     opts: dict[str, Any] = {"num_cpus": ENGINE_NUM_CPUS, "num_gpus": 0}
     if model.gpus:
-        opts["resources"] = {gpu_resource(i): model.gpu_memory for i in model.gpus}
+        # a swap-group member reserves its part of what the group needs at once (reconciler.swap)
+        shares = model.reserved or tuple(model.gpu_memory for _ in model.gpus)
+        opts["resources"] = {gpu_resource(i): share for i, share in zip(model.gpus, shares, strict=True)}
     return opts
 
 
@@ -113,6 +120,8 @@ def model_app(model: PlacedModel) -> dict[str, Any]:
         "gpus": list(model.gpus),
         "start_timeout_s": _finite(model.start_timeout_s),
     }
+    if model.swap_group:  # only then, so no other engine's args (and so no other engine) change
+        args["swap_group"] = model.swap_group
     user_config: EngineUserConfig = {
         "idle_timeout_s": model.idle_timeout_s,
         "unload_after_s": model.unload_after_s,
@@ -141,6 +150,8 @@ def _router_model(model: PlacedModel) -> RouterModel:
     entry: RouterModel = {"task": model.task, "always_on": model.always_on}
     if model.tool_parser:
         entry["tool_parser"] = model.tool_parser
+    if model.swap_group:
+        entry["swap_group"] = model.swap_group
     return entry
 
 
@@ -168,6 +179,32 @@ def router_app(fleet: PlacedFleet) -> dict[str, Any]:
     }
 
 
+def swap_app(fleet: PlacedFleet) -> dict[str, Any] | None:
+    """The swap groups' coordinator (serve_app/swap.py), when the fleet has a served group: one
+    replica, groups as user_config (changed in place)."""
+    if not fleet.swap_groups:
+        return None
+    groups: dict[str, SwapGroupConfig] = {
+        name: {"awake": group.awake, "members": [m.name for m in fleet.models if m.swap_group == name],
+               "queue_timeout_s": _finite(group.queue_timeout)}
+        for name, group in sorted(fleet.swap_groups.items())
+    }
+    user_config: SwapUserConfig = {"groups": groups}
+    return {
+        "name": SWAP_APP,
+        "route_prefix": None,
+        "import_path": SWAP_IMPORT,
+        "args": {},
+        "deployments": [{
+            "name": SWAP_DEPLOYMENT,
+            "num_replicas": 1,  # one coordinator: it alone decides who is awake in a group
+            "max_ongoing_requests": 1000,  # every waiting request is one call
+            "ray_actor_options": {"num_cpus": 0},
+            "user_config": dict(user_config),
+        }],
+    }
+
+
 def _finite(seconds: float) -> float | None:
     """JSON has no infinity; None means "no bound" ("never")."""
     return None if math.isinf(seconds) else seconds
@@ -179,5 +216,5 @@ def compile_serve_config(fleet: PlacedFleet) -> dict[str, Any]:
     return {
         # No Serve HTTP proxy: the router's replicas serve the OpenAI port (serve_app/router.py).
         "proxy_location": "Disabled",
-        "applications": [router_app(fleet), *(model_app(m) for m in models)],
+        "applications": [router_app(fleet), *filter(None, [swap_app(fleet)]), *(model_app(m) for m in models)],
     }

@@ -10,15 +10,16 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from . import estimate, tool_parsers
+from . import estimate, swap, tool_parsers
 from .errors import Problem, SpecError, field_path
 from .inventory import GpuInfo, Inventory, discover
 from .loader import Origins
-from .spec import DaemonSettings, Fleet, Model, OpenAISettings, RaySettings, Settings
+from .spec import DaemonSettings, Fleet, Model, OpenAISettings, RaySettings, Settings, SwapGroup
+from .swap import Use
 from .units import format_size
 
 DEFAULT_GPU_SHARE = 0.9  # vLLM's own default gpu_memory_utilization, for a model alone on its GPUs
@@ -48,6 +49,10 @@ class PlacedModel:
     weights_bytes: int | None
     placed_by: Literal["declared", "auto", "cpu"]
     tool_parser: str | None = None  # vLLM --tool-call-parser; None = the engine takes no tools
+    swap_group: str | None = None
+    # What it asks of Ray per GPU (aligned with gpus): its share, or for a swap-group member its
+    # part of what the group needs at once (reconciler.swap). Empty: gpu_memory on each.
+    reserved: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class PlacedFleet:
     root: str = field(default=".")
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     disabled: tuple[str, ...] = ()  # declared with enabled: false: validated, not placed, not served
+    swap_groups: Mapping[str, SwapGroup] = field(default_factory=dict)  # groups with a served member
+    notes: tuple[str, ...] = ()  # what fits how, for `fleetctl validate` (swap groups' GPU budgets)
 
 
 def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
@@ -74,7 +81,9 @@ def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
         on_model = len(path) == 2  # a whole model: point at its name
         problems.append(Problem(origins.of(path, key=on_model), field_path(path), message))
 
-    used: dict[tuple[str | None, int], list[tuple[str, float, bool]]] = defaultdict(list)
+    groups = swap.groups_of(fleet)
+    swap.check(fleet, problem)
+    used: dict[tuple[str | None, int], list[Use]] = defaultdict(list)
     placed: dict[str, PlacedModel] = {}
     # read once: a local folder's safetensors headers, or the Hub's metadata when it answers
     weights = {name: estimate.weights_bytes(m.source, root, m.size) if inv.gpus else m.size
@@ -90,20 +99,57 @@ def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
         if result is not None and model.enabled:  # a disabled model's GPUs are checked, not reserved
             placed[name] = _placed(fleet, name, model, root, result, model.node, "declared", weights[name])
             for idx in result[0]:
-                used[(model.node, idx)].append((name, result[1], model.always_on))
-    _check_shares(used, fleet, problem)
+                used[(model.node, idx)].append(_use(fleet, name, model, result[1]))
+    _check_shares(used, fleet, inv, groups, problem)
     for name, model in sorted(auto, key=lambda item: weights[item[0]] or 0, reverse=True):
         if not inv.gpus:
             placed[name] = _placed(fleet, name, model, root, ((), None), None, "cpu", weights[name])
             continue
-        auto_result = _auto_place(name, model, inv, weights[name], used, problem)
+        auto_result = _auto_place(fleet, name, model, inv, weights[name], used, groups, problem)
         if auto_result is not None:
             node, result = auto_result
             placed[name] = _placed(fleet, name, model, root, result, node, "auto", weights[name])
     if problems:
         raise SpecError(problems)
-    ordered = tuple(placed[n] for n in fleet.models if n in placed)
-    return PlacedFleet(ordered, inv, fleet.ray, fleet.openai, fleet.settings, str(root), fleet.daemon, disabled)
+    ordered = tuple(_reserve(placed[n], used, inv, groups) for n in fleet.models if n in placed)
+    served_groups = {g: s for g, s in groups.items() if any(m.swap_group == g for m in ordered)}
+    return PlacedFleet(ordered, inv, fleet.ray, fleet.openai, fleet.settings, str(root), fleet.daemon, disabled,
+                       served_groups, _notes(used, inv, groups))
+
+
+def _use(fleet: Fleet, name: str, model: Model, share: float) -> Use:
+    sleeps = model.sleep if model.sleep is not None else fleet.defaults.sleep
+    return Use(name, share, model.always_on, model.swap_group, sleeps)
+
+
+def _gpu_bytes(inv: Inventory, node: str | None, idx: int) -> int:
+    gpu = inv.find(idx, node)
+    return gpu.memory_bytes if gpu else 0
+
+
+def _reserve(model: PlacedModel, used: Mapping[tuple[str | None, int], list[Use]], inv: Inventory,
+             groups: Mapping[str, SwapGroup]) -> PlacedModel:
+    """A swap-group member asks Ray for its part of the group's need, not its whole share."""
+    if model.swap_group is None or not model.gpus:
+        return model
+    reserved = tuple(
+        swap.reservations(used[(model.node, i)], groups, _gpu_bytes(inv, model.node, i))[model.name]
+        for i in model.gpus)
+    return replace(model, reserved=reserved)
+
+
+def _notes(used: Mapping[tuple[str | None, int], list[Use]], inv: Inventory,
+           groups: Mapping[str, SwapGroup]) -> tuple[str, ...]:
+    notes = []
+    for (node, idx), uses in sorted(used.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+        gpu = f"GPU {idx}" if node is None else f"GPU {idx} on node {node!r}"
+        for group in sorted({u.group for u in uses if u.group}):
+            members = [u for u in uses if u.group == group]
+            notes.append(swap.explain(members, group, groups[group].awake, gpu, _gpu_bytes(inv, node, idx)))
+        if any(u.group for u in uses):
+            total = swap.gpu_load(uses, groups, _gpu_bytes(inv, node, idx))
+            notes.append(f"{gpu}: {total:.2f} of 1 needed at once in all")
+    return tuple(notes)
 
 
 def _check_declared(name: str, model: Model, inv: Inventory, root: Path, weights: int | None,
@@ -138,29 +184,38 @@ def _check_declared(name: str, model: Model, inv: Inventory, root: Path, weights
     return gpus, share
 
 
-def _check_shares(used: Mapping[tuple[str | None, int], list[tuple[str, float, bool]]], fleet: Fleet,
-                  problem: Any) -> None:
+def _check_shares(used: Mapping[tuple[str | None, int], list[Use]], fleet: Fleet, inv: Inventory,
+                  groups: Mapping[str, SwapGroup], problem: Any) -> None:
     for (node, idx), users in sorted(used.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
         gpu = f"GPU {idx}" if node is None else f"GPU {idx} on node {node!r}"
-        always = [(n, s) for n, s, on in users if on]
+        always = [(u.name, u.share) for u in users if u.always_on]
         total_always = sum(s for _, s in always)
-        total = sum(s for _, s, _ in users)
-        last = users[-1][0]
+        total = swap.gpu_load(users, groups, _gpu_bytes(inv, node, idx))
+        last = users[-1].name
         if total_always > 1 + 1e-9:
             listed = ", ".join(f"{n} ({s:g})" for n, s in always)
             problem(("models", always[-1][0], "gpu_memory"), (
                 f"always-on models {listed} need {total_always:g} of {gpu}; always-on models stay "
                 "loaded together, so their shares must add up to at most 1"))
         elif total > 1 + 1e-9:
-            listed = ", ".join(f"{n} ({s:g})" for n, s, _ in users)
             path = ("models", last, "gpu_memory") if fleet.models[last].gpu_memory is not None else (
                 "models", last, "gpus")
-            problem(path, (f"{gpu} is shared by {listed}: {total:g} of its memory in all, more than 1; "
-                           "lower their gpu_memory shares so they add up to at most 1"))
+            if not any(u.group for u in users):
+                listed = ", ".join(f"{u.name} ({u.share:g})" for u in users)
+                problem(path, (f"{gpu} is shared by {listed}: {total:g} of its memory in all, more than 1; "
+                               "lower their gpu_memory shares so they add up to at most 1"))
+                continue
+            plain = ", ".join(f"{u.name} ({u.share:g})" for u in users if u.group is None) or "no other model"
+            grouped = "; ".join(swap.explain([u for u in users if u.group == g], g, groups[g].awake, gpu,
+                                             _gpu_bytes(inv, node, idx))
+                                for g in sorted({u.group for u in users if u.group}))
+            problem(path, (f"{gpu} needs {total:.2f} of its memory at once, more than 1: {grouped}; beside "
+                           f"them {plain}. Lower gpu_memory shares, or let fewer members of a swap group "
+                           "be awake at once"))
 
 
-def _auto_place(name: str, model: Model, inv: Inventory, weights: int | None,
-                used: dict[tuple[str | None, int], list[tuple[str, float, bool]]], problem: Any
+def _auto_place(fleet: Fleet, name: str, model: Model, inv: Inventory, weights: int | None,
+                used: dict[tuple[str | None, int], list[Use]], groups: Mapping[str, SwapGroup], problem: Any
                 ) -> tuple[str | None, tuple[tuple[int, ...], float]] | None:
     """Best fit: the GPU(s) that will have the least memory left over; the error gives the numbers."""
     if weights is None:
@@ -171,12 +226,17 @@ def _auto_place(name: str, model: Model, inv: Inventory, weights: int | None,
     tp = model.tensor_parallel or 1
     need = weights * HEADROOM / tp
     candidates = [g for g in inv.gpus if model.node is None or g.node == model.node]
-    free = {(g.node, g.index): 1.0 - sum(s for _, s, _ in used[(g.node, g.index)]) for g in candidates}
+    free = {(g.node, g.index): 1.0 - swap.gpu_load(used[(g.node, g.index)], groups, g.memory_bytes)
+            for g in candidates}
 
     def share_of(g: GpuInfo) -> float:
         return math.ceil(need / g.memory_bytes / SHARE_STEP) * SHARE_STEP
-    fitting = [g for g in candidates if share_of(g) <= free[(g.node, g.index)] + 1e-9]
-    fitting.sort(key=lambda g: (free[(g.node, g.index)] * g.memory_bytes - need, g.index))
+
+    def left_after(g: GpuInfo) -> float:  # a swap-group member may add less than its share
+        return 1.0 - swap.gpu_load([*used[(g.node, g.index)], _use(fleet, name, model, share_of(g))], groups,
+                                   g.memory_bytes)
+    fitting = [g for g in candidates if left_after(g) >= -1e-9]
+    fitting.sort(key=lambda g: (left_after(g) * g.memory_bytes, g.index))
     if len(fitting) < tp or (fitting and len({g.node for g in fitting[:tp]}) > 1):
         best = max(candidates, key=lambda g: free[(g.node, g.index)] * g.memory_bytes)
         most = free[(best.node, best.index)] * best.memory_bytes
@@ -191,7 +251,7 @@ def _auto_place(name: str, model: Model, inv: Inventory, weights: int | None,
     chosen = fitting[:tp]
     share = max(share_of(g) for g in chosen)
     for g in chosen:
-        used[(g.node, g.index)].append((name, share, model.always_on))
+        used[(g.node, g.index)].append(_use(fleet, name, model, share))
     return chosen[0].node, (tuple(sorted(g.index for g in chosen)), round(share, 4))
 
 
@@ -230,4 +290,5 @@ def _placed(fleet: Fleet, name: str, model: Model, root: Path, where: tuple[tupl
         placed_by=by,
         tool_parser=tool_parsers.tool_parser(
             model.source, model.task, model.tool_parser or model.engine.get("tool_call_parser")),
+        swap_group=model.swap_group,
     )

@@ -12,11 +12,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from serve_app.contract import ROUTER_APP
+from serve_app.contract import ROUTER_APP, SWAP_APP
 
 from .units import parse_duration, parse_size
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+GROUP_NAME = MODEL_NAME
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENGINE_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
 HF_SOURCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
@@ -52,6 +53,15 @@ def _model_name(value: str) -> str:
             "letter or digit (it becomes both the Serve application name and the OpenAI model id)")
     if value == ROUTER_APP:
         raise ValueError(f"{value!r} is the name of the fleet's OpenAI router application; pick another name")
+    if value == SWAP_APP:
+        raise ValueError(f"{value!r} is the name of the fleet's swap-group application; pick another name")
+    return value
+
+
+def _group_name(value: str) -> str:
+    if not GROUP_NAME.match(value):
+        raise ValueError(f"{value!r} cannot name a swap group: use 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
     return value
 
 
@@ -84,6 +94,7 @@ Duration = Annotated[float, BeforeValidator(_duration), Field(
 Size = Annotated[int, BeforeValidator(parse_size), Field(
     json_schema_extra={"type": ["string", "integer"], "description": 'bytes, or e.g. "24GiB", "16GB"'})]
 ModelName = Annotated[str, AfterValidator(_model_name)]
+GroupName = Annotated[str, AfterValidator(_group_name)]
 Source = Annotated[str, AfterValidator(_source), Field(
     description="hf://org/name[@revision], pkg://python_package/path, or a local path")]
 EnvVarName = Annotated[str, AfterValidator(_api_key_env)]
@@ -194,6 +205,17 @@ class Inventory(Strict):
         return self
 
 
+class SwapGroup(Strict):
+    """Models that take turns on the same GPUs: at most `awake` of them are loaded at once."""
+
+    awake: int = Field(1, ge=1, description=(
+        "how many members may be awake (loaded) at once; a request for another puts the least recently "
+        "used idle member to sleep (GPU) or unloads it (CPU) first"))
+    queue_timeout: Duration = Field(300.0, description=(
+        "how long a request for a member waits while every awake member is busy (requests in flight; "
+        "a busy member is never put to sleep) before it is answered 503"))
+
+
 class Model(Strict):
     source: Source
     task: Literal["generate", "embed"] = "generate"
@@ -212,6 +234,9 @@ class Model(Strict):
     start_timeout: Duration | None = None
     replicas: int | None = Field(None, ge=1)
     size: Size | None = Field(None, description="memory the weights need, for automatic placement")
+    swap_group: GroupName | None = Field(None, description=(
+        "a swap group (swap_groups: at the top level; undeclared means awake: 1): its members may "
+        "together declare more GPU memory than the card has, and take turns being loaded"))
     tool_parser: str | None = Field(
         None, description="vLLM --tool-call-parser for tool calls; default: known from the model's name "
                           "(e.g. Qwen2.5 → hermes, Llama-3.1 → llama3_json); none = no tool calls")
@@ -239,3 +264,6 @@ class Fleet(Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     inventory: Inventory | None = Field(None, description="GPUs to plan for when NVML finds none")
     models: dict[ModelName, Model] = Field(default_factory=dict)
+    swap_groups: dict[GroupName, SwapGroup] = Field(default_factory=dict, description=(
+        "settings per swap group (a model joins one with swap_group: NAME); a group no file declares "
+        "gets the defaults (awake: 1)"))

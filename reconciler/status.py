@@ -14,7 +14,7 @@ from reconciler.health import STATE_HEALTH, AppHealth, Health, State, Sync, app_
 from reconciler.live import LiveState
 from reconciler.placement import PlacedFleet
 from reconciler.plan import Action, Plan
-from serve_app.contract import ENGINE_IMPORT
+from serve_app.contract import ENGINE_IMPORT, SWAP_IMPORT
 
 FORMAT_VERSION = "2"
 # The lifecycle states a running engine reports (serve_app.lifecycle), shown instead of "ready".
@@ -50,7 +50,7 @@ def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
         m = by_name.get(name)
         rows.append({
             "model": name,
-            "kind": "engine" if cfg.get("import_path") == ENGINE_IMPORT else ("router" if cfg else "foreign"),
+            "kind": _kind(cfg),
             "task": m.task if m else None,
             "desired": "absent" if change is None or change.after is None else "present",
             "live": app.status if app else "absent",
@@ -63,9 +63,19 @@ def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
             "gpus": _gpus(cfg),
             "gpu_memory": m.gpu_memory if m else None,
             "always_on": m.always_on if m else False,
+            "swap_group": m.swap_group if m else None,
             "message": h.message,
         })
     return rows
+
+
+def _kind(app_config: Mapping[str, Any]) -> str:
+    path = app_config.get("import_path")
+    if path == ENGINE_IMPORT:
+        return "engine"
+    if path == SWAP_IMPORT:
+        return "swap"
+    return "router" if app_config else "foreign"
 
 
 def _gpus(app_config: Mapping[str, Any]) -> str:
@@ -95,9 +105,12 @@ def document(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ("model", "state", "health", "sync", "replicas", "gpus")
+    cols: tuple[str, ...] = ("model", "state", "health", "sync", "replicas", "gpus")
+    if any(r.get("swap_group") for r in rows):
+        cols += ("swap_group",)
     table = [tuple(c.upper() for c in cols)] + [
-        tuple(str(r[c]) + (f" ({r['pending']})" if c == "sync" and r.get("pending") else "") for c in cols)
+        tuple(str(r.get(c) or "") + (f" ({r['pending']})" if c == "sync" and r.get("pending") else "")
+              for c in cols)
         for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip() for t in table]

@@ -10,11 +10,14 @@ Import-free on purpose (no Ray, no FastAPI): the reconciler imports it on every 
 from __future__ import annotations
 
 import enum
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 ROUTER_APP = "router"  # the router's application; no model may take this name
 ROUTER_DEPLOYMENT = "router"
 ROUTER_IMPORT = "serve_app.router:app"
+SWAP_APP = "swap-groups"  # the swap groups' coordinator (present when the fleet has groups)
+SWAP_DEPLOYMENT = "swap"
+SWAP_IMPORT = "serve_app.swap:app"
 ENGINE_DEPLOYMENT = "engine"
 ENGINE_IMPORT = "serve_app.engine:app"
 # An application belongs to the fleet when its import_path starts with this.
@@ -53,6 +56,9 @@ class EngineArgs(TypedDict):
     env: dict[str, str]
     gpus: list[int]  # physical GPU indices on its node; [] = CPU
     start_timeout_s: float | None  # None = no bound
+    # Only for a swap group's member (absent otherwise, so other engines' args never change):
+    # it starts unloaded and loads only when the group's coordinator (SWAP_APP) has made room.
+    swap_group: NotRequired[str]
 
 
 class EngineUserConfig(TypedDict, total=False):
@@ -61,6 +67,20 @@ class EngineUserConfig(TypedDict, total=False):
     idle_timeout_s: float | None  # None = never idle out
     unload_after_s: float | None  # asleep (GPU) → unloaded after this much more idle time; None = stays asleep
     always_on: bool
+
+
+class SwapGroupConfig(TypedDict):
+    """One swap group as the coordinator sees it."""
+
+    awake: int  # at most this many members loaded (not asleep/unloaded) at once
+    members: list[str]  # model names (each its own engine application)
+    queue_timeout_s: float | None  # bound on waiting for busy members; None = no bound
+
+
+class SwapUserConfig(TypedDict):
+    """The swap coordinator's ``user_config``: every group, changed in place."""
+
+    groups: dict[str, SwapGroupConfig]
 
 
 class RouterArgs(TypedDict):
@@ -74,6 +94,7 @@ class RouterModel(TypedDict, total=False):
     task: str
     always_on: bool
     tool_parser: str  # present only when the engine takes tools (vLLM --tool-call-parser)
+    swap_group: str  # present only for members of a swap group
 
 
 class RouterUserConfig(TypedDict, total=False):

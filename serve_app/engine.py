@@ -32,8 +32,8 @@ import httpx
 from ray import serve
 from ray.serve import Application, metrics
 
-from serve_app import endpoints, gpu_turns, lifecycle, model_source
-from serve_app.contract import ENGINE_DEPLOYMENT, ENGINE_START_ATTEMPTS, engine_log_name
+from serve_app import endpoints, gpu_turns, lifecycle, model_source, proctable
+from serve_app.contract import ENGINE_DEPLOYMENT, ENGINE_START_ATTEMPTS, SWAP_APP, SWAP_DEPLOYMENT, engine_log_name
 
 logger = logging.getLogger("ray.serve")
 
@@ -45,6 +45,9 @@ REASON_CHARS = 1800  # the router shows at most 2000 characters of an engine's e
 # The guard's SIGTERM grace for vLLM; below the contract's graceful_shutdown_timeout_s (20 s).
 STOP_GRACE_S = 10.0
 ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+# A swap member's unload waits this long at most for vLLM's whole process tree to be gone, so the
+# member loading next finds the memory free.
+TREE_GONE_S = 15.0
 # Default runner per fleet task, added unless engine_argv names one (vLLM 0.32 has no --task).
 TASK_ARGV = {"generate": ["--runner", "generate"], "embed": ["--runner", "pooling"]}
 
@@ -182,6 +185,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def _host_ram_short() -> bool:
+    try:
+        import psutil  # Ray's own dependency; absent only in unusual installs, where the rule is skipped
+    except ImportError:
+        return False
+    memory = psutil.virtual_memory()
+    return lifecycle.host_ram_short(memory.available, memory.total)
+
+
 class LoadFailed(RuntimeError):
     """A load on demand failed; the message is the engine's own reason (the tail of vLLM's log)."""
 
@@ -204,6 +216,7 @@ class Engine:
         env: dict[str, str] | None = None,
         gpus: list[int] | None = None,
         start_timeout_s: float = 600.0,
+        swap_group: str | None = None,
     ) -> None:
         self._model = model
         self._source = source
@@ -212,6 +225,7 @@ class Engine:
         self._gpus = list(gpus or [])
         self._environ = child_env(env or {}, self._gpus)
         self._start_timeout_s = start_timeout_s
+        self._swap_group = swap_group
         # vLLM's sleep mode is GPU-only and needs the flag at start (compile adds it for GPU models).
         self._can_sleep = bool(gpus) and "--enable-sleep-mode" in self._engine_argv
         self._proc: subprocess.Popen[bytes] | None = None
@@ -237,8 +251,13 @@ class Engine:
         self._port = _free_port()
         self._url = f"http://{HOST}:{self._port}"
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
-        async with self._lock:
-            await self._load()  # a model that cannot start at deploy time fails the deploy, as before
+        if swap_group:
+            # A swap member starts unloaded: loading it here could break its group's limit. Its
+            # first request (or `fleetctl load`) loads it, once the group's coordinator made room.
+            self._set(lifecycle.State.UNLOADED)
+        else:
+            async with self._lock:
+                await self._load()  # a model that cannot start at deploy time fails the deploy, as before
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     # ---- the child process ----
@@ -325,6 +344,10 @@ class Engine:
         proc, self._proc = self._proc, None
         if proc is not None:
             _stop(proc)
+            if self._swap_group:  # the next member must find the memory free: wait out the whole tree
+                deadline = time.monotonic() + TREE_GONE_S
+                while proctable.session_members(proc.pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
 
     async def _unload(self) -> None:
         """Stop the child (caller holds the lock): memory freed, the replica stays."""
@@ -398,6 +421,7 @@ class Engine:
         async with self._lock:
             if self._state is lifecycle.State.AWAKE:
                 return
+            grant = await self._acquire_turn()
             try:
                 if self._state is lifecycle.State.ASLEEP:
                     await self._wake()
@@ -405,6 +429,50 @@ class Engine:
                     await self._load()
             except Exception as e:
                 raise LoadFailed(brief(f"loading {self._model!r} failed: {e}")) from None
+            finally:
+                if grant is not None:
+                    await self._release_turn(grant)
+
+    # ---- swap groups: take turns with the other members (serve_app/swap.py decides) ----
+
+    def _coordinator(self) -> Any:
+        return serve.get_deployment_handle(SWAP_DEPLOYMENT, app_name=SWAP_APP, _check_exists=False)
+
+    async def _acquire_turn(self) -> str | None:
+        """For a swap member: wait until the group has room (others put to sleep or unloaded)."""
+        if not self._swap_group:
+            return None
+        t0 = time.monotonic()
+        lease_s = self._start_timeout_s + 2 * STOP_GRACE_S + 30.0
+        try:
+            token = str(await self._coordinator().acquire.remote(self._swap_group, self._model, lease_s))
+        except Exception as e:  # GroupBusy (its message says why), or the coordinator is away
+            cause = getattr(e, "cause", None) or e
+            raise LoadFailed(brief(str(cause).strip() or repr(cause))) from None
+        self._record("swap_wait", t0)
+        return token
+
+    async def _release_turn(self, token: str) -> None:
+        try:
+            await self._coordinator().release.remote(self._swap_group, token)
+        except Exception:  # its lease frees the group anyway
+            logger.exception("releasing the swap group %s", self._swap_group)
+
+    async def evict(self) -> bool:
+        """The swap coordinator makes room: sleep (GPU) or unload now, unless requests are in flight
+        (a busy member is never cut). True when this member holds nothing any more."""
+        async with self._lock:
+            if self._state is not lifecycle.State.AWAKE:
+                return self._state in (lifecycle.State.ASLEEP, lifecycle.State.UNLOADED, lifecycle.State.FAILED)
+            await self._observe()
+            if self._activity.in_flight:
+                return False
+            if self._can_sleep:
+                await self._sleep()
+            else:
+                await self._unload()
+            self._record("swapped_out", time.monotonic())
+        return True
 
     # ---- the idle rule ----
 
@@ -424,7 +492,11 @@ class Engine:
         if self._state in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP) and not self._child_running():
             return lifecycle.Step.NONE  # died on its own: check_health reports it and Serve replaces us
         idle_s = time.monotonic() - self._activity.last_at
-        return lifecycle.next_step(self._state, self._rules, idle_s, self._activity.in_flight, self._can_sleep)
+        ram_short = False
+        if self._state is lifecycle.State.ASLEEP:
+            ram_short = _host_ram_short()
+        return lifecycle.next_step(self._state, self._rules, idle_s, self._activity.in_flight, self._can_sleep,
+                                   ram_short)
 
     async def _observe(self) -> None:
         if self._state not in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP) or not self._child_running():
@@ -517,6 +589,7 @@ class Engine:
             "unload_after_s": self._rules.unload_after_s,
             "always_on": self._rules.always_on,
             "can_sleep": self._can_sleep,
+            "swap_group": self._swap_group,
             "load_seconds": self._counters.last_s.get("load"),
             **self._counters.as_dict(),
         }

@@ -21,6 +21,16 @@ from dataclasses import dataclass, field
 ACTIVITY_COUNTERS = ("vllm:request_success_total", "http_requests_total")
 # How often the replica looks at its child: often enough for short test timeouts, rarely for long ones.
 MIN_POLL_S, MAX_POLL_S, ASLEEP_POLL_S = 0.5, 5.0, 0.25
+# An asleep model keeps its weights in host RAM (vLLM's level-1 sleep). When the host has less than
+# this share of its RAM available, an asleep model is unloaded at once rather than after unload_after:
+# the kernel's OOM killer would otherwise pick a process, perhaps an awake engine, and an unloaded
+# model only costs a slower next start. 10 %: what is left for the OS, page cache and a waking model.
+HOST_RAM_LOW_FRACTION = 0.10
+
+
+def host_ram_short(available: int, total: int, fraction: float = HOST_RAM_LOW_FRACTION) -> bool:
+    """True when the host's available RAM is below ``fraction`` of its total."""
+    return total > 0 and available < fraction * total
 
 
 class State(str, enum.Enum):
@@ -61,13 +71,18 @@ class Rules:
         return cls(seconds("idle_timeout_s"), seconds("unload_after_s"), bool(user_config.get("always_on", False)))
 
 
-def next_step(state: State, rules: Rules, idle_s: float, in_flight: int, can_sleep: bool) -> Step:
-    """The idle rule: what a replica in ``state``, idle for ``idle_s`` with ``in_flight`` requests, does now."""
+def next_step(state: State, rules: Rules, idle_s: float, in_flight: int, can_sleep: bool,
+              ram_short: bool = False) -> Step:
+    """The idle rule: what a replica in ``state``, idle for ``idle_s`` with ``in_flight`` requests, does now.
+
+    ``ram_short``: the host is short of RAM (``host_ram_short``), so an asleep model unloads now."""
     if rules.always_on:  # never leaves awake; brought back if it was down when always_on was turned on
         return {State.ASLEEP: Step.WAKE, State.UNLOADED: Step.LOAD}.get(state, Step.NONE)
     if state is State.ASLEEP:
         if in_flight:  # a request reached the sleeping vLLM, which holds it until woken
             return Step.WAKE
+        if ram_short:  # its weights sit in host RAM: free them before the OOM killer picks someone
+            return Step.UNLOAD
         if rules.unload_after_s is not None and rules.idle_timeout_s is not None and \
                 idle_s >= rules.idle_timeout_s + rules.unload_after_s:
             return Step.UNLOAD

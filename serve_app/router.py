@@ -84,6 +84,17 @@ ATTEMPTS = 3
 DOWN_S = 3.0
 SHUTDOWN_GRACE_S = 5.0
 LIFECYCLE_TIMEOUT_S = 5.0
+# A model whose own measured load takes longer than load_timeout_s is still waited for: a fixed bound
+# below its real start time would answer every cold request with a 503. Bound: 1.5 x its last load + 30 s.
+HOLD_FACTOR, HOLD_MARGIN_S = 1.5, 30.0
+
+
+def hold_bound(load_timeout_s: float, last_load_s: float | None) -> float:
+    """Seconds the router holds a request for a model coming up: load_timeout_s, or longer when the
+    model's last measured load (the engine's own) says it needs longer."""
+    if last_load_s is None:
+        return load_timeout_s
+    return max(load_timeout_s, HOLD_FACTOR * last_load_s + HOLD_MARGIN_S)
 # Application status → the model's live state as /v1/models shows it (the fleet's one vocabulary).
 LIVE_STATE = {status: state.value for status, state in SERVE_APP_STATE.items()}
 
@@ -507,6 +518,7 @@ async def list_models(request: Request) -> Response:
             "owned_by": "vllm-fleet",
             "task": spec.get("task", "generate"),
             "always_on": bool(spec.get("always_on", False)),
+            **({"swap_group": spec["swap_group"]} if spec.get("swap_group") else {}),
             **_model_state(states.get(name, ("absent", ""))[0], lifecycles.get(name)),
             **_ui_hints(spec),
         }
@@ -723,7 +735,9 @@ class Router:
         is woken); meanwhile the app's state ends the wait early when it failed or is gone.
         """
         call = asyncio.ensure_future(self._call_endpoint(self._handle(model)))
-        deadline = time.monotonic() + self._settings.load_timeout_s
+        t0 = time.monotonic()
+        bound = self._settings.load_timeout_s
+        measured = False
         try:
             while not call.done():
                 await asyncio.wait({call}, timeout=STATUS_POLL_S)
@@ -732,11 +746,16 @@ class Router:
                 state, message = (await self._app_states(fresh=True)).get(model, ("absent", ""))
                 if state in ("failed", "absent"):
                     raise Unavailable(f"The model `{model}` is {state}: {message}".rstrip(": "))
-                if time.monotonic() > deadline:
+                if time.monotonic() - t0 > bound and not measured:
+                    measured = True  # past load_timeout_s: does this model's own last load say it needs longer?
+                    lifecycle = (await self._lifecycles([model])).get(model) or {}
+                    bound = hold_bound(bound, lifecycle.get("load_seconds"))
+                if time.monotonic() - t0 > bound:
                     state = "loading" if state == "ready" else state  # a running engine loading on demand
                     raise Unavailable(
-                        f"The model `{model}` is still {state} after load_timeout_s "
-                        f"({self._settings.load_timeout_s:.0f} s). {message}".strip()
+                        f"The model `{model}` is still {state} after {bound:.0f} s (load_timeout_s "
+                        f"{self._settings.load_timeout_s:.0f} s, or longer when its last load took longer). "
+                        f"{message}".strip()
                     )
             return call.result()
         except Unavailable:

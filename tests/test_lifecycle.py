@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.lifecycle import Activity, Rules, State, Step, counter_total, next_step, poll_interval
+from serve_app.lifecycle import (
+    Activity,
+    Rules,
+    State,
+    Step,
+    counter_total,
+    host_ram_short,
+    next_step,
+    poll_interval,
+)
 
 IDLE_5S = Rules(idle_timeout_s=5.0, unload_after_s=60.0)
 
@@ -28,6 +37,15 @@ IDLE_5S = Rules(idle_timeout_s=5.0, unload_after_s=60.0)
 ])
 def test_idle_rule(state: State, rules: Rules, idle_s: float, in_flight: int, can_sleep: bool, step: Step) -> None:
     assert next_step(state, rules, idle_s, in_flight, can_sleep) is step
+
+
+def test_an_asleep_model_unloads_when_host_ram_is_short() -> None:
+    never = Rules(5.0, None)  # unload_after: never, yet RAM short wins
+    assert next_step(State.ASLEEP, never, 6.0, 0, True, ram_short=True) is Step.UNLOAD
+    assert next_step(State.ASLEEP, never, 6.0, 1, True, ram_short=True) is Step.WAKE  # a waiting request first
+    assert next_step(State.AWAKE, IDLE_5S, 1.0, 0, True, ram_short=True) is Step.NONE  # awake ones are not touched
+    assert host_ram_short(available=1 * 2**30, total=24 * 2**30)
+    assert not host_ram_short(available=8 * 2**30, total=24 * 2**30)
 
 
 def test_always_on_never_leaves_awake() -> None:
@@ -100,3 +118,15 @@ def test_a_long_load_error_keeps_what_failed_and_vllms_last_words() -> None:
     assert short.startswith("loading 'm' failed: vLLM exited with code 1")
     assert short.endswith("ValueError: no config.json")
     assert brief("short") == "short"
+
+
+@pytest.mark.parametrize(("load_timeout_s", "last_load_s", "bound"), [
+    (600.0, None, 600.0),      # never loaded here: the configured bound
+    (600.0, 60.0, 600.0),      # loads well within it
+    (600.0, 700.0, 1080.0),    # its own loads take longer: 1.5 x 700 + 30, not a 503 on every cold request
+])
+def test_router_hold_bound_reflects_the_measured_load(load_timeout_s: float, last_load_s: float | None,
+                                                      bound: float) -> None:
+    from serve_app.router import hold_bound
+
+    assert hold_bound(load_timeout_s, last_load_s) == bound

@@ -48,7 +48,7 @@ CASES = [
          ["fleet.yaml:1:1: file is 5.2 MB; fleet files are limited to 1024 KiB — is this the right file?"]),
     Case("unknown-top-key", {"fleet.yaml": BASE + "colour: blue\n"},
          ["fleet.yaml:4:1: colour: unknown key 'colour'; allowed here: daemon, defaults, inventory, models, openai, "
-          "ray, settings"]),
+          "ray, settings, swap_groups"]),
     Case("typo-model-key", {"fleet.yaml": "models:\n  chat:\n    source: hf://org/chat\n    gpu_memroy: 0.5\n"},
          ["fleet.yaml:4:5: models.chat.gpu_memroy: unknown key 'gpu_memroy'; did you mean 'gpu_memory'?"]),
     Case("typo-top-key", {"fleet.yaml": "model:\n  chat:\n    source: hf://org/chat\n"},
@@ -156,4 +156,36 @@ models:
           "pkg://package/path, or a local path (/abs or ./relative)",
           "fleet.yaml:4:15: models.chat.replicas: Input should be greater than or equal to 1 (got 0)",
           "fleet.yaml:5:5: models.chat.tsk: unknown key 'tsk'; did you mean 'task'?"]),
+    Case("swap-group-typo", {"fleet.yaml": GPU3 + "models:\n"
+                             "  a: {source: hf://o/a, gpus: [0], gpu_memory: 0.6, swap_group: big}\n"
+                             "  b: {source: hf://o/b, gpus: [1], gpu_memory: 0.6, swap_group: bgi}\n"},
+         ["fleet.yaml:7:65: models.a.swap_group: swap group 'big' has no other member: a group is models that take "
+          "turns; did you mean 'bgi'?",
+          "fleet.yaml:8:65: models.b.swap_group: swap group 'bgi' has no other member: a group is models that take "
+          "turns; did you mean 'big'?"]),
+    Case("swap-group-unused-and-too-awake", {"fleet.yaml": "swap_groups:\n  big: {awake: 2}\n  spare: {}\n"
+                                             "models:\n  a: {source: hf://o/a, swap_group: big}\n"
+                                             "  b: {source: hf://o/b, swap_group: big}\n"},
+         ["fleet.yaml:2:16: swap_groups.big.awake: awake: 2 but the group has 2 members, so they never take turns; "
+          "lower awake below 2 or remove the group",
+          "fleet.yaml:3:3: swap_groups.spare: no model names swap group 'spare'; add swap_group: spare to the models "
+          "that take turns, or remove it"]),
+    Case("swap-member-always-on-or-replicated", {"fleet.yaml": "models:\n"
+                                                 "  a: {source: hf://o/a, swap_group: g, always_on: true}\n"
+                                                 "  b: {source: hf://o/b, swap_group: g, replicas: 2}\n"},
+         ["fleet.yaml:2:37: models.a.swap_group: an always_on model never leaves awake, so it cannot take turns in "
+          "swap group 'g'; remove always_on or swap_group",
+          "fleet.yaml:3:37: models.b.swap_group: a member of swap group 'g' runs one replica (the group decides when "
+          "it is loaded); set replicas: 1 or leave the group"]),
+    Case("swap-group-and-another-model-overbook", {"fleet.yaml": GPU3 + "models:\n"
+         "  a: {source: hf://o/a, gpus: [0], gpu_memory: 0.6, swap_group: g}\n"
+         "  b: {source: hf://o/b, gpus: [0], gpu_memory: 0.6, swap_group: g}\n"
+         "  c: {source: hf://o/c, gpus: [0], gpu_memory: 0.5}\n"},
+         ["fleet.yaml:9:48: models.c.gpu_memory: GPU 0 needs 1.16 of its memory at once, more than 1: swap group g on "
+          "GPU 0: a 0.6, b 0.6 = 1.2 declared; 1 awake at once needs 0.66 (the 1 largest + 1 asleep holding ~1.5 GiB "
+          "each); beside them c (0.5). Lower gpu_memory shares, or let fewer members of a swap group be awake at "
+          "once"]),
+    Case("swap-group-bad-name", {"fleet.yaml": BASE + "    swap_group: two words\n"},
+         ["fleet.yaml:4:17: models.chat.swap_group: 'two words' cannot name a swap group: use 1-64 letters, digits, "
+          "'.', '_' or '-', starting with a letter or digit"]),
 ]

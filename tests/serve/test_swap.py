@@ -1,0 +1,207 @@
+"""Swap groups on the shared fleet (real Serve + vLLM, CPU): two models that take turns, one awake at a time.
+
+``swap-a`` and ``swap-b`` (the tiny Llama, each its own engine) join the shared fleet in swap group
+``pair``, which no file declares (so ``awake: 1``, the default). A sampler reads the process table
+all along: the two models' vLLM processes must never be alive at the same time. Bounds below are
+bounds for the test, never expectations of speed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from reconciler import live, plan
+from serve_app.contract import SWAP_APP
+from serve_app.proctable import cmdline, processes
+from tests.fixtures import serve_api
+from tests.serve.conftest import Fleet
+
+pytestmark = pytest.mark.serve
+A, B = "swap-a", "swap-b"
+BOUND_S = 900.0
+
+
+def _state(model: str) -> dict[str, Any]:
+    from ray import serve
+
+    return dict(serve.get_app_handle(model).state.remote().result(timeout_s=60))
+
+
+def _listed(fleet: Fleet) -> dict[str, dict[str, Any]]:
+    return {m["id"]: m for m in httpx.get(fleet.base_url + "/models", timeout=30).json()["data"]}
+
+
+class Sampler:
+    """Which members have a vLLM process alive, sampled from /proc every 0.2 s.
+
+    A member's vLLM is its API server (``--served-model-name NAME``) and every process of that
+    server's session (the guard's group: engine core included), so a member counts as alive until
+    its whole tree is gone.
+    """
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.sessions: dict[int, str] = {}
+        self.both: list[set[str]] = []  # samples where more than one member was alive
+        self.seen: set[str] = set()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _alive(self) -> set[str]:
+        procs = [p for p in processes() if p.state != "Z"]
+        for p in procs:
+            argv = cmdline(p.pid).split()
+            if "vllm.entrypoints.openai.api_server" in argv and "--served-model-name" in argv:
+                name = argv[argv.index("--served-model-name") + 1]
+                if name in self.names:
+                    self.sessions[p.session] = name
+        return {self.sessions[p.session] for p in procs if p.session in self.sessions and p.pid != os.getpid()}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            alive = self._alive()
+            self.samples += 1
+            self.seen |= alive
+            if len(alive) > 1:
+                self.both.append(alive)
+            time.sleep(0.2)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def pair(fleet: Fleet, ray_driver: None) -> Iterator[Sampler]:
+    """swap-a and swap-b in swap group `pair`; yields the process sampler, running for the whole module."""
+    for name in (A, B):
+        fleet.models[name] = {"source": fleet.models["tiny-chat"]["source"], "task": "generate",
+                              "swap_group": "pair", "idle_timeout": "never", "engine": {"max_model_len": 1024}}
+    with Sampler((A, B)) as sampler:
+        fleet.apply(load_timeout=f"{BOUND_S:.0f}s")
+        serve_api.wait_running(fleet.dashboard, [SWAP_APP, A, B])
+        yield sampler
+        for name in (A, B):
+            fleet.models.pop(name)
+        fleet.apply()
+        serve_api.wait_absent(fleet.dashboard, A)
+        serve_api.wait_absent(fleet.dashboard, SWAP_APP)
+    assert sampler.both == []
+
+
+def _ask(fleet: Fleet, model: str, stream: bool) -> str:
+    client = fleet.client(timeout=BOUND_S)
+    if not stream:
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4).choices[0].message.content or ""
+    chunks = client.completions.create(model=model, prompt="count", max_tokens=4, stream=True)
+    return "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_members_start_unloaded_and_alternating_requests_are_all_answered(fleet: Fleet, pair: Sampler) -> None:
+    listed = _listed(fleet)
+    assert listed[A]["swap_group"] == listed[B]["swap_group"] == "pair"
+    for i, (model, stream) in enumerate([(A, True), (B, False), (B, True), (A, False)]):
+        assert isinstance(_ask(fleet, model, stream), str), (i, model)
+        assert _state(model)["state"] == "awake"
+        other = B if model == A else A
+        assert _state(other)["state"] in ("unloaded", "asleep"), (i, _state(other))
+    assert pair.seen == {A, B} and pair.both == [], pair.both  # both ran, never together
+    assert _state(A)["counts"]["swapped_out"] >= 1 and _state(B)["counts"]["swapped_out"] >= 1
+    listed = _listed(fleet)
+    assert (listed[A]["state"], listed[B]["state"]) == ("awake", "unloaded")
+    # taking turns changed no Serve config: the plan against the live fleet is empty
+    desired = serve_api.serve_config(serve_api.compile_apps(fleet.root, fleet.models, port=fleet.port,
+                                                            load_timeout=f"{BOUND_S:.0f}s"))
+    assert not plan.make_plan(desired, live.read_live_state(fleet.dashboard)).has_changes
+
+
+def test_a_long_stream_is_not_cut_the_other_member_waits_for_it(fleet: Fleet, pair: Sampler) -> None:
+    assert _ask(fleet, A, stream=False) is not None  # A awake (it was the last one asked)
+    tokens = 600
+    client = fleet.client(timeout=BOUND_S)
+    stream = client.completions.create(model=A, prompt="a long story", max_tokens=tokens, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    events: dict[str, float] = {}
+    answer: dict[str, Any] = {}
+
+    def ask_b() -> None:
+        try:
+            answer["b"] = _ask(fleet, B, stream=False)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            answer["b"] = e
+        events["b_answered"] = time.monotonic()
+
+    asker = threading.Thread(target=ask_b)
+    usage = None
+    finish = None
+    for i, chunk in enumerate(stream):
+        if i == 0:
+            asker.start()  # B is asked while A streams
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+        if chunk.usage:
+            usage = chunk.usage
+        time.sleep(0.02)  # a slow reader: A keeps a request in flight for a while
+    events["a_done"] = time.monotonic()
+    asker.join(BOUND_S)
+    assert finish == "length" and usage is not None and usage.completion_tokens == tokens  # A was not cut
+    assert isinstance(answer["b"], str), answer["b"]
+    assert events["b_answered"] > events["a_done"]  # B got its turn only after A's stream ended
+    assert _state(B)["state"] == "awake" and _state(A)["state"] in ("unloaded", "asleep")
+    assert pair.both == []
+
+
+def _coordinator_timeout(group: str) -> float | None:
+    from ray import serve
+
+    return serve.get_app_handle(SWAP_APP).status.remote().result(timeout_s=60)[group]["queue_timeout_s"]
+
+
+def test_a_request_that_waits_past_queue_timeout_gets_503_with_the_reason(fleet: Fleet, pair: Sampler) -> None:
+    import openai
+
+    awake = next(m for m in (A, B) if _state(m)["state"] == "awake")
+    other = B if awake == A else A
+    # the group, now declared: a request may wait 2 s for a busy member (changed in place)
+    fleet.apply(load_timeout=f"{BOUND_S:.0f}s", swap_groups={"pair": {"awake": 1, "queue_timeout": "2s"}})
+    try:
+        deadline = time.monotonic() + 120
+        while _coordinator_timeout("pair") != 2.0:
+            assert time.monotonic() < deadline, "the coordinator never got the new queue_timeout"
+            time.sleep(0.5)
+        stream = fleet.client(timeout=BOUND_S).completions.create(
+            model=awake, prompt="a long story", max_tokens=1000, stream=True, extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        next(chunks)  # streaming: the awake member is busy
+        finish: list[str | None] = []
+
+        def read_slowly() -> None:  # keeps the stream, and so the member, busy for a while
+            for chunk in chunks:
+                finish.append(chunk.choices[0].finish_reason if chunk.choices else None)
+                time.sleep(0.02)
+
+        reader = threading.Thread(target=read_slowly)
+        reader.start()
+        with pytest.raises(openai.APIStatusError) as refused:
+            _ask(fleet, other, stream=False)
+        reader.join(BOUND_S)
+        error = refused.value.response.json()["error"]
+        assert refused.value.status_code == 503 and error["code"] == "model_unavailable"
+        assert "swap group `pair`" in error["message"] and f"`{awake}` (1 request(s) in flight)" in error["message"]
+        assert "length" in finish  # the busy member was not cut
+        assert _state(awake)["state"] == "awake" and _state(other)["state"] in ("unloaded", "asleep")
+    finally:
+        fleet.apply(load_timeout=f"{BOUND_S:.0f}s")
