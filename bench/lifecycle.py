@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="an HF model folder (default: build a tiny random Llama)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gpu", type=int, help="GPU mode: sleep/wake and a swap group on this GPU")
-    parser.add_argument("--engine", default="{}", help="GPU mode: the fleet's defaults.engine as JSON")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--swap", action="store_true", help=(
         "measure one swap in a swap group instead: two copies of the model in a group with awake: 1, "
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default="", help="--swap: GPU indices both members share, e.g. 0 (default: CPU)")
     parser.add_argument("--gpu-memory", type=float, default=0.6, help="--swap: each member's share of its GPUs")
     parser.add_argument("--engine", default="", help=(
-        '--swap: vLLM engine args as JSON for the fleet file, e.g. \'{"dtype": "bfloat16", "max_model_len": 1024}\' '
+        '--swap, --gpu: vLLM engine args as JSON for the fleet file, e.g. \'{"dtype": "bfloat16", "max_model_len": 1024}\' '
         "(default: the CPU flags)"))
     parser.add_argument("--serve-config", help="--swap: a Serve config compiled elsewhere (see --write-config)")
     parser.add_argument("--write-config", help="--swap: compile the swap fleet's Serve config to this file and stop")
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu is not None:
         import lifecycle_gpu
 
-        return lifecycle_gpu.run(args.model, args.gpu, args.rounds, json.loads(args.engine), args.json)
+        return lifecycle_gpu.run(args.model, args.gpu, args.rounds, json.loads(args.engine or "{}"), args.json)
     work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-"))
     if args.write_config:  # for a box that cannot compile (no YAML reader there)
         from swap_bench import compile_config
