@@ -89,10 +89,11 @@ class Fleet:
         with httpx.stream("POST", self.base_url + "/v1/chat/completions", json=body, timeout=BOUND_S) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"{model}: {r.status_code} {r.read()[-500:]!r}")
-            for line in r.iter_lines():
+            lines = r.iter_lines()
+            for line in lines:
                 if line.startswith("data: ") and '"content"' in line:
                     elapsed = time.monotonic() - t0
-                    for _ in r.iter_lines():  # read to the end: the request is done, the engine idle
+                    for _ in lines:  # read to the end: the request is done, the engine idle
                         pass
                     return elapsed
         raise RuntimeError(f"{model}: the stream ended without a token")
