@@ -93,8 +93,8 @@ def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
                 used[(model.node, idx)].append((name, result[1], model.always_on))
     _check_shares(used, fleet, problem)
     for name, model in sorted(auto, key=lambda item: weights[item[0]] or 0, reverse=True):
-        if not inv.gpus:
-            placed[name] = _placed(fleet, name, model, root, ((), None), None, "cpu", weights[name])
+        if not inv.gpus:  # a CPU box or cluster: Ray puts it on its node, or any node
+            placed[name] = _placed(fleet, name, model, root, ((), None), model.node, "cpu", weights[name])
             continue
         auto_result = _auto_place(name, model, inv, weights[name], used, problem)
         if auto_result is not None:
@@ -171,6 +171,11 @@ def _auto_place(name: str, model: Model, inv: Inventory, weights: int | None,
     tp = model.tensor_parallel or 1
     need = weights * HEADROOM / tp
     candidates = [g for g in inv.gpus if model.node is None or g.node == model.node]
+    if not candidates:
+        problem(("models", name, "node"), (
+            f"node {model.node} has no GPUs in the inventory; {inv.describe()}. Declare its cards under "
+            "inventory.gpus with node: set, or pick one of the listed nodes"))
+        return None
     free = {(g.node, g.index): 1.0 - sum(s for _, s, _ in used[(g.node, g.index)]) for g in candidates}
 
     def share_of(g: GpuInfo) -> float:

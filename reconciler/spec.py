@@ -6,6 +6,7 @@ Fleet-wide `defaults` are inherited by every model (see `Fleet.resolved`); what 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -53,6 +54,21 @@ def _model_name(value: str) -> str:
     if value == ROUTER_APP:
         raise ValueError(f"{value!r} is the name of the fleet's OpenAI router application; pick another name")
     return value
+
+
+def _node(value: str) -> str:
+    """A node is named by its IP address, the one Ray knows it by (`ray start --node-ip-address`,
+    `ray status`): Ray's own resource ``node:<ip>`` pins a replica there, and it is what someone
+    who joined the machine typed or can read off it."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a node's IP address; name the node by the IP Ray knows it by (the "
+            "--node-ip-address given to `ray start`, listed by `ray list nodes`), e.g. 10.0.0.12") from None
+
+
+NodeAddress = Annotated[str, AfterValidator(_node)]
 
 
 def _source(value: str) -> str:
@@ -177,7 +193,8 @@ class Defaults(Strict):
 class Gpu(Strict):
     index: int = Field(ge=0)
     memory: Size = Field(description="the card's memory, e.g. 24GiB")
-    node: str | None = Field(None, description="Ray node the card is on; omit on a single box")
+    node: NodeAddress | None = Field(None, description=(
+        "IP address of the Ray node the card is on (as in `ray list nodes`); omit for the head's own cards"))
     name: str | None = None
 
 
@@ -201,7 +218,8 @@ class Model(Strict):
     env: Env = Field(default_factory=dict)
     gpus: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, min_length=1, description="GPU indices; tensor parallel across them. Omit to place automatically")
-    node: str | None = Field(None, description="Ray node for the model's GPUs")
+    node: NodeAddress | None = Field(None, description=(
+        "IP address of the Ray node to run on (as in `ray list nodes`); omit to let placement decide"))
     gpu_memory: float | None = Field(None, gt=0, le=1, description="share of each of its GPUs' memory")
     tensor_parallel: int | None = Field(None, ge=1, description="defaults to the number of gpus")
     enabled: bool = Field(True, description="false = declared and validated, but not served")

@@ -37,6 +37,25 @@ def gpu_resource(index: int) -> str:
     return f"fleet_gpu_{index}"
 
 
+# Ray gives each node a resource ``node:<its IP>`` (capacity 1) and the head ``node:__internal_head__``;
+# asking for a sliver of one pins a replica to that node without limiting how many fit there.
+NODE_PIN = 0.001
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+def node_resource(ip: str) -> str:
+    """The Ray resource that only the node with this IP has."""
+    return f"node:{ip}"
+
+
+# Engines off the head listen on their node's address; vLLM's --api-key guards /v1 only, so the
+# fleet adds this ASGI middleware (vLLM --middleware) to require the fleet's internal token on
+# every path. The token reaches vLLM in ENGINE_TOKEN_ENV and the routers send it in this header.
+ENGINE_TOKEN_HEADER = "x-fleet-engine-token"
+ENGINE_TOKEN_ENV = "FLEET_ENGINE_TOKEN"
+ENGINE_MIDDLEWARE = "serve_app.engine_auth.RequireFleetToken"
+
+
 def engine_log_name(model: str, replica_pid: int) -> str:
     """vLLM's log file of one engine replica: known from the live state (model, replica pid) alone,
     so `fleetctl apply` and the daemon can show what a starting engine is doing."""

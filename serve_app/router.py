@@ -56,7 +56,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import endpoints, ollama
-from serve_app.contract import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, SERVE_APP_STATE
+from serve_app.contract import ENGINE_DEPLOYMENT, ENGINE_TOKEN_HEADER, ROUTER_DEPLOYMENT, SERVE_APP_STATE
 
 logger = logging.getLogger("ray.serve")
 
@@ -259,8 +259,11 @@ class Relay:
         discover: Callable[[str], Awaitable[str]],
         app_states: Callable[[], Awaitable[dict[str, tuple[str, str]]]],
         lifecycles: Callable[[list[str]], Awaitable[dict[str, dict[str, Any] | None]]] | None = None,
+        engine_token: str = "",
     ) -> None:
         self.settings = settings
+        # engines on other nodes require it on every request (serve_app.engine_auth); loopback ones ignore it
+        self._engine_headers = {ENGINE_TOKEN_HEADER: engine_token} if engine_token else {}
         self.app_states = app_states
         self.lifecycles = lifecycles
         self._discover = discover
@@ -331,7 +334,7 @@ class Relay:
 
     async def open(self, model: str, path: str, body: bytes, request_id: str) -> Upstream:
         """POST to one of the model's engines; raises Unavailable (the message says why)."""
-        headers = {"content-type": "application/json", "x-request-id": request_id}
+        headers = {"content-type": "application/json", "x-request-id": request_id, **self._engine_headers}
         session = self._session
         assert session is not None, "Relay.start() was not called"
         tried: set[str] = set()
@@ -680,7 +683,7 @@ class Router:
         self._handles: dict[str, DeploymentHandle] = {}
         self._status: tuple[float, dict[str, tuple[str, str]]] = (0.0, {})
         relay = Relay(self._settings, self._bridge(self._discover), self._bridge(self._app_states),
-                      self._bridge(self._lifecycles))
+                      self._bridge(self._lifecycles), await asyncio.to_thread(endpoints.engine_token))
         self._server = Server(listen_socket(host, port), relay)
         await asyncio.to_thread(self._server.wait_started, 30.0)
         self._refresher = asyncio.ensure_future(self._refresh_registry())

@@ -156,4 +156,12 @@ models:
           "pkg://package/path, or a local path (/abs or ./relative)",
           "fleet.yaml:4:15: models.chat.replicas: Input should be greater than or equal to 1 (got 0)",
           "fleet.yaml:5:5: models.chat.tsk: unknown key 'tsk'; did you mean 'task'?"]),
+    Case("node-not-an-ip", {"fleet.yaml": BASE + "    node: gpu-box-2\n"},
+         ["fleet.yaml:4:11: models.chat.node: 'gpu-box-2' is not a node's IP address; name the node by the IP "
+          "Ray knows it by (the --node-ip-address given to `ray start`, listed by `ray list nodes`), e.g. "
+          "10.0.0.12"]),
+    Case("node-without-gpus-in-inventory", {"fleet.yaml": GPU3 + BASE + "    size: 1GiB\n    node: 10.0.0.9\n"},
+         ["fleet.yaml:10:11: models.chat.node: node 10.0.0.9 has no GPUs in the inventory; GPUs 0, 1, 2 (declared "
+          "in inventory:). Declare its cards under inventory.gpus with node: set, or pick one of the listed "
+          "nodes"]),
 ]
