@@ -62,6 +62,7 @@ def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
             "replicas": f"{running}/{target}" if app else "0/0",
             "gpus": _gpus(cfg),
             "gpu_memory": m.gpu_memory if m else None,
+            "node": m.node if m else None,  # the IP it is pinned to; None = wherever Ray put it
             "always_on": m.always_on if m else False,
             "message": h.message,
         })
@@ -95,9 +96,12 @@ def document(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ("model", "state", "health", "sync", "replicas", "gpus")
+    cols: tuple[str, ...] = ("model", "state", "health", "sync", "replicas", "gpus")
+    if any(r.get("node") for r in rows):  # a fleet over several nodes: say where each model is
+        cols += ("node",)
     table = [tuple(c.upper() for c in cols)] + [
-        tuple(str(r[c]) + (f" ({r['pending']})" if c == "sync" and r.get("pending") else "") for c in cols)
+        tuple(str(r.get(c) or "-") + (f" ({r['pending']})" if c == "sync" and r.get("pending") else "")
+              for c in cols)
         for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip() for t in table]

@@ -56,7 +56,15 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import endpoints, ollama
-from serve_app.contract import ENGINE_DEPLOYMENT, ENGINE_TOKEN_HEADER, ROUTER_DEPLOYMENT, SERVE_APP_STATE
+from serve_app.contract import (
+    ENGINE_DEPLOYMENT,
+    ENGINE_TOKEN_HEADER,
+    ROUTER_DEPLOYMENT,
+    SERVE_APP_STATE,
+    ModelState,
+    missing_node,
+    node_gone_message,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -151,8 +159,11 @@ def _reason(exc: BaseException) -> str:
     return str(cause).strip()[-2000:] or type(cause).__name__
 
 
-def _model_state(app_state: str, lifecycle: dict[str, Any] | None) -> dict[str, Any]:
-    """A running app shows its model's lifecycle state and since when; others the app's own state."""
+def _model_state(app_state: str, message: str, lifecycle: dict[str, Any] | None) -> dict[str, Any]:
+    """A running app shows its model's lifecycle state and since when; others the app's own state
+    (with the reason when it is unavailable: its node is gone)."""
+    if app_state == ModelState.UNAVAILABLE.value:
+        return {"state": app_state, "since": None, "reason": message}
     if app_state != "ready" or lifecycle is None:
         return {"state": app_state, "since": None}
     out = {"state": lifecycle["state"], "since": lifecycle["since"]}
@@ -162,6 +173,17 @@ def _model_state(app_state: str, lifecycle: dict[str, Any] | None) -> dict[str, 
 
 
 GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def _live_state(app: Any) -> tuple[str, str]:
+    """A Serve application's state word and message; "unavailable" while its node is gone."""
+    status = str(getattr(app.status, "value", app.status))
+    if status != "RUNNING":
+        for dep in (getattr(app, "deployments", None) or {}).values():
+            node = missing_node(str(getattr(dep, "message", "") or ""))
+            if node:
+                return ModelState.UNAVAILABLE.value, node_gone_message(node)
+    return LIVE_STATE.get(status, "unknown"), app.message
 
 
 def wrong_task(model: str, spec: dict[str, Any], path: str) -> str | None:
@@ -510,7 +532,7 @@ async def list_models(request: Request) -> Response:
             "owned_by": "vllm-fleet",
             "task": spec.get("task", "generate"),
             "always_on": bool(spec.get("always_on", False)),
-            **_model_state(states.get(name, ("absent", ""))[0], lifecycles.get(name)),
+            **_model_state(*states.get(name, ("absent", "")), lifecycles.get(name)),
             **_ui_hints(spec),
         }
         for name, spec in sorted(settings.models.items(), key=_chat_first)
@@ -733,7 +755,7 @@ class Router:
                 if call.done():
                     break
                 state, message = (await self._app_states(fresh=True)).get(model, ("absent", ""))
-                if state in ("failed", "absent"):
+                if state in ("failed", "absent", "unavailable"):
                     raise Unavailable(f"The model `{model}` is {state}: {message}".rstrip(": "))
                 if time.monotonic() > deadline:
                     state = "loading" if state == "ready" else state  # a running engine loading on demand
@@ -776,10 +798,7 @@ class Router:
         at, states = self._status
         if fresh or time.monotonic() - at > STATUS_CACHE_S:
             status = await asyncio.to_thread(serve.status)  # a blocking controller call
-            states = {
-                name: (LIVE_STATE.get(str(getattr(app.status, "value", app.status)), "unknown"), app.message)
-                for name, app in status.applications.items()
-            }
+            states = {name: _live_state(app) for name, app in status.applications.items()}
             self._status = (time.monotonic(), states)
         return states
 
