@@ -29,7 +29,7 @@ ENV_REF = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 FLEET_OWNED_ARGS = {
     "model": "source",
     "served_model_name": "the model's name (its key under models:)",
-    "host": "openai.host (the router is the endpoint; engines listen on loopback)",
+    "host": "openai.host (the router is the endpoint; engines listen on loopback, or their node's address)",
     "port": "openai.port (the router is the endpoint; engines get a free port)",
     "tensor_parallel_size": "tensor_parallel (or the number of gpus)",
     "gpu_memory_utilization": "gpu_memory",
