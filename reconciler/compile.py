@@ -153,6 +153,8 @@ def _router_model(model: PlacedModel) -> RouterModel:
     entry: RouterModel = {"task": model.task, "always_on": model.always_on}
     if model.tool_parser:
         entry["tool_parser"] = model.tool_parser
+    if model.node:
+        entry["node"] = model.node
     return entry
 
 

@@ -41,6 +41,9 @@ def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
         if h.state is State.READY and lifecycle and lifecycle.get("state") in _LIFECYCLE:
             state, since = lifecycle["state"], lifecycle.get("since")
             h = AppHealth(State(state), STATE_HEALTH[State(state)], str(lifecycle.get("reason") or ""))
+        elif lifecycle and lifecycle.get("state") == State.UNAVAILABLE.value:  # the router saw its node go
+            state = State.UNAVAILABLE.value
+            h = AppHealth(State.UNAVAILABLE, Health.DEGRADED, str(lifecycle.get("reason") or ""))
         if change is None:
             sync = Sync.FOREIGN
         elif change.action is Action.NOOP:

@@ -123,6 +123,7 @@ class RouterModel(TypedDict, total=False):
     task: str
     always_on: bool
     tool_parser: str  # present only when the engine takes tools (vLLM --tool-call-parser)
+    node: str  # present only when pinned: the node's IP; its model is unavailable while the node is gone
 
 
 class RouterUserConfig(TypedDict, total=False):

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+import ray
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -64,6 +65,7 @@ from serve_app.contract import (
     ModelState,
     missing_node,
     node_gone_message,
+    node_resource,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -799,6 +801,12 @@ class Router:
         if fresh or time.monotonic() - at > STATUS_CACHE_S:
             status = await asyncio.to_thread(serve.status)  # a blocking controller call
             states = {name: _live_state(app) for name, app in status.applications.items()}
+            pinned = {name: spec["node"] for name, spec in self._settings.models.items() if spec.get("node")}
+            if pinned:  # a pinned model's node gone: unavailable at once, before Serve's own word
+                alive = await asyncio.to_thread(ray.cluster_resources)  # alive nodes only
+                for name, node in pinned.items():
+                    if node_resource(node) not in alive and name in states:
+                        states[name] = (ModelState.UNAVAILABLE.value, node_gone_message(node))
             self._status = (time.monotonic(), states)
         return states
 
