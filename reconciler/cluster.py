@@ -115,7 +115,8 @@ def start_head(
     by SIGKILL, the head goes too. ``detach=True`` leaves it running for `fleetctl up`.
     ``env`` adds variables that every Ray worker (hence every replica) inherits.
     ``fast_ingress`` puts Serve's HAProxy in front of the router (see fast_ingress_env).
-    ``node_ip`` is the address the head is known by in the cluster (Ray's guess when None).
+    ``node_ip`` is the address the head is known by in the cluster (Ray's guess when None; Ray
+    replaces 127.0.0.1 itself with the box's address, but not other loopback addresses).
     """
     for attempt in (1, 2, 3):
         try:

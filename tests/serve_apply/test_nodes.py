@@ -28,7 +28,9 @@ from .helpers import Fleet
 
 pytestmark = pytest.mark.serve
 
-HEAD_IP, NODE2 = "127.0.0.1", "127.0.0.2"
+# Ray turns a node address of 127.0.0.1 into the box's network address, so the head takes another
+# loopback one: all of 127.0.0.0/8 is on the loopback interface.
+HEAD_IP, NODE2 = "127.0.1.1", "127.0.0.2"
 NEAR, FAR = "near-chat", "far-chat"
 MODELS = {NEAR: {"node": HEAD_IP, "idle_timeout": "never"}, FAR: {"node": NODE2, "idle_timeout": "never"}}
 ENGINE_PATHS = ["/v1/models", "/v1/chat/completions", "/v1/completions", "/metrics", "/health", "/load",
@@ -38,7 +40,7 @@ NODE_RESOURCES = {"fleet_test_node2": 1.0}
 
 @pytest.fixture(scope="module")
 def apply_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Head]:
-    """This module's head, known to the cluster as 127.0.0.1 so that Ray's own traffic stays on loopback."""
+    """This module's head, known to the cluster by a loopback address, so Ray's own traffic stays on loopback."""
     logs = tmp_path_factory.mktemp("vllm-logs")
     head = cluster.start_head(num_cpus=4, resources={}, node_ip=HEAD_IP, object_store_bytes=256 * 1024**2,
                               env={"FLEET_LOG_DIR": str(logs)})
