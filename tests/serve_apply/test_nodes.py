@@ -102,7 +102,8 @@ def wait_for(check: Any, timeout_s: float, every_s: float = 1.0) -> Any:
 
 def far_engines() -> list[int]:
     """vLLM servers listening on the second node's address (ours: nothing else here binds 127.0.0.2)."""
-    return [p.pid for p in processes() if p.state != "Z" and "vllm.entrypoints.openai.api_server" in cmdline(p.pid)
+    return [p.pid for p in processes() if p.state != "Z"
+            and cmdline(p.pid).split()[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]  # not its guard
             and f"--host {NODE2}" in cmdline(p.pid)]
 
 
@@ -114,6 +115,14 @@ def far_port(pid: int) -> int:
 def chat(fleet: Fleet, model: str, timeout: float = 120) -> httpx.Response:
     return httpx.post(f"http://127.0.0.1:{fleet.port}/v1/chat/completions", timeout=timeout,
                       json={"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def answers(fleet: Fleet, model: str) -> bool:
+    """Does the model answer a chat through the endpoint now? (False while it is still coming back.)"""
+    try:
+        return chat(fleet, model, timeout=60).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def listed(fleet: Fleet) -> dict[str, dict[str, Any]]:
@@ -193,8 +202,7 @@ def test_a_lost_node_takes_only_its_models(fleet2: Fleet, node2: Node2) -> None:
 
 def test_the_node_back_restores_its_models(fleet2: Fleet, node2: Node2) -> None:
     node2.start()  # Serve places the waiting replica on it again: no apply needed
-    r = wait_for(lambda: (resp := chat(fleet2, FAR)).status_code == 200 and resp, 600, every_s=5)
-    assert r, chat(fleet2, FAR).text
+    assert wait_for(lambda: answers(fleet2, FAR), 600, every_s=5), chat(fleet2, FAR).text
     assert listed(fleet2)[FAR]["state"] in ("ready", "awake")
     assert status_rows(fleet2)[FAR]["state"] in ("ready", "awake")
     assert chat(fleet2, NEAR).status_code == 200
