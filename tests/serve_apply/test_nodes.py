@@ -192,7 +192,7 @@ def test_a_lost_node_takes_only_its_models(fleet2: Fleet, node2: Node2) -> None:
     assert models, listed(fleet2)
     assert NODE2 in models[FAR]["reason"] and models[NEAR]["state"] in ("ready", "awake")
     rows = status_rows(fleet2)
-    assert rows[FAR]["state"] == "unavailable" and rows[FAR]["health"] == "degraded", rows[FAR]
+    assert rows[FAR]["state"] == "unavailable" and rows[FAR]["health"] == "Degraded", rows[FAR]
     assert NODE2 in rows[FAR]["message"]
     assert rows[NEAR]["state"] in ("ready", "awake"), rows[NEAR]
     r = chat(fleet2, FAR, timeout=60)
