@@ -203,6 +203,8 @@ def test_a_lost_node_takes_only_its_models(fleet2: Fleet, node2: Node2) -> None:
 def test_the_node_back_restores_its_models(fleet2: Fleet, node2: Node2) -> None:
     node2.start()  # Serve places the waiting replica on it again: no apply needed
     assert wait_for(lambda: answers(fleet2, FAR), 600, every_s=5), chat(fleet2, FAR).text
-    assert listed(fleet2)[FAR]["state"] in ("ready", "awake")
-    assert status_rows(fleet2)[FAR]["state"] in ("ready", "awake")
+    # Serve's own status of the app follows a little after its new replica answers
+    ok = ("ready", "awake")
+    assert wait_for(lambda: listed(fleet2)[FAR]["state"] in ok, 120), listed(fleet2)[FAR]
+    assert wait_for(lambda: status_rows(fleet2)[FAR]["state"] in ok, 120), status_rows(fleet2)[FAR]
     assert chat(fleet2, NEAR).status_code == 200
