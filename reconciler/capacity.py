@@ -16,9 +16,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from reconciler.errors import Location, Problem
-from reconciler.live import Cluster
+from reconciler.live import Cluster, Node
 from reconciler.pipeline import DesiredState
 from reconciler.plan import Plan
+from serve_app.contract import HEAD_NODE_RESOURCE
 
 EPS = 1e-6
 
@@ -67,6 +68,12 @@ def check(plan: Plan, desired: DesiredState, cluster: Cluster | None) -> list[Pr
 
 def _no_node(app: str, demand: Mapping[str, float], cluster: Cluster, desired: DesiredState) -> Problem:
     missing = sorted(r for r, a in demand.items() if max(n.resources.get(r, 0.0) for n in cluster.nodes) + EPS < a)
+    nodes = [r for r in missing if r.startswith("node:")]
+    if nodes:  # the node itself is not in the cluster: say which nodes are
+        listed = ", ".join(f"{n.ip} ({_gpus(n)})" for n in sorted(cluster.nodes, key=lambda n: n.ip))
+        return Problem(_location(desired, app, "node"), f"models.{app}.node", (
+            f"{_what(nodes[0])} is not in the Ray cluster, whose {len(cluster.nodes)} alive node(s) are {listed}. "
+            f"{_advice(nodes[0])}"))
     have = sorted(r for r in {k for n in cluster.nodes for k in n.resources} if r.startswith(("fleet_gpu_", "CPU")))
     what = ", ".join(f"{_what(r)} ({demand[r]:g}, most on one node "
                      f"{max(n.resources.get(r, 0.0) for n in cluster.nodes):g})" for r in missing)
@@ -75,9 +82,17 @@ def _no_node(app: str, demand: Mapping[str, float], cluster: Cluster, desired: D
         f"{', '.join(have) or 'none of these'}. {_advice(missing[0] if missing else 'CPU')}"))
 
 
+def _gpus(node: Node) -> str:
+    n = sum(1 for r in node.resources if r.startswith("fleet_gpu_"))
+    head = ", the head" if node.resources.get(HEAD_NODE_RESOURCE) else ""
+    return f"{n} GPU{'s' if n != 1 else ''}{head}"
+
+
 def _what(resource: str) -> str:
     if resource.startswith("fleet_gpu_"):
         return f"of GPU {resource.removeprefix('fleet_gpu_')} (Ray resource {resource})"
+    if resource == HEAD_NODE_RESOURCE:
+        return "the head node"
     if resource.startswith("node:"):
         return f"node {resource.removeprefix('node:')}"
     return {"CPU": "logical CPUs", "GPU": "Ray GPUs"}.get(resource, f"of Ray resource {resource}")
@@ -87,10 +102,13 @@ def _advice(resource: str) -> str:
     if resource.startswith("fleet_gpu_"):
         return ("put the model on a GPU the cluster has, lower gpu_memory, or declare the GPU on its node "
                 f"(`ray start ... --resources '{{\"{resource}\": 1}}'`; `fleetctl up` declares one per GPU NVML sees)")
+    if resource == HEAD_NODE_RESOURCE:
+        return "the fleet's router runs on the Ray head: apply against a cluster whose head is alive"
     if resource.startswith("node:"):
-        return "check the model's node: field against `ray status`, or start Ray on that node"
+        return ("check node: against the IPs `ray list nodes` shows, or join that machine to the cluster "
+                "(`ray start --address=<head>:<port> --node-ip-address=<its IP>` on it)")
     return "lower replicas or remove a model, or start Ray with more (`ray start --num-cpus N`)"
 
 
-def _location(desired: DesiredState, app: str) -> Location | None:
-    return desired.loaded.origins.of(("models", app, "gpus"), key=True)
+def _location(desired: DesiredState, app: str, field: str = "gpus") -> Location | None:
+    return desired.loaded.origins.of(("models", app, field), key=True)

@@ -299,6 +299,10 @@ def start_local_head(desired: Desired) -> None:
         fail(f"the Ray head did not start: {e}")
     head_state_path(desired.dashboard_url).write_text(json.dumps(head.__dict__))
     _progress(f"Ray head up in {_elapsed(t0)} (pid {head.pid}, logs in {head.temp_dir})")
+    port = head.gcs_address.rsplit(":", 1)[1]
+    _progress(f"other machines join it with: ray start --address=<this machine's IP>:{port} "
+              "--node-ip-address=<their IP> --num-gpus 0 --resources '{\"fleet_gpu_0\": 1, ...}' "
+              "(one fleet_gpu_<i> per card); then name them in node:")
 
 
 def _logical_cpus(config: Mapping[str, Any]) -> int:

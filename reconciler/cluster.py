@@ -60,13 +60,22 @@ def free_port() -> int:
 
 def _ray_start_argv(
     *, num_cpus: int, resources: dict[str, float], port: int, dashboard_port: int, temp_dir: str,
-    object_store_bytes: int | None,
+    object_store_bytes: int | None, node_ip: str | None = None,
 ) -> list[str]:  # fmt: skip
     argv = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
         "--port", str(port),
         "--dashboard-port", str(dashboard_port),
         "--dashboard-host", LOOPBACK,
+    ]  # fmt: skip
+    return argv + _node_argv(num_cpus=num_cpus, resources=resources, temp_dir=temp_dir,
+                             object_store_bytes=object_store_bytes, node_ip=node_ip)
+
+
+def _node_argv(*, num_cpus: int, resources: dict[str, float], temp_dir: str, object_store_bytes: int | None,
+               node_ip: str | None) -> list[str]:
+    """The flags every node of ours gets, head or not."""
+    argv = [
         "--disable-usage-stats",
         "--num-cpus", str(num_cpus),
         "--num-gpus", "0",  # GPUs are claimed through fleet_gpu_<i>; vLLM pins them itself
@@ -81,6 +90,8 @@ def _ray_start_argv(
         argv += [flag, str(free_port())]
     if object_store_bytes:
         argv += ["--object-store-memory", str(object_store_bytes)]
+    if node_ip:
+        argv += ["--node-ip-address", node_ip]
     return argv
 
 
@@ -96,6 +107,7 @@ def start_head(
     env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
     fast_ingress: bool = False,
+    node_ip: str | None = None,
 ) -> Head:
     """Start a Ray head and wait until its node is up and its dashboard answers.
 
@@ -103,13 +115,15 @@ def start_head(
     by SIGKILL, the head goes too. ``detach=True`` leaves it running for `fleetctl up`.
     ``env`` adds variables that every Ray worker (hence every replica) inherits.
     ``fast_ingress`` puts Serve's HAProxy in front of the router (see fast_ingress_env).
+    ``node_ip`` is the address the head is known by in the cluster (Ray's guess when None; Ray
+    replaces 127.0.0.1 itself with the box's address, but not other loopback addresses).
     """
     for attempt in (1, 2, 3):
         try:
             return _start_head_once(num_cpus=num_cpus, resources=resources, port=port,
                                     dashboard_port=dashboard_port, temp_dir=temp_dir, detach=detach,
                                     object_store_bytes=object_store_bytes, env=env, timeout_s=timeout_s,
-                                    fast_ingress=fast_ingress)
+                                    fast_ingress=fast_ingress, node_ip=node_ip)
         except HeadError as e:
             # Ray gives its raylet a fixed 30 s to register; a busy box can miss that: try again.
             if RAYLET_TIMEOUT not in str(e) or attempt == 3:
@@ -120,7 +134,7 @@ def start_head(
 def _start_head_once(
     *, num_cpus: int, resources: dict[str, float], port: int | None, dashboard_port: int | None,
     temp_dir: str | None, detach: bool, object_store_bytes: int | None, env: dict[str, str] | None,
-    timeout_s: float, fast_ingress: bool,
+    timeout_s: float, fast_ingress: bool, node_ip: str | None,
 ) -> Head:  # fmt: skip
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="rf-", dir="/tmp")
     if fast_ingress:
@@ -129,7 +143,7 @@ def _start_head_once(
     dashboard_port = dashboard_port or free_port()
     argv = _ray_start_argv(
         num_cpus=num_cpus, resources=resources, port=port, dashboard_port=dashboard_port,
-        temp_dir=temp_dir, object_store_bytes=object_store_bytes,
+        temp_dir=temp_dir, object_store_bytes=object_store_bytes, node_ip=node_ip,
     )  # fmt: skip
     if not detach:
         argv = [sys.executable, "-m", "serve_app.guard", "--", *argv]
@@ -139,13 +153,59 @@ def _start_head_once(
             argv, env={**os.environ, **SERVE_ENV, **(env or {})}, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-    head = Head(f"{LOOPBACK}:{port}", f"http://{LOOPBACK}:{dashboard_port}", proc.pid, temp_dir, log_path)
+    head = Head(f"{node_ip or LOOPBACK}:{port}", f"http://{LOOPBACK}:{dashboard_port}", proc.pid, temp_dir, log_path)
     try:
         _wait_dashboard(head, proc, timeout_s)
     except BaseException:
         stop_head(head)
         raise
     return head
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A Ray node started by `join_node` in its own session (stopped with `stop_head`, like a head)."""
+
+    node_ip: str
+    pid: int
+    temp_dir: str
+    log_path: str
+
+
+def join_node(head: Head, *, node_ip: str, num_cpus: int, resources: dict[str, float],
+              object_store_bytes: int | None = None, env: dict[str, str] | None = None,
+              timeout_s: float = 120.0) -> Worker:
+    """Start a Ray node that joins ``head`` as ``node_ip`` (a second node on this box, for tests and
+    for trying a cluster out), tied to this process through serve_app.guard; wait until it is alive."""
+    temp_dir = tempfile.mkdtemp(prefix="rn-", dir="/tmp")
+    argv = [sys.executable, "-m", "serve_app.guard", "--", sys.executable, "-m", "ray.scripts.scripts", "start",
+            "--block", "--address", head.gcs_address,
+            *_node_argv(num_cpus=num_cpus, resources=resources, temp_dir=temp_dir,
+                        object_store_bytes=object_store_bytes, node_ip=node_ip)]
+    log_path = str(Path(temp_dir) / "ray-start.log")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, env={**os.environ, **SERVE_ENV, **(env or {})}, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = Worker(node_ip, proc.pid, temp_dir, log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise HeadError(f"ray start (node {node_ip}) exited with code {proc.returncode}:\n{_tail(log_path)}")
+        if _STARTED in Path(log_path).read_text(errors="replace") and node_alive(head, node_ip):
+            return worker
+        time.sleep(0.5)
+    stop_head(worker)
+    raise HeadError(f"node {node_ip} did not join within {timeout_s:.0f} s:\n{_tail(log_path)}")
+
+
+def node_alive(head: Head, node_ip: str) -> bool:
+    """Does the head list a node with this IP as alive?"""
+    try:
+        rows = httpx.get(head.dashboard_url + "/api/v0/nodes", params={"limit": 1000}, timeout=5.0
+                         ).json()["data"]["result"]["result"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return False
+    return any(r.get("node_ip") == node_ip and r.get("state") == "ALIVE" for r in rows)
 
 
 def fast_ingress_env(temp_dir: str) -> dict[str, str]:
@@ -206,8 +266,8 @@ def session_processes(sid: int) -> list[int]:
     return proctable.session_members(sid)
 
 
-def stop_head(head: Head, *, timeout_s: float = 60.0) -> None:
-    """Stop this head only: SIGTERM its process group, SIGKILL what is left, wait until gone."""
+def stop_head(head: Head | Worker, *, timeout_s: float = 60.0) -> None:
+    """Stop this head (or joined node) only: SIGTERM its process group, SIGKILL what is left, wait until gone."""
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, sig)
@@ -220,7 +280,8 @@ def stop_head(head: Head, *, timeout_s: float = 60.0) -> None:
         else:
             continue
         break
-    _stop_ingress(head)
+    if isinstance(head, Head):
+        _stop_ingress(head)
 
 
 def _stop_ingress(head: Head) -> None:

@@ -19,6 +19,8 @@ from serve_app.contract import (
     ENGINE_DEPLOYMENT,
     ENGINE_IMPORT,
     ENGINE_NUM_CPUS,
+    HEAD_NODE_RESOURCE,
+    NODE_PIN,
     ROUTER_APP,
     ROUTER_DEPLOYMENT,
     ROUTER_IMPORT,
@@ -33,6 +35,7 @@ from serve_app.contract import (
     SwapGroupConfig,
     SwapUserConfig,
     gpu_resource,
+    node_resource,
 )
 
 from .placement import PlacedFleet, PlacedModel
@@ -100,17 +103,26 @@ def model_env(model: PlacedModel) -> dict[str, str]:
     return dict(sorted(env.items()))
 
 
-def actor_options(model: PlacedModel) -> dict[str, Any]:
-    """Ray schedules the replica on its GPUs' custom resources, so shares can never exceed a card."""
+def actor_options(model: PlacedModel, multi_node: bool = False) -> dict[str, Any]:
+    """Ray schedules the replica on its GPUs' custom resources, so shares can never exceed a card,
+    and on its node when it has one. In a fleet whose inventory spans nodes, a GPU model without
+    a node is on the head's cards: pinned there, since every node has a ``fleet_gpu_0``."""
     opts: dict[str, Any] = {"num_cpus": ENGINE_NUM_CPUS, "num_gpus": 0}
+    resources: dict[str, float] = {}
     if model.gpus:
         # a swap-group member reserves its part of what the group needs at once (reconciler.swap)
-        shares = model.reserved or tuple(model.gpu_memory for _ in model.gpus)
-        opts["resources"] = {gpu_resource(i): share for i, share in zip(model.gpus, shares, strict=True)}
+        shares = model.reserved or tuple(model.gpu_memory or 0.0 for _ in model.gpus)
+        resources = {gpu_resource(i): share for i, share in zip(model.gpus, shares, strict=True)}
+    if model.node is not None:
+        resources[node_resource(model.node)] = NODE_PIN
+    elif model.gpus and multi_node:
+        resources[HEAD_NODE_RESOURCE] = NODE_PIN
+    if resources:
+        opts["resources"] = resources
     return opts
 
 
-def model_app(model: PlacedModel) -> dict[str, Any]:
+def model_app(model: PlacedModel, multi_node: bool = False) -> dict[str, Any]:
     args: EngineArgs = {
         "model": model.name,
         "source": model.source,
@@ -139,7 +151,7 @@ def model_app(model: PlacedModel) -> dict[str, Any]:
             "health_check_period_s": 10.0,
             "health_check_timeout_s": 30.0,
             "graceful_shutdown_timeout_s": 20.0,
-            "ray_actor_options": actor_options(model),
+            "ray_actor_options": actor_options(model, multi_node),
             "user_config": dict(user_config),
         }],
     }
@@ -152,6 +164,8 @@ def _router_model(model: PlacedModel) -> RouterModel:
         entry["tool_parser"] = model.tool_parser
     if model.swap_group:
         entry["swap_group"] = model.swap_group
+    if model.node:
+        entry["node"] = model.node
     return entry
 
 
@@ -173,7 +187,8 @@ def router_app(fleet: PlacedFleet) -> dict[str, Any]:
             "name": ROUTER_DEPLOYMENT,
             "num_replicas": fleet.openai.workers,
             "max_ongoing_requests": 1000,
-            "ray_actor_options": {"num_cpus": 0},
+            # The OpenAI port is the head's: its replicas stay there when other nodes join.
+            "ray_actor_options": {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: NODE_PIN}},
             "user_config": dict(user_config),
         }],
     }
@@ -210,11 +225,17 @@ def _finite(seconds: float) -> float | None:
     return None if math.isinf(seconds) else seconds
 
 
+def multi_node(fleet: PlacedFleet) -> bool:
+    """Does the fleet name nodes (in its inventory or on a model)? Then head GPUs get pinned too."""
+    return any(g.node for g in fleet.inventory.gpus) or any(m.node for m in fleet.models)
+
+
 def compile_serve_config(fleet: PlacedFleet) -> dict[str, Any]:
     """The whole desired Serve config: always-on models first, so apply can bring them up first."""
     models = sorted(fleet.models, key=lambda m: not m.always_on)
     return {
         # No Serve HTTP proxy: the router's replicas serve the OpenAI port (serve_app/router.py).
         "proxy_location": "Disabled",
-        "applications": [router_app(fleet), *filter(None, [swap_app(fleet)]), *(model_app(m) for m in models)],
+        "applications": [router_app(fleet), *filter(None, [swap_app(fleet)]),
+                         *(model_app(m, multi_node(fleet)) for m in models)],
     }

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from reconciler.live import AppLive
-from serve_app.contract import SERVE_APP_STATE, ModelState
+from serve_app.contract import SERVE_APP_STATE, ModelState, missing_node, node_gone_message
 
 
 class Health(str, enum.Enum):
@@ -58,6 +58,7 @@ STATE_HEALTH = {
     State.STARTING: Health.PROGRESSING,
     State.STOPPING: Health.PROGRESSING,
     State.UNSCHEDULABLE: Health.DEGRADED,
+    State.UNAVAILABLE: Health.DEGRADED,
     State.FAILED: Health.DEGRADED,
     State.UNHEALTHY: Health.DEGRADED,
     State.ABSENT: Health.MISSING,
@@ -103,10 +104,22 @@ def unschedulable_reason(app: AppLive) -> str | None:
     return None
 
 
+def lost_node(app: AppLive) -> str | None:
+    """The node an app's waiting replica is pinned to, when that node is not in the cluster."""
+    for d in app.deployments:
+        node = missing_node(d.message or "")
+        if node and d.running_replicas < (d.target_num_replicas or 1):
+            return node
+    return None
+
+
 def app_health(app: AppLive | None) -> AppHealth:
     """State and health of one application from its live data."""
     if app is None:
         return AppHealth(State.ABSENT, Health.MISSING)
+    lost = lost_node(app)
+    if lost and app.status != "RUNNING":
+        return AppHealth(State.UNAVAILABLE, Health.DEGRADED, node_gone_message(lost))
     reason = unschedulable_reason(app)
     if reason and app.status != "RUNNING":
         return AppHealth(State.UNSCHEDULABLE, Health.DEGRADED, reason)

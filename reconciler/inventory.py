@@ -14,7 +14,7 @@ InventorySource = Literal["nvml", "declared", "cpu"]
 class GpuInfo:
     index: int
     memory_bytes: int
-    node: str | None = None
+    node: str | None = None  # the node's IP; None = this box (the head)
     name: str = ""
 
 
@@ -31,6 +31,8 @@ class Inventory:
             return "this box has no GPUs (NVML found none and the fleet declares no inventory)"
         listed = ", ".join(str(g.index) if g.node is None else f"{g.node}:{g.index}" for g in self.gpus)
         origin = "found by NVML" if self.source == "nvml" else "declared in inventory:"
+        if self.source == "nvml" and any(g.node for g in self.gpus):
+            origin = "this box's found by NVML, other nodes' declared in inventory:"
         return f"GPUs {listed} ({origin})"
 
 
@@ -60,7 +62,10 @@ def discover(declared: DeclaredInventory | None) -> Inventory:
     """NVML first (the real box), then the declared inventory (planning for another box), else CPU-only."""
     found = nvml_gpus()
     if found:
-        return Inventory(found, "nvml")
+        # this box's cards (node None: the head), plus the other nodes' cards the fleet declares
+        others = tuple(GpuInfo(g.index, g.memory, g.node, g.name or "")
+                       for g in (declared.gpus if declared else []) if g.node is not None)
+        return Inventory(found + others, "nvml")
     if declared is not None and declared.gpus:
         return Inventory(tuple(GpuInfo(g.index, g.memory, g.node, g.name or "") for g in declared.gpus),
                          "declared")

@@ -102,8 +102,8 @@ def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
                 used[(model.node, idx)].append(_use(fleet, name, model, result[1]))
     _check_shares(used, fleet, inv, groups, problem)
     for name, model in sorted(auto, key=lambda item: weights[item[0]] or 0, reverse=True):
-        if not inv.gpus:
-            placed[name] = _placed(fleet, name, model, root, ((), None), None, "cpu", weights[name])
+        if not inv.gpus:  # a CPU box or cluster: Ray puts it on its node, or any node
+            placed[name] = _placed(fleet, name, model, root, ((), None), model.node, "cpu", weights[name])
             continue
         auto_result = _auto_place(fleet, name, model, inv, weights[name], used, groups, problem)
         if auto_result is not None:
@@ -226,6 +226,11 @@ def _auto_place(fleet: Fleet, name: str, model: Model, inv: Inventory, weights: 
     tp = model.tensor_parallel or 1
     need = weights * HEADROOM / tp
     candidates = [g for g in inv.gpus if model.node is None or g.node == model.node]
+    if not candidates:
+        problem(("models", name, "node"), (
+            f"node {model.node} has no GPUs in the inventory; {inv.describe()}. Declare its cards under "
+            "inventory.gpus with node: set, or pick one of the listed nodes"))
+        return None
     free = {(g.node, g.index): 1.0 - swap.gpu_load(used[(g.node, g.index)], groups, g.memory_bytes)
             for g in candidates}
 

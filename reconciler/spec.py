@@ -6,6 +6,7 @@ Fleet-wide `defaults` are inherited by every model (see `Fleet.resolved`); what 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -29,7 +30,7 @@ ENV_REF = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 FLEET_OWNED_ARGS = {
     "model": "source",
     "served_model_name": "the model's name (its key under models:)",
-    "host": "openai.host (the router is the endpoint; engines listen on loopback)",
+    "host": "openai.host (the router is the endpoint; engines listen on loopback, or their node's address)",
     "port": "openai.port (the router is the endpoint; engines get a free port)",
     "tensor_parallel_size": "tensor_parallel (or the number of gpus)",
     "gpu_memory_utilization": "gpu_memory",
@@ -63,6 +64,21 @@ def _group_name(value: str) -> str:
         raise ValueError(f"{value!r} cannot name a swap group: use 1-64 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return value
+
+
+def _node(value: str) -> str:
+    """A node is named by its IP address, the one Ray knows it by (`ray start --node-ip-address`,
+    `ray status`): Ray's own resource ``node:<ip>`` pins a replica there, and it is what someone
+    who joined the machine typed or can read off it."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a node's IP address; name the node by the IP Ray knows it by (the "
+            "--node-ip-address given to `ray start`, listed by `ray list nodes`), e.g. 10.0.0.12") from None
+
+
+NodeAddress = Annotated[str, AfterValidator(_node)]
 
 
 def _source(value: str) -> str:
@@ -188,7 +204,8 @@ class Defaults(Strict):
 class Gpu(Strict):
     index: int = Field(ge=0)
     memory: Size = Field(description="the card's memory, e.g. 24GiB")
-    node: str | None = Field(None, description="Ray node the card is on; omit on a single box")
+    node: NodeAddress | None = Field(None, description=(
+        "IP address of the Ray node the card is on (as in `ray list nodes`); omit for the head's own cards"))
     name: str | None = None
 
 
@@ -223,7 +240,8 @@ class Model(Strict):
     env: Env = Field(default_factory=dict)
     gpus: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, min_length=1, description="GPU indices; tensor parallel across them. Omit to place automatically")
-    node: str | None = Field(None, description="Ray node for the model's GPUs")
+    node: NodeAddress | None = Field(None, description=(
+        "IP address of the Ray node to run on (as in `ray list nodes`); omit to let placement decide"))
     gpu_memory: float | None = Field(None, gt=0, le=1, description="share of each of its GPUs' memory")
     tensor_parallel: int | None = Field(None, ge=1, description="defaults to the number of gpus")
     enabled: bool = Field(True, description="false = declared and validated, but not served")

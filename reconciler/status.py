@@ -41,6 +41,9 @@ def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
         if h.state is State.READY and lifecycle and lifecycle.get("state") in _LIFECYCLE:
             state, since = lifecycle["state"], lifecycle.get("since")
             h = AppHealth(State(state), STATE_HEALTH[State(state)], str(lifecycle.get("reason") or ""))
+        elif lifecycle and lifecycle.get("state") == State.UNAVAILABLE.value:  # the router saw its node go
+            state = State.UNAVAILABLE.value
+            h = AppHealth(State.UNAVAILABLE, Health.DEGRADED, str(lifecycle.get("reason") or ""))
         if change is None:
             sync = Sync.FOREIGN
         elif change.action is Action.NOOP:
@@ -62,6 +65,7 @@ def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
             "replicas": f"{running}/{target}" if app else "0/0",
             "gpus": _gpus(cfg),
             "gpu_memory": m.gpu_memory if m else None,
+            "node": m.node if m else None,  # the IP it is pinned to; None = wherever Ray put it
             "always_on": m.always_on if m else False,
             "swap_group": m.swap_group if m else None,
             "message": h.message,
@@ -108,8 +112,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cols: tuple[str, ...] = ("model", "state", "health", "sync", "replicas", "gpus")
     if any(r.get("swap_group") for r in rows):
         cols += ("swap_group",)
+    if any(r.get("node") for r in rows):  # a fleet over several nodes: say where each model is
+        cols += ("node",)
     table = [tuple(c.upper() for c in cols)] + [
-        tuple(str(r.get(c) or "") + (f" ({r['pending']})" if c == "sync" and r.get("pending") else "")
+        tuple(str(r.get(c) or "-") + (f" ({r['pending']})" if c == "sync" and r.get("pending") else "")
               for c in cols)
         for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(cols))]

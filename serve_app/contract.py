@@ -4,12 +4,14 @@ Both sides import these names instead of spelling them: application and deployme
 paths, the shape of the engine's constructor ``args`` and of each deployment's ``user_config``, and
 where an engine replica writes vLLM's log. docs/contracts.md shows a whole config.
 
-Import-free on purpose (no Ray, no FastAPI): the reconciler imports it on every command.
+Import-free on purpose (no Ray, no FastAPI; the standard library only): the reconciler imports it on every command.
 """
 
 from __future__ import annotations
 
 import enum
+import json
+import re
 from typing import Any, NotRequired, TypedDict
 
 ROUTER_APP = "router"  # the router's application; no model may take this name
@@ -38,6 +40,53 @@ ENGINE_START_ATTEMPTS = 3
 def gpu_resource(index: int) -> str:
     """The Ray custom resource for GPU ``index`` of a node (declared with capacity 1 at `ray start`)."""
     return f"fleet_gpu_{index}"
+
+
+# Ray gives each node a resource ``node:<its IP>`` (capacity 1) and the head ``node:__internal_head__``;
+# asking for a sliver of one pins a replica to that node without limiting how many fit there.
+NODE_PIN = 0.001
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+def node_resource(ip: str) -> str:
+    """The Ray resource that only the node with this IP has."""
+    return f"node:{ip}"
+
+
+# What Serve (2.60, deployment_state.py) writes into a deployment's message when a replica waits
+# for Ray to place it: '... Resources required for each replica: {...}, total resources available:
+# {...}. ...'. A replica pinned to a node that is gone asks for a node:<ip> that nothing offers.
+_PENDING = re.compile(r"Resources required for each replica: (?P<required>\{.*?\}), "
+                      r"total resources available: (?P<available>\{.*?\})\.")
+
+
+def node_gone_message(ip: str) -> str:
+    """The one wording of an unavailable model, for `fleetctl status`, /v1/models and the 503."""
+    return (f"its node {ip} is not in the Ray cluster (lost, or not joined yet); Serve starts it again "
+            "when the node is back")
+
+
+def missing_node(message: str) -> str | None:
+    """The IP of the node a waiting replica is pinned to when the cluster lacks that node, else None."""
+    m = _PENDING.search(message or "")
+    if not m:
+        return None
+    try:
+        required, available = json.loads(m["required"]), json.loads(m["available"])
+    except ValueError:
+        return None
+    for name in required:
+        if name.startswith("node:") and name != HEAD_NODE_RESOURCE and name not in available:
+            return str(name).removeprefix("node:")
+    return None
+
+
+# Engines off the head listen on their node's address; vLLM's --api-key guards /v1 only, so the
+# fleet adds this ASGI middleware (vLLM --middleware) to require the fleet's internal token on
+# every path. The token reaches vLLM in ENGINE_TOKEN_ENV and the routers send it in this header.
+ENGINE_TOKEN_HEADER = "x-fleet-engine-token"
+ENGINE_TOKEN_ENV = "FLEET_ENGINE_TOKEN"
+ENGINE_MIDDLEWARE = "serve_app.engine_auth.RequireFleetToken"
 
 
 def engine_log_name(model: str, replica_pid: int) -> str:
@@ -95,6 +144,7 @@ class RouterModel(TypedDict, total=False):
     always_on: bool
     tool_parser: str  # present only when the engine takes tools (vLLM --tool-call-parser)
     swap_group: str  # present only for members of a swap group
+    node: str  # present only when pinned: the node's IP; its model is unavailable while the node is gone
 
 
 class RouterUserConfig(TypedDict, total=False):
@@ -124,6 +174,7 @@ class ModelState(str, enum.Enum):
     UNLOADING = "unloading"  # lifecycle: the engine's vLLM process is stopping
     UNLOADED = "unloaded"  # lifecycle: engine stopped, replica kept; the next request loads it
     UNSCHEDULABLE = "unschedulable"  # Ray cannot place a replica: resources missing
+    UNAVAILABLE = "unavailable"  # its node is not in the cluster (lost, or not joined yet); back with it
     FAILED = "failed"  # its engine could not start
     UNHEALTHY = "unhealthy"
     STOPPING = "stopping"

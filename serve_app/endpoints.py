@@ -7,6 +7,9 @@ health check (Serve calls it every ``health_check_period_s``) and deletes the ke
 replica that is killed cannot delete its key, so readers drop entries whose ``at`` is older than
 ``STALE_S``; the router also drops a URL at once when it refuses connections.
 
+The same store keeps the fleet's engine token (``engine_token``): the secret that routers send to
+engines listening on another node's network address (serve_app.engine_auth checks it).
+
 The store is Ray's internal KV in the GCS (what Serve itself keeps its checkpoints in); its calls
 block, so async callers run them in a thread.
 """
@@ -14,6 +17,7 @@ block, so async callers run them in a thread.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -21,6 +25,7 @@ from ray.experimental import internal_kv
 
 NAMESPACE = "vllm_fleet"
 PREFIX = "endpoint/"
+TOKEN_KEY = b"engine-token"
 # Health checks run every 10 s (docs/contracts.md); three missed ones mean the replica is gone.
 STALE_S = 45.0
 
@@ -67,3 +72,17 @@ def listed(now: float | None = None) -> dict[str, list[Registered]]:
         if now - at <= STALE_S:
             out.setdefault(model, []).append(Registered(model, replica, url, at))
     return out
+
+
+def engine_token() -> str:
+    """The cluster's engine token (blocking): made by the first fleet process to ask, then shared.
+
+    Kept in the GCS, never in the Serve config, a log or argv: whoever can read the GCS can already
+    run code on every node, so it exposes nothing new. A new cluster gets a new token.
+    """
+    internal_kv._internal_kv_put(TOKEN_KEY, secrets.token_urlsafe(32).encode(), overwrite=False,
+                                 namespace=NAMESPACE)  # first writer wins; later ones keep its token
+    raw = internal_kv._internal_kv_get(TOKEN_KEY, namespace=NAMESPACE)
+    if not raw:
+        raise RuntimeError("the fleet's engine token could not be read back from Ray's key-value store")
+    return bytes(raw).decode()

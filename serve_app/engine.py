@@ -33,12 +33,23 @@ from ray import serve
 from ray.serve import Application, metrics
 
 from serve_app import endpoints, gpu_turns, lifecycle, model_source, proctable
-from serve_app.contract import ENGINE_DEPLOYMENT, ENGINE_START_ATTEMPTS, SWAP_APP, SWAP_DEPLOYMENT, engine_log_name
+from serve_app.contract import (
+    ENGINE_DEPLOYMENT,
+    ENGINE_MIDDLEWARE,
+    ENGINE_START_ATTEMPTS,
+    ENGINE_TOKEN_ENV,
+    ENGINE_TOKEN_HEADER,
+    HEAD_NODE_RESOURCE,
+    SWAP_APP,
+    SWAP_DEPLOYMENT,
+    engine_log_name,
+)
 
 logger = logging.getLogger("ray.serve")
 
-# vLLM binds to loopback only: it has no auth of its own on most routes. The router therefore
-# relays to engines on its own node (a single-box fleet); see the report for multi-node.
+# On the head, where the routers run, vLLM binds loopback only. On any other node it binds the
+# node's address so the routers can reach it, and then requires the fleet's engine token on every
+# path (serve_app.engine_auth), since vLLM's own --api-key guards /v1 only.
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
 REASON_CHARS = 1800  # the router shows at most 2000 characters of an engine's error
@@ -52,19 +63,39 @@ TREE_GONE_S = 15.0
 TASK_ARGV = {"generate": ["--runner", "generate"], "embed": ["--runner", "pooling"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
+def _free_port(host: str = HOST) -> int:
+    with socket.socket(_family(host)) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
+def _port_free(port: int, host: str = HOST) -> bool:
+    with socket.socket(_family(host)) as s:
         try:
-            s.bind((HOST, port))
+            s.bind((host, port))
         except OSError:
             return False
         return True
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def listen_host() -> str:
+    """Where this replica's vLLM listens: loopback on the head (the routers' node), else the
+    address Ray knows this node by, which the routers on the head can reach."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
+    if node is None or HEAD_NODE_RESOURCE in (node.get("Resources") or {}):
+        return HOST
+    return str(node.get("NodeManagerAddress") or ray.util.get_node_ip_address())
 
 
 def _log_dir() -> Path:
@@ -128,15 +159,19 @@ def _expand(value: str) -> str:
     return os.environ.get(match.group(1), "") if match else value
 
 
-def vllm_argv(model: str, resolved: model_source.Resolved, task: str, engine_argv: list[str], port: int) -> list[str]:
-    """The vLLM OpenAI server command line (an argv list; never a shell)."""
+def vllm_argv(model: str, resolved: model_source.Resolved, task: str, engine_argv: list[str], port: int,
+              host: str = HOST) -> list[str]:
+    """The vLLM OpenAI server command line (an argv list; never a shell). Off loopback, every path
+    needs the fleet's engine token (the middleware reads it from the environment, not argv)."""
     task_argv = [] if "--runner" in engine_argv else TASK_ARGV.get(task, [])
+    guard = [] if host == HOST else ["--middleware", ENGINE_MIDDLEWARE]
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         *resolved.argv(),
         "--served-model-name", model,
-        "--host", HOST,
+        "--host", host,
         "--port", str(port),
+        *guard,
         "--enable-server-load-tracking",  # GET /load: requests in flight, which the idle rule reads
         # the replica's own polls (vLLM >= 0.16); relayed requests are still logged
         "--disable-access-log-for-endpoints", "/health,/load,/metrics",
@@ -248,9 +283,15 @@ class Engine:
         self._lock = asyncio.Lock()
         self._up: asyncio.Task[None] | None = None
         self._log_path = _log_dir() / engine_log_name(model, os.getpid())
-        self._port = _free_port()
-        self._url = f"http://{HOST}:{self._port}"
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
+        self._host = await asyncio.to_thread(listen_host)
+        self._port = _free_port(self._host)
+        self._url = base_url(self._host, self._port)
+        # The token goes to vLLM by environment only when it listens on the network (not loopback).
+        token = await asyncio.to_thread(endpoints.engine_token)
+        if self._host != HOST:
+            self._environ[ENGINE_TOKEN_ENV] = token
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0),
+                                         headers={ENGINE_TOKEN_HEADER: token})
         if swap_group:
             # A swap member starts unloaded: loading it here could break its group's limit. Its
             # first request (or `fleetctl load`) loads it, once the group's coordinator made room.
@@ -292,10 +333,10 @@ class Engine:
         deadline = t0 + self._start_timeout_s
         try:
             resolved = await self._resolve(self._source, self._environ, self._start_timeout_s)
-            if not _port_free(self._port):  # keep the old port when free: routers' cached URL stays good
-                self._port = _free_port()
-                self._url = f"http://{HOST}:{self._port}"
-            argv = vllm_argv(self._model, resolved, self._task, self._engine_argv, self._port)
+            if not _port_free(self._port, self._host):  # keep the old port when free: routers' cached URL stays good
+                self._port = _free_port(self._host)
+                self._url = base_url(self._host, self._port)
+            argv = vllm_argv(self._model, resolved, self._task, self._engine_argv, self._port, self._host)
             async with gpu_turns.start_turn(self._gpus, self._waiting_for_gpu):
                 deadline = max(deadline, time.monotonic() + self._start_timeout_s)  # the wait is not its start
                 logger.info("starting vLLM for %s: %s (log: %s)", self._model, argv, self._log_path)

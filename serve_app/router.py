@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+import ray
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -56,7 +57,16 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import endpoints, ollama
-from serve_app.contract import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, SERVE_APP_STATE
+from serve_app.contract import (
+    ENGINE_DEPLOYMENT,
+    ENGINE_TOKEN_HEADER,
+    ROUTER_DEPLOYMENT,
+    SERVE_APP_STATE,
+    ModelState,
+    missing_node,
+    node_gone_message,
+    node_resource,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -162,8 +172,11 @@ def _reason(exc: BaseException) -> str:
     return str(cause).strip()[-2000:] or type(cause).__name__
 
 
-def _model_state(app_state: str, lifecycle: dict[str, Any] | None) -> dict[str, Any]:
-    """A running app shows its model's lifecycle state and since when; others the app's own state."""
+def _model_state(app_state: str, message: str, lifecycle: dict[str, Any] | None) -> dict[str, Any]:
+    """A running app shows its model's lifecycle state and since when; others the app's own state
+    (with the reason when it is unavailable: its node is gone)."""
+    if app_state == ModelState.UNAVAILABLE.value:
+        return {"state": app_state, "since": None, "reason": message}
     if app_state != "ready" or lifecycle is None:
         return {"state": app_state, "since": None}
     out = {"state": lifecycle["state"], "since": lifecycle["since"]}
@@ -173,6 +186,17 @@ def _model_state(app_state: str, lifecycle: dict[str, Any] | None) -> dict[str, 
 
 
 GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def _live_state(app: Any) -> tuple[str, str]:
+    """A Serve application's state word and message; "unavailable" while its node is gone."""
+    status = str(getattr(app.status, "value", app.status))
+    if status != "RUNNING":
+        for dep in (getattr(app, "deployments", None) or {}).values():
+            node = missing_node(str(getattr(dep, "message", "") or ""))
+            if node:
+                return ModelState.UNAVAILABLE.value, node_gone_message(node)
+    return LIVE_STATE.get(status, "unknown"), app.message
 
 
 def wrong_task(model: str, spec: dict[str, Any], path: str) -> str | None:
@@ -270,8 +294,11 @@ class Relay:
         discover: Callable[[str], Awaitable[str]],
         app_states: Callable[[], Awaitable[dict[str, tuple[str, str]]]],
         lifecycles: Callable[[list[str]], Awaitable[dict[str, dict[str, Any] | None]]] | None = None,
+        engine_token: str = "",
     ) -> None:
         self.settings = settings
+        # engines on other nodes require it on every request (serve_app.engine_auth); loopback ones ignore it
+        self._engine_headers = {ENGINE_TOKEN_HEADER: engine_token} if engine_token else {}
         self.app_states = app_states
         self.lifecycles = lifecycles
         self._discover = discover
@@ -342,7 +369,7 @@ class Relay:
 
     async def open(self, model: str, path: str, body: bytes, request_id: str) -> Upstream:
         """POST to one of the model's engines; raises Unavailable (the message says why)."""
-        headers = {"content-type": "application/json", "x-request-id": request_id}
+        headers = {"content-type": "application/json", "x-request-id": request_id, **self._engine_headers}
         session = self._session
         assert session is not None, "Relay.start() was not called"
         tried: set[str] = set()
@@ -519,7 +546,7 @@ async def list_models(request: Request) -> Response:
             "task": spec.get("task", "generate"),
             "always_on": bool(spec.get("always_on", False)),
             **({"swap_group": spec["swap_group"]} if spec.get("swap_group") else {}),
-            **_model_state(states.get(name, ("absent", ""))[0], lifecycles.get(name)),
+            **_model_state(*states.get(name, ("absent", "")), lifecycles.get(name)),
             **_ui_hints(spec),
         }
         for name, spec in sorted(settings.models.items(), key=_chat_first)
@@ -692,7 +719,7 @@ class Router:
         self._handles: dict[str, DeploymentHandle] = {}
         self._status: tuple[float, dict[str, tuple[str, str]]] = (0.0, {})
         relay = Relay(self._settings, self._bridge(self._discover), self._bridge(self._app_states),
-                      self._bridge(self._lifecycles))
+                      self._bridge(self._lifecycles), await asyncio.to_thread(endpoints.engine_token))
         self._server = Server(listen_socket(host, port), relay)
         await asyncio.to_thread(self._server.wait_started, 30.0)
         self._refresher = asyncio.ensure_future(self._refresh_registry())
@@ -744,7 +771,7 @@ class Router:
                 if call.done():
                     break
                 state, message = (await self._app_states(fresh=True)).get(model, ("absent", ""))
-                if state in ("failed", "absent"):
+                if state in ("failed", "absent", "unavailable"):
                     raise Unavailable(f"The model `{model}` is {state}: {message}".rstrip(": "))
                 if time.monotonic() - t0 > bound and not measured:
                     measured = True  # past load_timeout_s: does this model's own last load say it needs longer?
@@ -792,10 +819,13 @@ class Router:
         at, states = self._status
         if fresh or time.monotonic() - at > STATUS_CACHE_S:
             status = await asyncio.to_thread(serve.status)  # a blocking controller call
-            states = {
-                name: (LIVE_STATE.get(str(getattr(app.status, "value", app.status)), "unknown"), app.message)
-                for name, app in status.applications.items()
-            }
+            states = {name: _live_state(app) for name, app in status.applications.items()}
+            pinned = {name: spec["node"] for name, spec in self._settings.models.items() if spec.get("node")}
+            if pinned:  # a pinned model's node gone: unavailable at once, before Serve's own word
+                alive = await asyncio.to_thread(ray.cluster_resources)  # alive nodes only
+                for name, node in pinned.items():
+                    if node_resource(node) not in alive and name in states:
+                        states[name] = (ModelState.UNAVAILABLE.value, node_gone_message(node))
             self._status = (time.monotonic(), states)
         return states
 

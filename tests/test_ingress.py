@@ -33,6 +33,7 @@ class Engine:
     dropped: int = 0
     open_streams: int = 0
     aborted: int = 0
+    heads: list[bytes] = field(default_factory=list)  # each request's head, as received
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
 
     @property
@@ -54,6 +55,7 @@ class Engine:
         try:
             while True:  # keep-alive: one request after another on the connection
                 head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
                 length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                               if line.lower().startswith(b"content-length"))
                 body = json.loads(await reader.readexactly(length))
@@ -98,7 +100,7 @@ class Front:
     base: str
 
 
-def _front(engines: list[Engine], *, keys: frozenset[str] = frozenset()) -> Front:
+def _front(engines: list[Engine], *, keys: frozenset[str] = frozenset(), engine_token: str = "") -> Front:
     settings = router.Settings(models={"m": {"task": "generate"}}, keys=keys, require_key=bool(keys),
                                load_timeout_s=5.0)
 
@@ -109,7 +111,7 @@ def _front(engines: list[Engine], *, keys: frozenset[str] = frozenset()) -> Fron
         return {"m": ("ready", "")}
 
     port = free_port()
-    relay = router.Relay(settings, discover, app_states)
+    relay = router.Relay(settings, discover, app_states, engine_token=engine_token)
     server = router.Server(router.listen_socket("127.0.0.1", port), relay)
     server.wait_started(10)
     server.call(relay.set_registered, {"m": [e.url for e in engines]})
@@ -203,3 +205,14 @@ def test_client_leaving_mid_stream_closes_the_engine_request(front: Front, engin
         assert next(response.iter_lines()).startswith("data: ")
     assert _until(lambda: sum(e.aborted for e in engines) == 1)
     assert sum(e.open_streams for e in engines) == 0
+
+
+def test_engines_get_the_fleet_token_and_clients_never_see_it(engines: list[Engine]) -> None:
+    front = _front(engines, engine_token="fleet-secret")
+    try:
+        r = httpx.post(front.base + "/v1/chat/completions", json={"model": "m", "messages": []}, timeout=10)
+    finally:
+        front.server.stop()
+    assert r.status_code == 200 and "fleet-secret" not in r.text and "fleet-secret" not in str(r.headers)
+    [head] = [h for e in engines for h in e.heads]
+    assert b"x-fleet-engine-token: fleet-secret" in head.lower()

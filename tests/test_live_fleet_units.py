@@ -81,8 +81,10 @@ def write_fleet(tmp_path: Path, models: str, inventory: str = "") -> Path:
     return tmp_path
 
 
-def node(**resources: float) -> Node:
-    return Node("n1", "127.0.0.1", resources)
+def node(ip: str = "127.0.0.1", head: bool = True, **resources: float) -> Node:
+    """A node as Ray's state API lists it: its ``node:<ip>`` resource, the head's marker, the rest."""
+    marker = {"node:__internal_head__": 1.0} if head else {}
+    return Node(f"n-{ip}", ip, {f"node:{ip}": 1.0, **marker, **resources})
 
 
 def test_capacity_refuses_a_gpu_no_node_has(tmp_path: Path) -> None:
@@ -106,6 +108,21 @@ def test_capacity_sums_replicas_against_the_cluster(tmp_path: Path) -> None:
     assert capacity.check(plan, d, Cluster((node(CPU=4.0, fleet_gpu_0=1.0),))) == []
     problems = capacity.check(plan, d, Cluster((node(CPU=4.0, fleet_gpu_0=0.5),)))
     assert ["needs 0.8 of GPU 0" in str(p) and "has 0.5" in str(p) for p in problems] == [True]
+
+
+def test_capacity_refuses_a_node_the_cluster_lacks(tmp_path: Path) -> None:
+    d = desired_state(write_fleet(tmp_path, "  a:\n    source: ./m\n    node: 127.0.0.2\n"))
+    plan = make_plan(d.config, LiveState())
+    problems = capacity.check(plan, d, Cluster((node(CPU=4.0),)))
+    assert len(problems) == 1
+    text = str(problems[0])
+    assert text.startswith("fleet.yaml:4:5: models.a.node:"), text
+    assert "node 127.0.0.2" in text and "127.0.0.1" in text and "ray start --address" in text
+    two = Cluster((node(CPU=4.0), node("127.0.0.2", head=False, CPU=2.0)))
+    assert capacity.check(plan, d, two) == []
+    # the router stays on the head: a cluster whose head is not listed cannot hold it
+    assert any("models.router" in str(p) for p in capacity.check(plan, d, Cluster((node("127.0.0.2", head=False,
+                                                                                          CPU=2.0),))))
 
 
 def test_restart_cost_comes_from_measured_starts(tmp_path: Path) -> None:

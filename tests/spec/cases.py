@@ -188,4 +188,12 @@ models:
     Case("swap-group-bad-name", {"fleet.yaml": BASE + "    swap_group: two words\n"},
          ["fleet.yaml:4:17: models.chat.swap_group: 'two words' cannot name a swap group: use 1-64 letters, digits, "
           "'.', '_' or '-', starting with a letter or digit"]),
+    Case("node-not-an-ip", {"fleet.yaml": BASE + "    node: gpu-box-2\n"},
+         ["fleet.yaml:4:11: models.chat.node: 'gpu-box-2' is not a node's IP address; name the node by the IP "
+          "Ray knows it by (the --node-ip-address given to `ray start`, listed by `ray list nodes`), e.g. "
+          "10.0.0.12"]),
+    Case("node-without-gpus-in-inventory", {"fleet.yaml": GPU3 + BASE + "    size: 1GiB\n    node: 10.0.0.9\n"},
+         ["fleet.yaml:10:11: models.chat.node: node 10.0.0.9 has no GPUs in the inventory; GPUs 0, 1, 2 (declared "
+          "in inventory:). Declare its cards under inventory.gpus with node: set, or pick one of the listed "
+          "nodes"]),
 ]

@@ -140,3 +140,32 @@ def test_units() -> None:
     assert parse_duration("never") is None
     assert parse_size("24GiB") == 24 * 2**30
     assert parse_size("16 GB") == 16 * 10**9
+
+
+TWO_NODES = ("inventory:\n  gpus:\n    - {index: 0, memory: 24GiB}\n"
+             "    - {index: 0, memory: 80GiB, node: 10.0.0.12}\n    - {index: 1, memory: 80GiB, node: 10.0.0.12}\n")
+
+
+def test_automatic_placement_spreads_over_nodes_and_pins_each_engine(tmp_path: Path) -> None:
+    # big (40 GiB of weights) fits only on the 80 GiB cards of 10.0.0.12; small fits the head's 24 GiB card
+    write_fleet(tmp_path, {"fleet.yaml": TWO_NODES + "models:\n"
+                           "  big: {source: hf://org/big, size: 40GiB}\n"
+                           "  small: {source: hf://org/small, size: 10GiB}\n"
+                           "  pinned: {source: hf://org/p, size: 4GiB, node: 10.0.0.12}\n"})
+    d = desired_state(tmp_path)
+    where = {m.name: (m.node, m.gpus) for m in d.placed.models}
+    assert where["big"][0] == "10.0.0.12" and where["pinned"][0] == "10.0.0.12"
+    assert where["small"] == (None, (0,))
+    apps = {a["name"]: a for a in d.config["applications"]}
+    res = {name: apps[name]["deployments"][0]["ray_actor_options"]["resources"] for name in where}
+    assert res["big"]["node:10.0.0.12"] > 0 and res["pinned"]["node:10.0.0.12"] > 0
+    # the head's cards are fleet_gpu_0 too: in a cluster they are pinned to the head
+    assert res["small"] == {"fleet_gpu_0": res["small"]["fleet_gpu_0"], "node:__internal_head__": 0.001}
+    assert apps["router"]["deployments"][0]["ray_actor_options"]["resources"] == {"node:__internal_head__": 0.001}
+
+
+def test_single_box_engines_carry_no_node_resource(tmp_path: Path) -> None:
+    write_fleet(tmp_path, {"fleet.yaml": _sized({"a": "4GiB"})})
+    app = next(a for a in desired_state(tmp_path).config["applications"] if a["name"] == "a")
+    resources = app["deployments"][0]["ray_actor_options"]["resources"]
+    assert resources and all(k.startswith("fleet_gpu_") for k in resources)
