@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default="", help="--swap: GPU indices both members share, e.g. 0 (default: CPU)")
     parser.add_argument("--gpu-memory", type=float, default=0.6, help="--swap: each member's share of its GPUs")
     parser.add_argument("--engine", default="", help=(
-        '--swap, --gpu: vLLM engine args as JSON for the fleet file, e.g. \'{"dtype": "bfloat16", "max_model_len": 1024}\' '
-        "(default: the CPU flags)"))
+        '--swap, --gpu: vLLM engine args as JSON for the fleet file, '
+        'e.g. \'{"dtype": "bfloat16", "max_model_len": 1024}\' (default: the CPU flags)'))
     parser.add_argument("--serve-config", help="--swap: a Serve config compiled elsewhere (see --write-config)")
     parser.add_argument("--write-config", help="--swap: compile the swap fleet's Serve config to this file and stop")
     parser.add_argument("--inventory", default="", help="--write-config: the GPUs to plan for, e.g. 0:141GiB,1:141GiB")
