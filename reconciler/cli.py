@@ -26,7 +26,8 @@ def main() -> None:
       fleetctl validate      check fleet.yaml + fleet.d/*.yaml (CI-friendly)
       fleetctl up            start Ray if needed, apply the fleet, print the endpoint
       fleetctl plan          what an edit would change on the live fleet
-      fleetctl apply         make exactly that change
+      fleetctl apply         make exactly that change (downloading new hf:// models first)
+      fleetctl pull [MODEL]  download hf:// models ahead of time, with progress
       fleetctl status        models, health, replicas, GPUs
       fleetctl daemon        apply every edit, heal drift, serve a status page (up starts it)
       fleetctl load MODEL    load a model now; `fleetctl unload MODEL` frees it (files unchanged)
@@ -127,9 +128,10 @@ def _register_ops() -> None:
     try:
         from .cli_daemon import daemon_cmd
         from .cli_ops import COMMANDS
+        from .cli_pull import pull_cmd
     except ImportError:
         return
-    for cmd in [*COMMANDS, daemon_cmd]:
+    for cmd in [*COMMANDS, daemon_cmd, pull_cmd]:
         main.add_command(cmd)
     try:
         from .cli_lifecycle import COMMANDS as LIFECYCLE_COMMANDS

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import click
 
-from reconciler import capacity, render
+from reconciler import capacity, download, render
 from reconciler import live as live_mod
 from reconciler import lock as lock_mod
 from reconciler import status as status_mod
@@ -107,7 +107,7 @@ def plan_cmd(path: Path, as_json: bool, detailed_exitcode: bool, out_file: Path 
     """Show what apply would change on the live Ray Serve, and why."""
     desired = _desired_or_exit(path)
     live = _live_or_exit(desired.dashboard_url)
-    plan = plan_for(desired.state, live)
+    plan = download.annotate(plan_for(desired.state, live), desired.placed)
     click.echo(render.format_json(plan) if as_json else render.format_text(plan, color=_color()), nl=False)
     problems = capacity.check(plan, desired.state, live_mod.read_cluster_resources(desired.dashboard_url))
     if problems:
@@ -215,7 +215,8 @@ def status_cmd(path: Path, as_json: bool) -> None:
     desired = _desired_or_exit(path)
     live = _live_or_exit(desired.dashboard_url)
     plan = plan_for(desired.state, live)
-    doc = status_mod.document(plan, live, desired.placed, runtime=live_mod.read_model_states(desired.placed.openai))
+    doc = status_mod.document(plan, live, desired.placed, runtime=live_mod.read_model_states(desired.placed.openai),
+                              downloads=download.read_progress(desired.dashboard_url))
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -313,10 +314,10 @@ def _logical_cpus(config: Mapping[str, Any]) -> int:
 
 
 def prepare_models(desired: Desired) -> None:
-    """Convert / download every model's weights before Serve starts the engines."""
+    """Convert GGUF models before Serve starts the engines (hf:// ones are downloaded by reconcile)."""
     from serve_app import model_source
 
-    models = desired.placed.models
+    models = [m for m in desired.placed.models if not download.is_hub_source(m.source)]
     for i, m in enumerate(models, 1):
         t0 = time.monotonic()
         _progress(f"[{i}/{len(models)}] preparing {m.name} ({m.source}) ...")

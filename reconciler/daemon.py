@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from reconciler import download
 from reconciler import live as live_mod
 from reconciler import status as status_mod
 from reconciler.errors import SpecError
@@ -112,7 +113,7 @@ class Daemon:
         # A change Serve did not keep: right after it was applied and settled, live still differed from
         # the files in this way (a field its version drops). Sending it again would only loop.
         self._unkept = ""
-        self._json_cache: tuple[DaemonState, bytes] | None = None
+        self._json_cache: tuple[DaemonState, int, bytes] | None = None
         self._lock = threading.Lock()
         self._state = DaemonState(str(self.path), time.time(), os.getpid())
 
@@ -246,16 +247,30 @@ class Daemon:
             "format_version": status_mod.FORMAT_VERSION, "serve_running": False, "in_sync": False,
             "health": "Unknown", "pending_changes": [], "models": [], "error": s.status_error}
         doc["daemon"] = s.section()
+        if self._last_good is not None:  # a running pull's progress, read now (a pass may be busy downloading)
+            rows = [dict(r) for r in doc.get("models") or []]
+            doc |= status_mod.with_downloads(rows, download.read_progress(self._last_good.placed.ray.dashboard_url))
+            doc["models"] = rows
         return doc
 
     def status_json(self) -> bytes:
-        """status_document() as JSON, serialised once per recorded state (the API's hot path)."""
+        """status_document() as JSON, serialised once per recorded state and download progress
+        (the API's hot path)."""
         s = self.snapshot()
+        stamp = self._progress_stamp()
         cached = self._json_cache
-        if cached is None or cached[0] is not s:
-            cached = (s, json.dumps(self.status_document()).encode())
+        if cached is None or cached[0] is not s or cached[1] != stamp:
+            cached = (s, stamp, json.dumps(self.status_document()).encode())
             self._json_cache = cached
-        return cached[1]
+        return cached[2]
+
+    def _progress_stamp(self) -> int:
+        if self._last_good is None:
+            return 0
+        try:
+            return download.progress_path(self._last_good.placed.ray.dashboard_url).stat().st_mtime_ns
+        except OSError:
+            return 0
 
     def placed(self) -> Any:
         return self._last_good.placed if self._last_good else None

@@ -45,6 +45,17 @@ _KIND_TO_ACTION = {diff.Kind.CREATE: Action.CREATE, diff.Kind.IN_PLACE: Action.U
 
 
 @dataclass(frozen=True)
+class Download:
+    """What apply fetches from the Hub before it touches Serve for one model: its files' total and
+    the bytes not yet in the cache. ``note`` says why the size is unknown (then ``missing`` is None)."""
+
+    source: str
+    total: int | None
+    missing: int | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Change:
     """One app (a model, or the router): what happens to it and why."""
 
@@ -58,6 +69,8 @@ class Change:
     # For a restart: how long the model was down last time it started on this fleet (its measured
     # start time), None when it never started here. A cost, for the reader; it decides nothing.
     downtime_s: float | None = None
+    # For a created or restarted hf:// model: what apply downloads first (reconciler.download fills it).
+    download: Download | None = None
 
     @property
     def restart_fields(self) -> tuple[str, ...]:
@@ -240,6 +253,8 @@ def _change_to_dict(c: Change) -> dict[str, Any]:
         "fields": [{"path": f.path, "before": f.before, "after": f.after, "effect": f.effect.value}
                    for f in c.fields],
         "expected_downtime_s": c.downtime_s,
+        "download": ({"source": c.download.source, "total_bytes": c.download.total,
+                      "missing_bytes": c.download.missing, "note": c.download.note} if c.download else None),
         "before": c.before,
         "after": c.after,
     }
@@ -276,4 +291,6 @@ def _change_from_dict(c: Mapping[str, Any]) -> Change:
                      for f in c.get("fields", [])),
         always_on=bool(c.get("always_on", False)),
         downtime_s=c.get("expected_downtime_s"),
+        download=(Download(d["source"], d.get("total_bytes"), d.get("missing_bytes"), d.get("note", ""))
+                  if isinstance(d := c.get("download"), Mapping) else None),
     )

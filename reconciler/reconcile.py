@@ -1,4 +1,4 @@
-"""One reconcile step: lock → desired → live → plan → apply → Outcome. Everyone calls this.
+"""One reconcile step: lock → desired → live → plan → download → apply → Outcome. Everyone calls this.
 
 `fleetctl apply`, `fleetctl up`, the daemon and the benchmarks call `reconcile()`; it prints
 nothing and reports progress through a callback, as controller-runtime's ``Reconcile`` returns a
@@ -7,7 +7,8 @@ the live Serve afresh and trusts no remembered event.
 
 Outcomes are of two kinds (kopf's rule): *terminal* ones — the files are invalid, the fleet cannot
 fit the cluster, a model failed to start — are not retried until something changes; *transient*
-ones — Serve unreachable, another apply holds the lock — are retried with backoff by the caller
+ones — Serve unreachable, another apply holds the lock, a model's files that could not be
+downloaded (reconciler.download runs before Serve is touched) — are retried with backoff by the caller
 (``requeue_after``). A model that failed to start is remembered by its desired fingerprint
 (`Failures`), so a loop never re-PUTs the same broken config: it waits for the files to change.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 from reconciler import apply as apply_mod
 from reconciler import capacity
+from reconciler import download as download_mod
 from reconciler import history as history_mod
 from reconciler import live as live_mod
 from reconciler import lock as lock_mod
@@ -44,6 +46,7 @@ class Result(str, enum.Enum):
     STALE_PLAN = "stale_plan"  # a saved plan no longer matches; make a new one
     FAILED = "failed"  # a model failed to deploy (remembered by fingerprint)
     HELD = "held"  # changes held back: they failed before with this exact config
+    DOWNLOAD = "download_failed"  # a model's files could not be fetched (Hub, disk); Serve untouched
     UNREACHABLE = "unreachable"  # transient: Serve / Ray cannot be reached
     LOCKED = "locked"  # transient: another apply holds the lock
 
@@ -53,7 +56,7 @@ class Result(str, enum.Enum):
 
     @property
     def transient(self) -> bool:
-        return self in (Result.UNREACHABLE, Result.LOCKED)
+        return self in (Result.UNREACHABLE, Result.LOCKED, Result.DOWNLOAD)
 
 
 @dataclass(frozen=True)
@@ -186,8 +189,15 @@ def _locked(desired: DesiredState, saved_plan: Plan | None, approve: Approve | N
     if problems:
         return done(Result.CAPACITY, "\n".join(str(p) for p in problems), problems=tuple(problems),
                     plan=plan, desired=desired, live=live)
+    if saved_plan is None:
+        plan = download_mod.annotate(plan, desired.placed)  # what the approver sees says what is downloaded
     if approve is not None and not approve(plan):
         return done(Result.CANCELLED, "apply cancelled; nothing was changed", plan=plan, desired=desired, live=live)
+    try:  # a new or changed model's files first, so no engine start is also a download
+        download_mod.fetch_for_plan(plan, desired.placed, report)
+    except download_mod.DownloadError as e:
+        return done(Result.DOWNLOAD, f"{e}\nServe was not touched.", plan=plan, desired=desired, live=live,
+                    requeue_after=30.0)
     try:
         result = apply_mod.apply_plan(plan, dashboard, live_before=live, timeout_s=timeout_s, report=report)
     except apply_mod.AppFailed as e:

@@ -10,7 +10,8 @@ import json
 from typing import Any
 
 from reconciler.diff import Effect
-from reconciler.plan import Action, Change, Plan, plan_to_dict
+from reconciler.plan import Action, Change, Download, Plan, plan_to_dict
+from reconciler.units import format_size
 
 NO_CHANGES = "No changes. The live fleet matches the files."
 
@@ -64,7 +65,21 @@ def _format_change(c: Change, color: bool) -> list[str]:
         lines.append(f"      why: {r}")
     if c.action is Action.RESTART:
         lines.append(f"      cost: {format_downtime(c.downtime_s)}")
+    if c.download is not None:
+        lines.append(f"      download: {format_download(c.download)}")
     return lines
+
+
+def format_download(d: Download) -> str:
+    if d.missing is None:
+        return f"size unknown ({d.note})" if d.note else "size unknown"
+    if d.missing == 0:
+        return "already downloaded" + (f" ({format_size(d.total)} in the cache)" if d.total else "") \
+            + (f"; {d.note}" if d.note else "")
+    if d.missing == d.total:
+        return f"{format_size(d.missing)} from the Hub before it starts"
+    return (f"{format_size(d.missing)} from the Hub before it starts "
+            f"({format_size((d.total or 0) - d.missing)} of {format_size(d.total or 0)} already in the cache)")
 
 
 def format_downtime(seconds: float | None) -> str:

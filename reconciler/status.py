@@ -14,6 +14,7 @@ from reconciler.health import STATE_HEALTH, AppHealth, Health, State, Sync, app_
 from reconciler.live import LiveState
 from reconciler.placement import PlacedFleet
 from reconciler.plan import Action, Plan
+from reconciler.units import format_size
 from serve_app.contract import ENGINE_IMPORT, SWAP_IMPORT
 
 FORMAT_VERSION = "2"
@@ -91,8 +92,10 @@ def _gpus(app_config: Mapping[str, Any]) -> str:
 
 
 def document(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
-             runtime: Mapping[str, Mapping[str, Any]] | None = None, **sections: Any) -> dict[str, Any]:
-    """The whole status document; ``sections`` (e.g. daemon=...) are added at the top level."""
+             runtime: Mapping[str, Mapping[str, Any]] | None = None,
+             downloads: Mapping[str, Mapping[str, Any]] | None = None, **sections: Any) -> dict[str, Any]:
+    """The whole status document; ``sections`` (e.g. daemon=...) are added at the top level.
+    ``downloads``: per model, a running pull's progress (reconciler.download.read_progress)."""
     rows = model_rows(plan, live, placed, runtime)
     overall = worst([Health(r["health"]) for r in rows if r["sync"] != Sync.FOREIGN.value]) \
         if live.serve_running else Health.UNKNOWN
@@ -105,7 +108,17 @@ def document(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
                             for c in plan.changes if c.action is not Action.NOOP],
         "models": rows,
         **sections,
-    }
+    } | with_downloads(rows, downloads or {})
+
+
+def with_downloads(rows: list[dict[str, Any]], downloads: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``downloads`` section, and each model row's ``download`` (None when none runs for it)."""
+    for r in rows:
+        d = downloads.get(r["model"])
+        r["download"] = None if d is None else {
+            "state": d.get("state"), "done_bytes": d.get("done"), "total_bytes": d.get("total"),
+            "file": d.get("file"), "files_done": d.get("files_done"), "files_total": d.get("files_total")}
+    return {"downloads": {name: dict(d) for name, d in downloads.items()}}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -123,4 +136,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["message"]:
             lines.append(f"{r['model']}: {r['message'].strip().splitlines()[-1][:300]}")
+        if r.get("download"):
+            lines.append(f"{r['model']}: {format_download(r['download'])}")
     return "\n".join(lines)
+
+
+def format_download(d: Mapping[str, Any]) -> str:
+    done, total = int(d.get("done_bytes") or 0), int(d.get("total_bytes") or 0)
+    share = f"{100 * done / total:.0f}%" if total else "?"
+    text = f"{d.get('state')} {share} ({format_size(done)} of {format_size(total)})"
+    if d.get("state") == "downloading" and d.get("file"):
+        text += f", file {int(d.get('files_done') or 0) + 1}/{d.get('files_total')}: {d['file']}"
+    return text

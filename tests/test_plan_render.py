@@ -7,6 +7,7 @@ import copy
 import json
 import multiprocessing
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from reconciler import apply as apply_mod
 from reconciler import lock, render
 from reconciler.live import AppLive, DeploymentLive, LiveState, Replica, parse_live_state
-from reconciler.plan import Action, make_plan, plan_from_dict, plan_to_dict
+from reconciler.plan import Action, Download, make_plan, plan_from_dict, plan_to_dict
 from tests.test_diff import engine_app
 
 
@@ -236,3 +237,21 @@ def test_second_apply_waits_then_refuses_naming_the_holder(tmp_path: Any, monkey
             assert me.pid != holder.pid
     finally:
         holder.join(10)
+
+
+@pytest.mark.parametrize(("download", "line"), [
+    (Download("hf://o/m", 3 * 2**30, 3 * 2**30, ""), "download: 3.0 GiB from the Hub before it starts"),
+    (Download("hf://o/m", 3 * 2**30, 2**30, ""),
+     "download: 1.0 GiB from the Hub before it starts (2.0 GiB of 3.0 GiB already in the cache)"),
+    (Download("hf://o/m", 3 * 2**30, 0, ""), "download: already downloaded (3.0 GiB in the cache)"),
+    (Download("hf://o/m", None, 0, "the Hub could not be asked"),
+     "download: already downloaded; the Hub could not be asked"),
+    (Download("hf://o/m", None, None, "no such repository"), "download: size unknown (no such repository)"),
+])
+def test_a_created_models_download_shows_in_the_plan(download: Download, line: str) -> None:
+    plan = make_plan(config(engine_app("a")), LiveState(apps={}, globals={}, serve_running=True))
+    plan = replace(plan, changes=tuple(replace(c, download=download) if c.model == "a" else c
+                                       for c in plan.changes))
+    assert f"      {line}" in render.format_text(plan).splitlines()
+    again = plan_from_dict(json.loads(render.format_json(plan)))
+    assert again.change_for("a").download == download  # type: ignore[union-attr]

@@ -6,7 +6,9 @@ model through OpenWebUI's OpenAI embedding engine. Checked: the first chat messa
 (OpenWebUI preselects the first listed model; this once was the embedding model and the first
 answer was an engine error), its background tasks (title, tags, follow-ups) reach the engine
 without errors, and a document uploaded into a chat is embedded by the fleet's
-embedding model and a question about it is answered. No error may show in the page at any point.
+embedding model and a question about it is answered; a streamed answer is stopped and then
+regenerated; and a second OpenWebUI with only its Ollama connection, pointed at the same port
+(the fleet speaks Ollama's API there too), chats. No error may show in the page at any point.
 """
 
 from __future__ import annotations
@@ -164,3 +166,56 @@ def test_document_upload_then_question(browser: Any, webui: OpenWebUI, tmp_path:
     # Answered without an error. Not asserted: that a 135M model repeats the codename (in one run
     # it invented one), nor yet that OpenWebUI put the memo into the prompt.
     assert last_answer(page, webui)
+
+
+def test_stop_then_regenerate_a_streamed_answer(browser: Any, webui: OpenWebUI) -> None:
+    page = open_chat(browser, webui.url)
+    send(page, "Write a very long story about a lighthouse keeper and the sea, in many paragraphs.")
+    answer = page.locator("#response-content-container").last
+    deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
+    while not answer.count() or not str(answer.inner_text()).strip():  # streaming has begun
+        assert_no_error(page, webui)
+        assert time.monotonic() < deadline, "no streamed text in time"
+        time.sleep(0.2)
+    stop = page.get_by_role("button", name="Stop")
+    assert stop.count(), "no Stop button while the answer streams"
+    stop.first.click()
+    stopped = last_answer(page, webui)  # done: its action buttons show, the text so far stays
+    assert page.get_by_role("button", name="Stop").count() == 0
+    time.sleep(3)  # a stopped stream must stay stopped: the text does not grow any more
+    assert str(answer.inner_text()).strip() == stopped
+    assert_no_error(page, webui)
+
+    page.get_by_role("button", name="Regenerate").last.click()
+    # OpenWebUI regenerates at once or first offers a menu (Try Again / Add Details / More Concise)
+    siblings = page.get_by_role("button", name="Previous message")  # shown once there are two answers
+    menu_until = time.monotonic() + 10
+    while not siblings.count() and time.monotonic() < menu_until:
+        if (try_again := page.get_by_text("Try Again", exact=True)).count():
+            try_again.first.click()
+            break
+        time.sleep(0.2)
+    siblings.first.wait_for()  # a second answer, beside the first
+    regenerated = last_answer(page, webui)
+    assert regenerated
+    assert_no_error(page, webui)
+
+
+@pytest.fixture
+def ollama_webui(client_fleet: ClientFleet, tmp_path: Path) -> Iterator[OpenWebUI]:
+    """OpenWebUI with its OpenAI connection off and its Ollama connection at the fleet's port."""
+    yield from run_open_webui(tmp_path, client_fleet, ENABLE_OPENAI_API="false", ENABLE_OLLAMA_API="true",
+                              OLLAMA_BASE_URL=client_fleet.endpoint)
+
+
+def test_openwebuis_ollama_connection_chats(browser: Any, ollama_webui: OpenWebUI) -> None:
+    with api(ollama_webui) as client:
+        models = client.get("/api/models").json()["data"]
+    ids = [m["id"] for m in models]
+    assert f"{CHAT}:latest" in ids, ids
+    assert all(m.get("owned_by") == "ollama" for m in models), models  # through the Ollama connection only
+    page = open_chat(browser, f"{ollama_webui.url}/?models={CHAT}:latest")
+    assert CHAT in selected_model(page)
+    send(page, "What is the capital of France?")
+    assert "Paris" in last_answer(page, ollama_webui)
+    assert_no_error(page, ollama_webui)
