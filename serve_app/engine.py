@@ -281,6 +281,7 @@ class Engine:
             "fleet_model_transition_seconds", "How long each lifecycle transition took.",
             boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600], tag_keys=("model", "transition"))
         self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()  # set on every change of state: the watch loop re-times itself
         self._up: asyncio.Task[None] | None = None
         self._log_path = _log_dir() / engine_log_name(model, os.getpid())
         self._host = await asyncio.to_thread(listen_host)
@@ -445,6 +446,7 @@ class Engine:
     def _set(self, state: lifecycle.State, reason: str = "") -> None:
         if state is not self._state:
             logger.info("model %s: %s -> %s", self._model, self._state.value, state.value)
+            self._changed.set()
         self._state, self._since, self._reason = state, time.time(), reason
 
     # ---- bringing the model up on demand ----
@@ -520,7 +522,7 @@ class Engine:
     async def _watch(self) -> None:
         """Look at the child now and then; apply the idle rule. The only caller of sleep/unload besides unload()."""
         while True:
-            await asyncio.sleep(lifecycle.poll_interval(self._state, self._rules))
+            await self._pause()
             try:
                 await self._observe()
                 step = self._step()
@@ -528,6 +530,14 @@ class Engine:
                     await self._apply_step(step)
             except Exception:  # keep watching; the next look tries again
                 logger.exception("lifecycle watch of %s", self._model)
+
+    async def _pause(self) -> None:
+        """One poll interval, cut short by a change of state. A member that its swap group put to sleep
+        mid-interval otherwise kept an awake model's pace (5 s for a long idle_timeout), and a request
+        that its sleeping vLLM held waited out the rest of it: swaps of 4.5 s against 0.7 s on an H200."""
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), lifecycle.poll_interval(self._state, self._rules))
 
     def _step(self) -> lifecycle.Step:
         if self._state in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP) and not self._child_running():
