@@ -214,7 +214,8 @@ def swap_app(fleet: PlacedFleet) -> dict[str, Any] | None:
             "name": SWAP_DEPLOYMENT,
             "num_replicas": 1,  # one coordinator: it alone decides who is awake in a group
             "max_ongoing_requests": 1000,  # every waiting request is one call
-            "ray_actor_options": {"num_cpus": 0},
+            # on the head with the routers: a node that leaves must not take the coordinator along
+            "ray_actor_options": {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: NODE_PIN}},
             "user_config": dict(user_config),
         }],
     }

@@ -43,6 +43,8 @@ def test_an_overbooked_group_fits_when_one_member_is_awake(tmp_path: Path) -> No
     assert apps["a"]["args"]["swap_group"] == "big" and "swap_group" not in apps["c"]["args"]
     coordinator = apps[SWAP_APP]["deployments"][0]
     assert coordinator["num_replicas"] == 1
+    # it stays on the head with the routers, whichever nodes join the cluster
+    assert coordinator["ray_actor_options"]["resources"] == {"node:__internal_head__": 0.001}
     assert coordinator["user_config"] == {"groups": {"big": {"awake": 1, "members": ["a", "b"],
                                                              "queue_timeout_s": 300.0}}}
 
