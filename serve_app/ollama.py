@@ -198,11 +198,16 @@ def _common(req: dict[str, Any], model: str) -> dict[str, Any]:
     return body
 
 
-def chat_request(req: dict[str, Any], model: str) -> dict[str, Any]:
-    """POST /api/chat body → /v1/chat/completions body."""
+def chat_request(req: dict[str, Any], model: str, takes_tools: bool = True) -> dict[str, Any]:
+    """POST /api/chat body → /v1/chat/completions body.
+
+    ``takes_tools``: the engine has a tool-call parser. Without one, vLLM refuses any request that
+    carries tools, so they are left out and the model simply chats: OpenWebUI's Ollama connection
+    sends its built-in tools with every chat, and (unlike /v1/models) /api/tags has no field that
+    tells it not to."""
     body = _common(req, model)
     body["messages"] = _link_tool_results([_message(m, i) for i, m in enumerate(req.get("messages") or [])])
-    if req.get("tools"):
+    if req.get("tools") and takes_tools:
         body["tools"] = req["tools"]
     return body
 
@@ -479,7 +484,8 @@ async def handle(request: Request, up: Upstream, request_id: str) -> Response:
     if path == "/api/chat":
         if not req.get("messages"):  # Ollama's "load the model" idiom
             return await _load(up, model, {"message": {"role": "assistant", "content": ""}})
-        return await _relay(up, model, "/v1/chat/completions", chat_request(req, model), request_id, "chat",
+        return await _relay(up, model, "/v1/chat/completions", chat_request(req, model, bool(spec.get("tool_parser"))),
+                            request_id, "chat",
                             lambda r, ns: chat_response(model, r, ns))
     if path == "/api/generate":
         if not req.get("prompt") and not req.get("images"):

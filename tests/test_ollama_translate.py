@@ -68,6 +68,8 @@ def test_chat_request_images_and_tool_round_trip() -> None:
     assert json.loads(call["function"]["arguments"]) == {"x": 1}
     assert tool["tool_call_id"] == call["id"]
     assert body["tools"] == req["tools"]
+    # A model whose engine has no tool-call parser still chats: its tools are left out (vLLM would refuse).
+    assert "tools" not in ollama.chat_request(req, "chat", takes_tools=False)
 
 
 def test_generate_uses_the_chat_template_unless_raw() -> None:
