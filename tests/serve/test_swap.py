@@ -9,6 +9,7 @@ bounds for the test, never expectations of speed.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -170,6 +171,49 @@ def _coordinator_timeout(group: str) -> float | None:
     return serve.get_app_handle(SWAP_APP).status.remote().result(timeout_s=60)[group]["queue_timeout_s"]
 
 
+class Busy:
+    """Keeps a model busy: three clients ask it back to back, staggered, so a request is always in flight.
+
+    One long stream is not enough: vLLM writes the whole answer into socket buffers as fast as it
+    generates, however slowly the client reads, and a fast box finishes 1000 tiny-model tokens in
+    about the queue_timeout. Staggered loops of different lengths leave no gap (one's next request
+    starts while the others are mid-answer) whatever the machine's speed.
+    """
+
+    def __init__(self, fleet: Fleet, model: str) -> None:
+        self.client = fleet.client(timeout=BOUND_S)
+        self.model = model
+        self.finish: list[str | None] = []
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(tokens,)) for tokens in (200, 250, 300)]
+
+    def _loop(self, tokens: int) -> None:
+        while not self._stop.is_set():
+            try:
+                answer = self.client.completions.create(model=self.model, prompt="a long story", max_tokens=tokens,
+                                                        extra_body={"ignore_eos": True})
+                self.finish.append(answer.choices[0].finish_reason)
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                self.errors.append(e)
+                return
+
+    def __enter__(self) -> Busy:
+        for thread in self._threads:
+            thread.start()
+            deadline = time.monotonic() + 120
+            while _state(self.model)["in_flight"] < 1:  # this client's request reached vLLM
+                assert time.monotonic() < deadline and not self.errors, self.errors
+                time.sleep(0.1)
+            time.sleep(0.5)  # the stagger
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(BOUND_S)
+
+
 def test_a_request_that_waits_past_queue_timeout_gets_503_with_the_reason(fleet: Fleet, pair: Sampler) -> None:
     import openai
 
@@ -182,26 +226,13 @@ def test_a_request_that_waits_past_queue_timeout_gets_503_with_the_reason(fleet:
         while _coordinator_timeout("pair") != 2.0:
             assert time.monotonic() < deadline, "the coordinator never got the new queue_timeout"
             time.sleep(0.5)
-        stream = fleet.client(timeout=BOUND_S).completions.create(
-            model=awake, prompt="a long story", max_tokens=1000, stream=True, extra_body={"ignore_eos": True})
-        chunks = iter(stream)
-        next(chunks)  # streaming: the awake member is busy
-        finish: list[str | None] = []
-
-        def read_slowly() -> None:  # keeps the stream, and so the member, busy for a while
-            for chunk in chunks:
-                finish.append(chunk.choices[0].finish_reason if chunk.choices else None)
-                time.sleep(0.02)
-
-        reader = threading.Thread(target=read_slowly)
-        reader.start()
-        with pytest.raises(openai.APIStatusError) as refused:
+        with Busy(fleet, awake) as busy, pytest.raises(openai.APIStatusError) as refused:
             _ask(fleet, other, stream=False)
-        reader.join(BOUND_S)
         error = refused.value.response.json()["error"]
         assert refused.value.status_code == 503 and error["code"] == "model_unavailable"
-        assert "swap group `pair`" in error["message"] and f"`{awake}` (1 request(s) in flight)" in error["message"]
-        assert "length" in finish  # the busy member was not cut
+        assert "swap group `pair`" in error["message"], error["message"]
+        assert re.search(rf"`{awake}` \([123] request\(s\) in flight\)", error["message"]), error["message"]
+        assert busy.errors == [] and busy.finish and set(busy.finish) == {"length"}  # the busy member was not cut
         assert _state(awake)["state"] == "awake" and _state(other)["state"] in ("unloaded", "asleep")
     finally:
         fleet.apply(load_timeout=f"{BOUND_S:.0f}s")
