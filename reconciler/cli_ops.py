@@ -7,6 +7,7 @@ Serve from reconciler.apply. Exit codes: 0 success (plan: no changes), 1 error, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -253,14 +254,18 @@ def up_cmd(path: Path, timeout_s: float | None, with_daemon: bool) -> None:
     `fleetctl down` stops everything `up` started.
     """
     desired = _desired_or_exit(path)
-    try:
-        live_mod.read_live_state(desired.dashboard_url)
-        _progress(f"Ray answers at {desired.dashboard_url}; using it")
-    except live_mod.AuthError as e:
-        fail(str(e))
-    except live_mod.LiveStateError:
-        start_local_head(desired)
-    prepare_models(desired)
+    # A first `up` converts a GGUF model (~40 s on a small box) and starts a Ray head (~20 s, mostly
+    # its processes starting and registering): side by side, not one after the other.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+        prepared = pool.submit(prepare_models, desired)
+        try:
+            live_mod.read_live_state(desired.dashboard_url)
+            _progress(f"Ray answers at {desired.dashboard_url}; using it")
+        except live_mod.AuthError as e:
+            fail(str(e))
+        except live_mod.LiveStateError:
+            start_local_head(desired)
+        prepared.result()
     outcome = reconcile(path, desired=desired.state, approve=_approver(True), report=_progress,
                         timeout_s=timeout_s, lock_command="up")
     if not outcome.result.ok:

