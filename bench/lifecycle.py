@@ -46,16 +46,28 @@ BOUND_S = 900.0
 CPU_ENGINE = EngineSetup(CPU_ENGINE_ARGV.split(), CPU_ENGINE_ENV, None)
 
 
-def first_token_s(base_url: str, t0: float, model: str = MODEL_NAME) -> float:
-    """Send a streamed chat; seconds from ``t0`` to its first content chunk."""
+def first_token_s(base_url: str, t0: float, model: str = MODEL_NAME, drain: bool = False) -> float:
+    """Send a streamed chat; seconds from ``t0`` to its first content chunk. ``drain``: read the
+    stream to its end before returning, so the engine is idle for the next measurement."""
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
     with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=BOUND_S) as r:
         if r.status_code != 200:
-            raise RuntimeError(f"{r.status_code}: {r.read()[-500:]!r}")
-        for line in r.iter_lines():
+            raise RuntimeError(f"{model}: {r.status_code} {r.read()[-500:]!r}")
+        lines = r.iter_lines()
+        for line in lines:
             if line.startswith("data: ") and '"content"' in line:
-                return time.monotonic() - t0
-    raise RuntimeError("the stream ended without a token")
+                elapsed = time.monotonic() - t0
+                if drain:
+                    for _ in lines:
+                        pass
+                return elapsed
+    raise RuntimeError(f"{model}: the stream ended without a token")
+
+
+def model_states(base_url: str) -> dict[str, str]:
+    """Each model's lifecycle state as the endpoint's /v1/models lists it."""
+    data = httpx.get(base_url + "/v1/models", timeout=30).json()["data"]
+    return {m["id"]: str(m.get("state")) for m in data}
 
 
 def direct_round(model_dir: Path, work: Path) -> dict[str, float]:
@@ -112,28 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="", help=(
         '--swap, --gpu: vLLM engine args as JSON for the fleet file, '
         'e.g. \'{"dtype": "bfloat16", "max_model_len": 1024}\' (default: the CPU flags)'))
-    parser.add_argument("--serve-config", help="--swap: a Serve config compiled elsewhere (see --write-config)")
-    parser.add_argument("--write-config", help="--swap: compile the swap fleet's Serve config to this file and stop")
-    parser.add_argument("--inventory", default="", help="--write-config: the GPUs to plan for, e.g. 0:141GiB,1:141GiB")
-    parser.add_argument("--port", type=int, default=18000, help="--write-config: the endpoint's port")
     args = parser.parse_args(argv)
     if args.gpu is not None:
         import lifecycle_gpu
 
         return lifecycle_gpu.run(args.model, args.gpu, args.rounds, json.loads(args.engine or "{}"), args.json)
     work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-"))
-    if args.write_config:  # for a box that cannot compile (no YAML reader there)
-        from swap_bench import compile_config
-
-        root = work / "fleet"
-        if args.inventory:
-            gpus = [dict(zip(("index", "memory"), g.split(":"), strict=True)) for g in args.inventory.split(",")]
-            root.mkdir(parents=True)
-            (root / "fleet.d").mkdir()
-            (root / "fleet.d" / "inventory.yaml").write_text(json.dumps({"inventory": {"gpus": [
-                {"index": int(g["index"]), "memory": g["memory"]} for g in gpus]}}))
-        Path(args.write_config).write_text(json.dumps(compile_config(args.model, args.port, args, root), indent=2))
-        return 0
     model_dir = args.model or build_tiny_llama(work / "tiny-llama")
     if args.swap:
         from swap_bench import run_swap_bench  # one swap, end to end through the endpoint

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from lifecycle import first_token_s, model_states
 from relay import build_tiny_llama, free_port
 
 BOUND_S = 900.0
@@ -73,8 +73,7 @@ class Fleet:
         return time.monotonic() - t0
 
     def states(self) -> dict[str, str]:
-        data = httpx.get(self.base_url + "/v1/models", timeout=30).json()["data"]
-        return {m["id"]: str(m.get("state")) for m in data}
+        return model_states(self.base_url)
 
     def wait_state(self, model: str, state: str) -> None:
         deadline = time.monotonic() + BOUND_S
@@ -84,19 +83,7 @@ class Fleet:
             time.sleep(0.1)
 
     def first_token_s(self, model: str) -> float:
-        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
-        t0 = time.monotonic()
-        with httpx.stream("POST", self.base_url + "/v1/chat/completions", json=body, timeout=BOUND_S) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"{model}: {r.status_code} {r.read()[-500:]!r}")
-            lines = r.iter_lines()
-            for line in lines:
-                if line.startswith("data: ") and '"content"' in line:
-                    elapsed = time.monotonic() - t0
-                    for _ in lines:  # read to the end: the request is done, the engine idle
-                        pass
-                    return elapsed
-        raise RuntimeError(f"{model}: the stream ended without a token")
+        return first_token_s(self.base_url, time.monotonic(), model, drain=True)
 
 
 def sleep_and_wake(fleet: Fleet, gpu: int, rounds: int, source: str) -> dict[str, Any]:

@@ -23,20 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from lifecycle import BOUND_S, first_token_s
+from lifecycle import BOUND_S, first_token_s, model_states
 from relay import CPU_ENGINE_ENV, free_port
 
 A, B = "swap-a", "swap-b"
 CPU_ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024}
-
-
-def compile_config(model_dir: Path, port: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """The Serve config of the swap fleet, compiled by the real pipeline (``--write-config``)."""
-    from reconciler.pipeline import desired_state
-
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "fleet.yaml").write_text(json.dumps(_fleet(model_dir, port, args), indent=2))  # JSON is YAML
-    return dict(desired_state(root).config)
 
 
 def _fleet(model_dir: Path, port: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -62,31 +53,20 @@ def _wait_running(dashboard: str, names: set[str]) -> None:
     raise TimeoutError("the swap fleet did not come up")
 
 
-def _states(base_url: str) -> dict[str, str]:
-    data = httpx.get(base_url + "/v1/models", timeout=30).json()["data"]
-    return {m["id"]: m["state"] for m in data}
-
-
 def run_swap_bench(model_dir: Path, work: Path, args: argparse.Namespace) -> int:
     from reconciler import cluster, inventory
-
-    if not args.serve_config:
-        from reconciler.pipeline import desired_state
+    from reconciler.pipeline import desired_state
 
     gpus = len(inventory.nvml_gpus()) if args.gpus else 0
     head = cluster.start_head(num_cpus=4, resources=cluster.gpu_resources(gpus),
                               env={"FLEET_LOG_DIR": str(work / "fleet-logs")})
     rounds: list[dict[str, Any]] = []
     try:
-        if args.serve_config:  # compiled elsewhere (a box without the fleet's YAML reader)
-            config = json.loads(Path(args.serve_config).read_text())
-            port = int(next(a for a in config["applications"] if a["name"] == "router")["args"]["port"])
-        else:
-            port = free_port()
-            root = work / "fleet"
-            root.mkdir(parents=True, exist_ok=True)
-            (root / "fleet.yaml").write_text(json.dumps(_fleet(model_dir, port, args), indent=2))  # JSON is YAML
-            config = desired_state(root).config
+        port = free_port()
+        root = work / "fleet"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "fleet.yaml").write_text(json.dumps(_fleet(model_dir, port, args), indent=2))  # JSON is YAML
+        config = desired_state(root).config
         r = httpx.put(head.dashboard_url + "/api/serve/applications/", json=config, timeout=120)
         r.raise_for_status()
         _wait_running(head.dashboard_url, {"router", "swap-groups", A, B})
@@ -97,7 +77,7 @@ def run_swap_bench(model_dir: Path, work: Path, args: argparse.Namespace) -> int
         for i in range(args.rounds * 2):
             warm = first_token_s(base, time.monotonic(), awake)
             swap = first_token_s(base, time.monotonic(), other)
-            states = _states(base)
+            states = model_states(base)
             rounds.append({"round": i, "from": awake, "to": other, "awake_first_token_s": warm,
                            "swap_first_token_s": swap, "swapped_out_state": states.get(awake)})
             print(json.dumps(rounds[-1]), file=sys.stderr)
