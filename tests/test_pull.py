@@ -51,8 +51,10 @@ def add_repo(hub: StandInHub, size: int = 3 * MiB, **kw: dict[str, int]) -> Repo
 
 
 def env(hub: StandInHub, tmp_path: Path) -> dict[str, str]:
+    # HF_HUB_DOWNLOAD_TIMEOUT: a stalled download holds until the test interrupts it; with the
+    # default 10 s, a loaded box let huggingface_hub time out and resume it on its own first.
     e = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_TOKEN": TOKEN,
-         "FLEET_LOCK_DIR": str(tmp_path / "locks"), "NO_COLOR": "1"}
+         "FLEET_LOCK_DIR": str(tmp_path / "locks"), "NO_COLOR": "1", "HF_HUB_DOWNLOAD_TIMEOUT": "300"}
     e.pop("HF_HUB_OFFLINE", None)
     return e
 
