@@ -554,9 +554,10 @@ class Engine:
             return
         load = await self._client.get(self._url + "/load")
         metrics = await self._client.get(self._url + "/metrics")
-        in_flight = int(load.json().get("server_load", 0)) if load.status_code == 200 else 0
+        served = int(load.json().get("server_load", 0)) if load.status_code == 200 else 0
+        running = lifecycle.counter_total(metrics.text, lifecycle.BUSY_GAUGES) if metrics.status_code == 200 else 0
         finished = lifecycle.counter_total(metrics.text) if metrics.status_code == 200 else math.nan
-        self._activity.observe(in_flight, finished, time.monotonic())
+        self._activity.observe(max(served, int(running)), finished, time.monotonic())
 
     async def _apply_step(self, step: lifecycle.Step) -> None:
         async with self._lock:

@@ -4,10 +4,11 @@ States: ``loading`` → ``awake`` → (``sleeping`` →) ``asleep`` → (``unloa
 ``waking`` and ``failed`` (a load that failed; the next request tries again). The Serve config never
 changes with them, so plan and the daemon never see a sleeping model as drift.
 
-Activity is read from the engine's own vLLM child, not reported by the router: ``GET /load`` (vLLM's
-``--enable-server-load-tracking``) counts HTTP requests in flight, streams until their last byte,
-and the ``/metrics`` counters of finished requests catch requests that came and went between two
-looks. So it holds however many router processes relay, and costs the hot path nothing.
+Activity is read from the engine's own vLLM child, not reported by the router: in flight is the
+larger of ``GET /load`` (vLLM's ``--enable-server-load-tracking``: streams until their last byte)
+and the engine's running and queued requests (``/metrics`` gauges: non-streaming ones too, which
+/load misses), and the ``/metrics`` counters of finished requests catch requests that came and
+went between two looks. So it holds however many router processes relay, and costs the hot path nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from dataclasses import dataclass, field
 # /metrics counters whose change means "a request passed": vLLM's finished requests (generate and
 # pooling) and the HTTP instrumentator's handled requests (it leaves out /metrics, /health, /load).
 ACTIVITY_COUNTERS = ("vllm:request_success_total", "http_requests_total")
+# /metrics gauges of the requests inside the engine, running or queued: in-flight is the larger of
+# these and /load. vLLM 0.32's /load counts streams only: three non-streaming requests generating
+# read 0 there (the gauges said 3), and a swap group cut them.
+BUSY_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 # How often the replica looks at its child: often enough for short test timeouts, rarely for long ones.
 MIN_POLL_S, MAX_POLL_S, ASLEEP_POLL_S = 0.5, 5.0, 0.25
 # An asleep model keeps its weights in host RAM (vLLM's level-1 sleep). When the host has less than
@@ -102,7 +107,7 @@ def poll_interval(state: State, rules: Rules) -> float:
 
 
 def counter_total(metrics_text: str, names: tuple[str, ...] = ACTIVITY_COUNTERS) -> float:
-    """Sum of every sample of the named Prometheus counters in a /metrics text."""
+    """Sum of every sample of the named Prometheus metrics (counters, or gauges) in a /metrics text."""
     total = 0.0
     for line in metrics_text.splitlines():
         if line.startswith(names):

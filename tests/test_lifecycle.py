@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serve_app.lifecycle import (
+    BUSY_GAUGES,
     Activity,
     Rules,
     State,
@@ -77,11 +78,17 @@ vllm:request_success_created{engine="0",finished_reason="stop",model_name="m"} 1
 http_requests_total{handler="/v1/chat/completions",method="POST",status="2xx"} 5.0
 http_requests_total_other 100.0
 vllm:num_requests_running{engine="0",model_name="m"} 1.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 2.0
 """
 
 
 def test_counter_total_sums_only_the_activity_counters() -> None:
     assert counter_total(METRICS) == 10.0
+
+
+def test_requests_in_the_engine_are_running_plus_waiting() -> None:
+    assert counter_total(METRICS, BUSY_GAUGES) == 3.0  # not the per-reason breakdown of the waiting ones
 
 
 def test_activity_sees_requests_between_two_looks() -> None:
