@@ -380,11 +380,13 @@ class Relay:
             try:
                 response = await session.post(backend.url + path, data=body, headers=headers)
                 return Upstream(response, backend)
-            except aiohttp.ClientConnectorError as e:  # nothing was sent: another replica may take it
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                # Refused, or not connected within sock_connect (a box too busy, a port that hangs):
+                # nothing was sent, so another replica, or the engine's endpoint(), may take it.
                 backend.inflight -= 1
                 backend.down_until = time.monotonic() + DOWN_S
                 tried.add(backend.url)
-                failure = f"The engine of `{model}` refuses connections: {e}"
+                failure = f"The engine of `{model}` cannot be reached: {e}"
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
                 # Closed before any answer: a kept-alive connection the server had just dropped,
                 # or an engine that died. Nothing was generated, so a new try is safe.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -197,6 +198,48 @@ def test_dead_engine_is_skipped(engines: list[Engine]) -> None:
             assert httpx.post(front.base + "/v1/completions", json={"model": "m"}).status_code == 200
     finally:
         front.server.stop()
+
+
+@dataclass
+class Unreachable:
+    """An address whose connections hang (a listening socket whose accept queue is full): as an
+    engine port on a box too busy to complete a connect within the relay's connect timeout."""
+
+    sock: socket.socket
+    fillers: list[socket.socket]
+
+    @classmethod
+    def make(cls) -> Unreachable:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(0)
+        fillers = []
+        for _ in range(8):  # never accepted: the queue fills, later SYNs are dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(sock.getsockname())
+            fillers.append(filler)
+        return cls(sock, fillers)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def close(self) -> None:
+        for s in (*self.fillers, self.sock):
+            s.close()
+
+
+def test_an_engine_that_cannot_be_reached_in_time_is_skipped(engines: list[Engine]) -> None:
+    unreachable = Unreachable.make()
+    front = _front([unreachable, *engines])  # type: ignore[list-item]
+    try:
+        for _ in range(4):
+            answer = httpx.post(front.base + "/v1/completions", json={"model": "m"}, timeout=30)
+            assert answer.status_code == 200, answer.text
+    finally:
+        front.server.stop()
+        unreachable.close()
 
 
 def test_client_leaving_mid_stream_closes_the_engine_request(front: Front, engines: list[Engine]) -> None:
