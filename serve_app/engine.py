@@ -59,6 +59,11 @@ ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # A swap member's unload waits this long at most for vLLM's whole process tree to be gone, so the
 # member loading next finds the memory free.
 TREE_GONE_S = 15.0
+# A swap member is put away only after this long with nothing in flight and no request finished.
+# vLLM's in-flight signals (/load, the running gauge) both read 0 for an instant while requests
+# came and went back to back on a busy 2-core box, and a swap then cut three of them; requests
+# finishing move the counters, so a member in steady use never looks quiet this long.
+EVICT_QUIET_S = 1.0
 # Default runner per fleet task, added unless engine_argv names one (vLLM 0.32 has no --task).
 TASK_ARGV = {"generate": ["--runner", "generate"], "embed": ["--runner", "pooling"]}
 
@@ -508,7 +513,7 @@ class Engine:
             if self._state is not lifecycle.State.AWAKE:
                 return self._state in (lifecycle.State.ASLEEP, lifecycle.State.UNLOADED, lifecycle.State.FAILED)
             await self._observe()
-            if self._activity.in_flight:
+            if self._activity.in_flight or time.monotonic() - self._activity.last_at < EVICT_QUIET_S:
                 return False
             if self._can_sleep:
                 await self._sleep()
