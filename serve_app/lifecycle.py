@@ -7,7 +7,7 @@ changes with them, so plan and the daemon never see a sleeping model as drift.
 Activity is read from the engine's own vLLM child, not reported by the router: in flight is the
 larger of ``GET /load`` (vLLM's ``--enable-server-load-tracking``: streams until their last byte)
 and the engine's running and queued requests (``/metrics`` gauges: non-streaming ones too, which
-/load misses), and the ``/metrics`` counters of finished requests catch requests that came and
+/load under-counts), and the ``/metrics`` counters of finished requests catch requests that came and
 went between two looks. So it holds however many router processes relay, and costs the hot path nothing.
 """
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 # pooling) and the HTTP instrumentator's handled requests (it leaves out /metrics, /health, /load).
 ACTIVITY_COUNTERS = ("vllm:request_success_total", "http_requests_total")
 # /metrics gauges of the requests inside the engine, running or queued: in-flight is the larger of
-# these and /load. vLLM 0.32's /load counts streams only: three non-streaming requests generating
-# read 0 there (the gauges said 3), and a swap group cut them.
+# these and /load. vLLM 0.32's /load under-counts non-streaming requests: with three generating it
+# read 0 (the gauges said 3), and a swap group cut them.
 BUSY_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 # How often the replica looks at its child: often enough for short test timeouts, rarely for long ones.
 MIN_POLL_S, MAX_POLL_S, ASLEEP_POLL_S = 0.5, 5.0, 0.25
