@@ -172,12 +172,13 @@ def _coordinator_timeout(group: str) -> float | None:
 
 
 class Busy:
-    """Keeps a model busy: three clients ask it back to back, staggered, so a request is always in flight.
+    """Keeps a model busy: three clients ask it back to back, staggered, with answers of different lengths.
 
     One long stream is not enough: vLLM writes the whole answer into socket buffers as fast as it
     generates, however slowly the client reads, and a fast box finishes 1000 tiny-model tokens in
-    about the queue_timeout. Staggered loops of different lengths leave no gap (one's next request
-    starts while the others are mid-answer) whatever the machine's speed.
+    about the queue_timeout. With three loops a request is nearly always in flight and one finishes
+    every second or so, which is what keeps a swap member from looking quiet (serve_app.engine's
+    EVICT_QUIET_S): vLLM's in-flight signals alone read 0 for an instant between requests.
     """
 
     def __init__(self, fleet: Fleet, model: str) -> None:
@@ -199,13 +200,16 @@ class Busy:
                 return
 
     def __enter__(self) -> Busy:
-        for thread in self._threads:
-            thread.start()
-            deadline = time.monotonic() + 120
-            while _state(self.model)["in_flight"] < 1:  # this client's request reached vLLM
-                assert time.monotonic() < deadline and not self.errors, self.errors
-                time.sleep(0.1)
+        first, *others = self._threads
+        first.start()
+        deadline = time.monotonic() + 120
+        while _state(self.model)["in_flight"] < 1:  # the first client's request reached vLLM
+            assert time.monotonic() < deadline and not self.errors, self.errors
+            time.sleep(0.1)
+        for thread in others:
             time.sleep(0.5)  # the stagger
+            thread.start()
+        time.sleep(0.5)
         return self
 
     def __exit__(self, *_: object) -> None:
