@@ -62,6 +62,18 @@ def _group(config: dict[str, Any], old: Group | None) -> Group:
     return group
 
 
+def busy_message(group_name: str, group: Group, model: str, peak: dict[str, int], waited_s: float) -> str:
+    """Why ``model`` got no room: each awake member and the most requests it had in flight while it waited."""
+    # A member that every look found at 0 was refused by evict() for requests finishing within its
+    # quiet time (vLLM's counts read 0 between back-to-back requests): say that, not "0 in flight".
+    busy = ", ".join(f"`{m}` (up to {n} request(s) in flight)" if n else f"`{m}` (requests finishing back to back)"
+                     for m, n in sorted(peak.items()))
+    return (f"`{model}` is in swap group `{group_name}`, where {group.awake} model(s) may be awake at once, "
+            f"and every awake one stayed busy: {busy}. Waited {waited_s:.0f} s (queue_timeout "
+            f"{group.queue_timeout_s:.0f} s); try again when they finish, or raise swap_groups."
+            f"{group_name}.awake if the GPUs hold more.")
+
+
 @serve.deployment(name=SWAP_DEPLOYMENT)
 class SwapGroups:
     """Grants members of each swap group the right to load, making room first."""
@@ -117,11 +129,14 @@ class SwapGroups:
 
     async def _make_room(self, group_name: str, group: Group, model: str, t0: float) -> None:
         busy_since: float | None = None
+        peak: dict[str, int] = {}  # the most requests each member had in flight at any look of this wait
         while True:
             states = await self._states([m for m in group.members if m != model])
             holding = {m: s for m, s in states.items() if s is not None and s.get("state") not in FREE_STATES}
             if len(holding) < group.awake:
                 return
+            for m, s in holding.items():
+                peak[m] = max(peak.get(m, 0), int(s.get("in_flight") or 0))
             # least recently used first; those that looked idle at their last look before the others
             order = sorted(holding, key=lambda m: (bool(holding[m].get("in_flight")),
                                                    float(holding[m].get("last_request_at") or 0)))
@@ -138,18 +153,10 @@ class SwapGroups:
                 busy_since = None if transitioning else (busy_since or now)
                 if (busy_since is not None and group.queue_timeout_s is not None
                         and now - busy_since > group.queue_timeout_s):
-                    raise GroupBusy(self._busy_message(group_name, group, model, holding, now - t0))
+                    busiest = {m: peak[m] for m in holding}
+                    raise GroupBusy(busy_message(group_name, group, model, busiest, now - t0))
                 await asyncio.sleep(POLL_S)
                 continue
-
-    @staticmethod
-    def _busy_message(group_name: str, group: Group, model: str, holding: dict[str, dict[str, Any]],
-                      waited_s: float) -> str:
-        busy = ", ".join(f"`{m}` ({s.get('in_flight', 0)} request(s) in flight)" for m, s in sorted(holding.items()))
-        return (f"`{model}` is in swap group `{group_name}`, where {group.awake} model(s) may be awake at once, "
-                f"and every awake one stayed busy: {busy}. Waited {waited_s:.0f} s (queue_timeout "
-                f"{group.queue_timeout_s:.0f} s); try again when they finish, or raise swap_groups."
-                f"{group_name}.awake if the GPUs hold more.")
 
     async def _states(self, models: list[str]) -> dict[str, dict[str, Any] | None]:
         async def one(m: str) -> dict[str, Any] | None:
