@@ -112,7 +112,10 @@ def actor_options(model: PlacedModel, multi_node: bool = False) -> dict[str, Any
     if model.gpus:
         # a swap-group member reserves its part of what the group needs at once (reconciler.swap)
         shares = model.reserved or tuple(model.gpu_memory or 0.0 for _ in model.gpus)
-        resources = {gpu_resource(i): share for i, share in zip(model.gpus, shares, strict=True)}
+        # Replicas that split the GPUs (one set each) ask alike, as one deployment's replicas must:
+        # each a 1/replicas part of every GPU, so together they ask the model's share of each.
+        split = model.replicas if split_gpus(model) else 1
+        resources = {gpu_resource(i): share / split for i, share in zip(model.gpus, shares, strict=True)}
     if model.node is not None:
         resources[node_resource(model.node)] = NODE_PIN
     elif model.gpus and multi_node:
@@ -120,6 +123,11 @@ def actor_options(model: PlacedModel, multi_node: bool = False) -> dict[str, Any
     if resources:
         opts["resources"] = resources
     return opts
+
+
+def split_gpus(model: PlacedModel) -> bool:
+    """Its replicas each run on their own tensor_parallel of its GPUs (not all of them on all)."""
+    return 0 < model.tensor_parallel < len(model.gpus)
 
 
 def model_app(model: PlacedModel, multi_node: bool = False) -> dict[str, Any]:
@@ -134,6 +142,8 @@ def model_app(model: PlacedModel, multi_node: bool = False) -> dict[str, Any]:
     }
     if model.swap_group:  # only then, so no other engine's args (and so no other engine) change
         args["swap_group"] = model.swap_group
+    if split_gpus(model):  # likewise
+        args["replica_gpus"] = model.tensor_parallel
     user_config: EngineUserConfig = {
         "idle_timeout_s": model.idle_timeout_s,
         "unload_after_s": model.unload_after_s,

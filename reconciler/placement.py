@@ -95,7 +95,8 @@ def place(fleet: Fleet, origins: Origins | None = None, root: Path | str = ".",
             if model.enabled:
                 auto.append((name, model))
             continue
-        result = _check_declared(name, model, inv, root, weights[name], problem)
+        replicas = model.replicas or fleet.defaults.replicas
+        result = _check_declared(name, model, inv, root, weights[name], replicas, problem)
         if result is not None and model.enabled:  # a disabled model's GPUs are checked, not reserved
             placed[name] = _placed(fleet, name, model, root, result, model.node, "declared", weights[name])
             for idx in result[0]:
@@ -152,7 +153,7 @@ def _notes(used: Mapping[tuple[str | None, int], list[Use]], inv: Inventory,
     return tuple(notes)
 
 
-def _check_declared(name: str, model: Model, inv: Inventory, root: Path, weights: int | None,
+def _check_declared(name: str, model: Model, inv: Inventory, root: Path, weights: int | None, replicas: int,
                     problem: Any) -> tuple[tuple[int, ...], float] | None:
     gpus = tuple(model.gpus or ())
     ok = True
@@ -163,7 +164,13 @@ def _check_declared(name: str, model: Model, inv: Inventory, root: Path, weights
             ok = False
     if not ok:
         return None
-    tp = len(gpus)
+    tp = model.tensor_parallel or len(gpus)
+    if tp < len(gpus) and replicas != len(gpus) // tp:
+        # the replicas split the listed GPUs, tensor_parallel each: one set per replica, none idle or shared
+        problem(("models", name, "replicas"), (
+            f"{len(gpus)} gpus with tensor_parallel {tp} make {len(gpus) // tp} sets of GPUs, one per replica, "
+            f"but replicas is {replicas}; set replicas: {len(gpus) // tp}, or list {tp * replicas} gpus"))
+        return None
     config = estimate.model_config(model.source, root)
     heads = estimate.attention_heads(config) if config else None
     if heads and heads % tp:
@@ -284,7 +291,7 @@ def _placed(fleet: Fleet, name: str, model: Model, root: Path, where: tuple[tupl
         gpus=gpus,
         node=node,
         gpu_memory=share if gpus else None,
-        tensor_parallel=max(len(gpus), 1),
+        tensor_parallel=(model.tensor_parallel or len(gpus)) if gpus else 1,
         always_on=model.always_on,
         idle_timeout_s=None if math.isinf(idle) or model.always_on else idle,
         unload_after_s=None if math.isinf(unload_after) else unload_after,

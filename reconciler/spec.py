@@ -239,11 +239,14 @@ class Model(Strict):
     engine: EngineArgs = Field(default_factory=dict)
     env: Env = Field(default_factory=dict)
     gpus: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, min_length=1, description="GPU indices; tensor parallel across them. Omit to place automatically")
+        None, min_length=1, description=(
+            "GPU indices; tensor parallel across them (or, with tensor_parallel and replicas, each replica "
+            "on its own tensor_parallel of them). Omit to place automatically"))
     node: NodeAddress | None = Field(None, description=(
         "IP address of the Ray node to run on (as in `ray list nodes`); omit to let placement decide"))
     gpu_memory: float | None = Field(None, gt=0, le=1, description="share of each of its GPUs' memory")
-    tensor_parallel: int | None = Field(None, ge=1, description="defaults to the number of gpus")
+    tensor_parallel: int | None = Field(None, ge=1, description=(
+        "GPUs per engine; defaults to the number of gpus. Fewer than gpus lists: the replicas split them"))
     enabled: bool = Field(True, description="false = declared and validated, but not served")
     always_on: bool = Field(False, description="kept loaded and awake always (e.g. the embedding model)")
     idle_timeout: Duration | None = Field(None, description="overrides defaults.idle_timeout")
@@ -261,9 +264,10 @@ class Model(Strict):
 
     @model_validator(mode="after")
     def _tp_matches_gpus(self) -> Model:
-        if self.gpus is not None and self.tensor_parallel is not None and self.tensor_parallel != len(self.gpus):
+        if self.gpus is not None and self.tensor_parallel is not None and len(self.gpus) % self.tensor_parallel:
             raise ValueError(f"tensor_parallel is {self.tensor_parallel} but {len(self.gpus)} gpus are listed; "
-                             "tensor parallel size equals the number of GPUs — list that many or drop it")
+                             "list tensor_parallel GPUs per replica (e.g. gpus: [0, 1] with tensor_parallel: 1 "
+                             "and replicas: 2 puts one replica on each), or drop tensor_parallel")
         if len(set(self.gpus or [])) != len(self.gpus or []):
             raise ValueError("a GPU is listed twice in gpus")
         return self

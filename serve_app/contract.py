@@ -108,6 +108,9 @@ class EngineArgs(TypedDict):
     # Only for a swap group's member (absent otherwise, so other engines' args never change):
     # it starts unloaded and loads only when the group's coordinator (SWAP_APP) has made room.
     swap_group: NotRequired[str]
+    # Only when its replicas split ``gpus``: each replica claims its own this many of them on start
+    # (serve_app.gpu_turns.claim_gpus), in order; absent = every replica on all of ``gpus``.
+    replica_gpus: NotRequired[int]
 
 
 class EngineUserConfig(TypedDict, total=False):

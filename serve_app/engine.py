@@ -68,6 +68,12 @@ EVICT_QUIET_S = 1.0
 TASK_ARGV = {"generate": ["--runner", "generate"], "embed": ["--runner", "pooling"]}
 
 
+def _replica_rank() -> int:
+    """This replica's rank in its deployment (0..replicas-1), where this Ray's Serve has ranks."""
+    rank = getattr(serve.get_replica_context(), "rank", None)
+    return int(getattr(rank, "rank", rank) or 0)
+
+
 def _free_port(host: str = HOST) -> int:
     with socket.socket(_family(host)) as s:
         s.bind((host, 0))
@@ -257,12 +263,17 @@ class Engine:
         gpus: list[int] | None = None,
         start_timeout_s: float = 600.0,
         swap_group: str | None = None,
+        replica_gpus: int | None = None,
     ) -> None:
         self._model = model
         self._source = source
         self._task = task
         self._engine_argv = list(engine_argv or [])
         self._gpus = list(gpus or [])
+        self._gpu_claim = None  # with replica_gpus: the lock that holds this replica's own set of them
+        if replica_gpus and replica_gpus < len(self._gpus):
+            self._gpus, self._gpu_claim = await gpu_turns.claim_gpus(
+                model, self._gpus, replica_gpus, _replica_rank(), self._waiting_for_gpu_set)
         self._environ = child_env(env or {}, self._gpus)
         self._start_timeout_s = start_timeout_s
         self._swap_group = swap_group
@@ -374,6 +385,10 @@ class Engine:
                     f"last lines of its log ({self._log_path}):\n{log_tail(self._log_path)}"
                 )
             await asyncio.sleep(0.5)
+
+    def _waiting_for_gpu_set(self, gpus: list[int]) -> None:
+        logger.info("%s waits for a set of its GPUs %s: other replicas of it hold every set (an old one "
+                    "still stopping?)", self._model, gpus)
 
     def _waiting_for_gpu(self, gpu: int) -> None:
         logger.info("%s waits for GPU %d: another engine is starting there (vLLM sizes its cache from free memory)",
@@ -646,6 +661,7 @@ class Engine:
             "unload_after_s": self._rules.unload_after_s,
             "always_on": self._rules.always_on,
             "can_sleep": self._can_sleep,
+            "gpus": list(self._gpus),  # this replica's own (a set of the model's when its replicas split them)
             "swap_group": self._swap_group,
             "load_seconds": self._counters.last_s.get("load"),
             **self._counters.as_dict(),

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -57,3 +58,30 @@ async def start_turn(gpus: list[int], on_wait: Callable[[int], None] | None = No
     finally:
         for handle in handles:
             handle.close()  # closing the file releases its lock
+
+
+async def claim_gpus(model: str, gpus: list[int], per_replica: int, first: int = 0,
+                     on_wait: Callable[[list[int]], None] | None = None) -> tuple[list[int], IO[str]]:
+    """One replica's own ``per_replica`` of a model's ``gpus``, for replicas that split them.
+
+    The sets are ``gpus`` in order, ``per_replica`` each. A replica holds its set's lock file for
+    its whole life (the returned handle: close it to let go); the kernel drops it when the replica
+    dies, so a replaced replica finds its predecessor's set free. It tries the ``first``-th set
+    first (its Serve rank, so replicas starting together rarely race for one) and waits while every
+    set is held, e.g. by an old replica still stopping during a restart.
+    """
+    sets = [gpus[i:i + per_replica] for i in range(0, len(gpus), per_replica)]
+    start = first % len(sets)
+    order = sets[start:] + sets[:start]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", model)
+    told = False
+    while True:
+        for gpu_set in order:
+            handle = open(lock_dir() / f"replica-{name}-gpus-{'-'.join(map(str, gpu_set))}.lock", "a")  # noqa: SIM115
+            if _try_lock(handle):
+                return gpu_set, handle
+            handle.close()
+        if not told and on_wait:
+            on_wait(gpus)
+            told = True
+        await asyncio.sleep(POLL_S)

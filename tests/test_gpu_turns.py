@@ -94,3 +94,21 @@ def test_another_process_holding_the_gpu_makes_us_wait_until_it_dies(locks: Path
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_replicas_that_split_gpus_each_claim_their_own_set_and_a_dead_ones_set_is_free_again() -> None:
+    async def scenario() -> list[list[int]]:
+        first, a = await gpu_turns.claim_gpus("chat", [0, 1, 2, 3], 2, first=0)
+        second, b = await gpu_turns.claim_gpus("chat", [0, 1, 2, 3], 2, first=0)  # same rank: takes the other
+        waited: list[list[int]] = []
+        third = asyncio.ensure_future(gpu_turns.claim_gpus("chat", [0, 1, 2, 3], 2, first=1, on_wait=waited.append))
+        await asyncio.sleep(0.6)
+        assert not third.done() and waited == [[0, 1, 2, 3]]  # every set held: it waits, and says so once
+        a.close()  # the replica on GPUs 0, 1 went
+        got, c = await asyncio.wait_for(third, 10)
+        other, d = await gpu_turns.claim_gpus("embed", [0, 1, 2, 3], 2)  # another model's sets are its own
+        for handle in (b, c, d):
+            handle.close()
+        return [first, second, got, other]
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 20)) == [[0, 1], [2, 3], [0, 1], [0, 1]]

@@ -66,9 +66,27 @@ def gpu_of_pids() -> dict[int, set[int]]:
 def engine_gpus(dashboard: str, app: str) -> set[int]:
     """The GPUs used by the processes under this app's replica (its vLLM server and engine core)."""
     [replica] = serve_api.replicas(dashboard, app, "engine")
+    return replica_gpus(replica)
+
+
+def replica_gpus(replica: dict[str, Any]) -> set[int]:
     used = gpu_of_pids()
-    pids = descendants({replica["pid"]})
-    return set().union(*(used.get(p, set()) for p in pids))
+    return set().union(*(used.get(p, set()) for p in descendants({replica["pid"]})))
+
+
+def answered(replica: dict[str, Any]) -> float:
+    """Requests this replica's vLLM finished, from its own /metrics (port read from its command line)."""
+    from serve_app.proctable import processes
+
+    for proc in processes():
+        if proc.pid in descendants({replica["pid"]}):
+            argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            if "--port" in argv and any("vllm" in a for a in argv):
+                port = argv[argv.index("--port") + 1]
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+                return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                           if line.startswith("vllm:request_success_total"))
+    raise AssertionError(f"no vLLM server under replica {replica['replica_id']}")
 
 
 def test_each_engine_runs_on_its_own_gpu_and_shares_are_enforced(gpu_head: Head, tmp_path: Path) -> None:
@@ -117,3 +135,28 @@ def test_each_engine_runs_on_its_own_gpu_and_shares_are_enforced(gpu_head: Head,
     assert "fleet_gpu_0" in message, status
     assert status["status"] != "RUNNING"
     assert engine_gpus(gpu_head.dashboard_url, "on-gpu0") == {0}  # the first model is untouched
+
+
+def test_replicas_that_split_two_gpus_run_one_on_each_and_both_answer(gpu_head: Head, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.fixtures.tiny_llama import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "tiny")
+    port = free_port()
+    write_fleet(tmp_path, gpu_head, port, model, {
+        "pair": {"gpus": [0, 1], "tensor_parallel": 1, "replicas": 2, "gpu_memory": 0.3}})
+    result = fleetctl(tmp_path, "apply", "--auto-approve")
+    assert result.returncode == 0, result.stdout + result.stderr
+    replicas = serve_api.replicas(gpu_head.dashboard_url, "pair", "engine")
+    assert sorted(replica_gpus(r) for r in replicas) == [{0}, {1}]  # one engine on each card, each on one
+
+    def ask(i: int) -> int:
+        return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+            "model": "pair", "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 64,
+            "min_tokens": 64, "ignore_eos": True}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(ask, range(32))) == {200}
+    done = [answered(r) for r in replicas]
+    assert all(n >= 4 for n in done), done  # the router spread them over both engines

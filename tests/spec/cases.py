@@ -139,8 +139,12 @@ models:
           "heads; use a GPU count that divides 32"],
          model_dirs={"m/chat": {"config.json": '{"num_attention_heads": 32}'}}),
     Case("tp-mismatch", {"fleet.yaml": GPU3 + BASE + "    gpus: [0, 1]\n    tensor_parallel: 3\n"},
-         ["fleet.yaml:8:5: models.chat: tensor_parallel is 3 but 2 gpus are listed; tensor parallel size equals "
-          "the number of GPUs — list that many or drop it"]),
+         ["fleet.yaml:8:5: models.chat: tensor_parallel is 3 but 2 gpus are listed; list tensor_parallel GPUs per "
+          "replica (e.g. gpus: [0, 1] with tensor_parallel: 1 and replicas: 2 puts one replica on each), or drop "
+          "tensor_parallel"]),
+    Case("split-gpus-replicas", {"fleet.yaml": GPU3 + BASE + "    gpus: [0, 1]\n    tensor_parallel: 1\n"},
+         ["fleet.yaml:8:5: models.chat.replicas: 2 gpus with tensor_parallel 1 make 2 sets of GPUs, one per "
+          "replica, but replicas is 1; set replicas: 2, or list 1 gpus"]),
     Case("share-above-one", {"fleet.yaml": GPU3 + BASE + "    gpus: [0]\n    gpu_memory: 1.5\n"},
          ["fleet.yaml:10:17: models.chat.gpu_memory: Input should be less than or equal to 1 (got 1.5)"]),
     Case("weights-exceed-share", {"fleet.yaml": GPU3 + BASE + "    gpus: [0]\n    gpu_memory: 0.2\n    size: 16GiB\n"},

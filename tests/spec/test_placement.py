@@ -169,3 +169,22 @@ def test_single_box_engines_carry_no_node_resource(tmp_path: Path) -> None:
     app = next(a for a in desired_state(tmp_path).config["applications"] if a["name"] == "a")
     resources = app["deployments"][0]["ray_actor_options"]["resources"]
     assert resources and all(k.startswith("fleet_gpu_") for k in resources)
+
+
+def test_replicas_that_split_their_gpus_each_ask_a_part_of_every_card(tmp_path: Path) -> None:
+    write_fleet(tmp_path, {"fleet.yaml": GPU3 + (
+        "models:\n  chat: {source: hf://o/chat, gpus: [0, 1], tensor_parallel: 1, replicas: 2, gpu_memory: 0.8}\n"
+        "  solo: {source: hf://o/solo, gpus: [2], replicas: 2, gpu_memory: 0.4}\n")})
+    state = desired_state(tmp_path)
+    chat = next(m for m in state.placed.models if m.name == "chat")
+    assert (chat.gpus, chat.tensor_parallel, chat.replicas) == ((0, 1), 1, 2)
+    apps = {a["name"]: a for a in state.config["applications"]}
+    # one replica per card: each asks half of both, so the two ask 0.8 of each card in all
+    deployment = apps["chat"]["deployments"][0]
+    assert deployment["num_replicas"] == 2
+    assert deployment["ray_actor_options"]["resources"] == {"fleet_gpu_0": 0.4, "fleet_gpu_1": 0.4}
+    assert apps["chat"]["args"]["gpus"] == [0, 1] and apps["chat"]["args"]["replica_gpus"] == 1
+    assert "--tensor-parallel-size" not in apps["chat"]["args"]["engine_argv"]
+    # replicas sharing their GPU (no split) are as before: no replica_gpus, the whole share each
+    assert "replica_gpus" not in apps["solo"]["args"]
+    assert apps["solo"]["deployments"][0]["ray_actor_options"]["resources"] == {"fleet_gpu_2": 0.4}
