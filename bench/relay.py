@@ -62,6 +62,7 @@ RELAY_TITLES = {
     "rayllm": ("ray::ProxyActor", "ray::ServeReplica:rayllm:OpenAiIngress"),
 }
 COMPLETION_TOKENS = re.compile(r'"completion_tokens":\s*(\d+)')
+NOT_STARTED: list[str] = []  # why a requested target is missing from the results
 
 
 @dataclass(frozen=True)
@@ -315,8 +316,11 @@ class ServeEndpoint:
     session_id: int = 0  # the Ray head's process group: where its workers live
 
 
-def engine_app(model_dir: Path, engine: EngineSetup, engine_options: dict[str, Any]) -> dict[str, Any]:
-    """The fleet's engine application for the model, in the shape of docs/contracts.md."""
+def engine_app(model_dir: Path, engine: EngineSetup, engine_options: dict[str, Any],
+               split_gpus: list[int] | None = None) -> dict[str, Any]:
+    """The fleet's engine application for the model, in the shape of docs/contracts.md; with
+    ``split_gpus``, one replica on each of those GPUs (``gpus`` + ``replica_gpus: 1``)."""
+    split = {"gpus": list(split_gpus), "replica_gpus": 1} if split_gpus else {}
     return {
         "name": MODEL_NAME,
         "route_prefix": None,
@@ -329,10 +333,11 @@ def engine_app(model_dir: Path, engine: EngineSetup, engine_options: dict[str, A
             "env": dict(engine.env),
             "gpus": [] if engine.gpu is None else [engine.gpu],
             "start_timeout_s": 600.0,
+            **split,
         },
         "deployments": [{
             "name": "engine",
-            "num_replicas": 1,
+            "num_replicas": len(split_gpus) if split_gpus else 1,
             "max_ongoing_requests": 1000,
             "health_check_period_s": 10.0,
             "health_check_timeout_s": 30.0,
@@ -370,12 +375,12 @@ def router_app(router_options: dict[str, Any], port: int, workers: int, legacy: 
 def rayllm_app(model_dir: Path, engine: EngineSetup) -> dict[str, Any]:
     """Ray Serve LLM's OpenAI app for the same model, at route prefix /rayllm.
 
-    The fleet's head has no Ray GPU resource (GPUs are fleet_gpu_<i>), so the LLM server asks
-    for a CPU bundle and is pinned to its GPU through CUDA_VISIBLE_DEVICES in its runtime_env.
+    On a GPU its head has Ray's own GPU resource (that one card, see RayServeStack.launch), and the
+    LLM server asks for it in its bundle, Ray Serve LLM's own default way. (A CPU bundle with
+    CUDA_VISIBLE_DEVICES in the runtime_env ran on 2 x H100, but on an H200 that head's apps did
+    not answer within 4 minutes, on a head of 4 CPUs; not diagnosed then.)
     """
-    env = dict(engine.env)
-    if engine.gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(engine.gpu)
+    bundle: dict[str, float] = {"CPU": 1} if engine.gpu is None else {"CPU": 1, "GPU": 1}
     return {
         "name": "rayllm",
         "route_prefix": "/rayllm",
@@ -383,8 +388,8 @@ def rayllm_app(model_dir: Path, engine: EngineSetup) -> dict[str, Any]:
         "args": {"llm_configs": [{
             "model_loading_config": {"model_id": MODEL_NAME, "model_source": str(model_dir)},
             "engine_kwargs": engine.kwargs(),
-            "placement_group_config": {"bundles": [{"CPU": 1}]},
-            "runtime_env": {"env_vars": env},
+            "placement_group_config": {"bundles": [bundle]},
+            "runtime_env": {"env_vars": dict(engine.env)},
             "deployment_config": {"num_replicas": 1, "max_ongoing_requests": 1000},
         }]},
     }
@@ -405,6 +410,7 @@ class RayServeStack:
     router_options: dict[str, Any] = field(default_factory=dict)
     engine_options: dict[str, Any] = field(default_factory=dict)
     fleet_name: str = "fleet"
+    split_gpus: list[int] | None = None  # the engine's replicas, one on each of these GPUs
     head: Any = None
     serve_port: int = 0
     dashboard_url: str = ""
@@ -418,13 +424,16 @@ class RayServeStack:
         # HAProxy is the head's own option (private files and ports, and stop_head removes the
         # haproxy process Ray leaves behind); the baseline runs Serve's Python proxy.
         fast = env.pop("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
-        self.head = cluster.start_head(num_cpus=4, resources={}, env=env, fast_ingress=fast)
+        gpus = 0
+        if self.with_rayllm and self.engine.gpu is not None:  # Ray Serve LLM asks Ray for its GPU
+            env["CUDA_VISIBLE_DEVICES"], gpus = str(self.engine.gpu), 1
+        self.head = cluster.start_head(num_cpus=8, resources={}, env=env, fast_ingress=fast, num_gpus=gpus)
         self.dashboard_url = self.head.dashboard_url
         self.serve_port = free_port()
         apps: list[dict[str, Any]] = []
         if self.with_fleet:
             apps += [router_app(self.router_options, self.serve_port, self.workers, self.legacy_router),
-                     engine_app(self.model_dir, self.engine, self.engine_options)]
+                     engine_app(self.model_dir, self.engine, self.engine_options, self.split_gpus)]
         if self.with_rayllm:
             apps.append(rayllm_app(self.model_dir, self.engine))
         if self.serve_proxy:
@@ -668,14 +677,14 @@ def summarize(rounds: list[Round], targets: list[str]) -> list[dict[str, Any]]:
 
 def render_table(rows: list[dict[str, Any]]) -> str:
     """The summary as a fixed-width text table."""
-    head = (f"{'conc':>4} {'target':<8} {'tok/s':>8} {'ratio':>6} {'TTFT p50':>9} {'+p50':>7} "
+    head = (f"{'conc':>4} {'target':<14} {'tok/s':>8} {'ratio':>6} {'TTFT p50':>9} {'+p50':>7} "
             f"{'TTFT p99':>9} {'+p99':>7} {'cpu ms/tok':>10} {'relay us/tok':>12} {'err':>4} {'load':>5} "
             f"{'others':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = r.get("tok_s_ratio", float("nan"))
         lines.append(
-            f"{r['concurrency']:>4} {r['target']:<8} {r['tok_s']:>8.1f} {ratio:>6.3f} "
+            f"{r['concurrency']:>4} {r['target']:<14} {r['tok_s']:>8.1f} {ratio:>6.3f} "
             f"{r['ttft_p50_ms']:>7.1f}ms {r.get('ttft_p50_added_ms', float('nan')):>+7.1f} "
             f"{r['ttft_p99_ms']:>7.1f}ms {r.get('ttft_p99_added_ms', float('nan')):>+7.1f} "
             f"{r['cpu_ms_per_tok']:>10.2f} {r['relay_cpu_us_per_tok']:>12.1f} {r['errors']:>4} {r['load1_max']:>5.2f} "
@@ -711,6 +720,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "without --gpu, nothing with it)")
     p.add_argument("--gpu", type=int, help="GPU index every target's vLLM runs on (default: CPU)")
     p.add_argument("--workers", type=int, default=1, help="the fleet router's processes (openai.workers)")
+    p.add_argument("--replicas-on", metavar="GPUS", help="one more fleet stack, target fleet:replicas, whose "
+                   "engine has one replica on each of these GPUs (e.g. 0,1: replicas 2 on 2 GPUs)")
     p.add_argument("--legacy-router", metavar="IMPORT", help="import path of a router served through "
                    "Serve's HTTP proxy, measured as target legacy (e.g. the previous serve_app/router.py "
                    "copied to an importable module)")
@@ -770,6 +781,12 @@ def started(args: argparse.Namespace, work: Path) -> Iterator[list[Target]]:
         stacks.append(RayServeStack(model_dir, work / "ray-proxy", engine, "legacy" in names, "rayllm" in names,
                                     legacy_router=args.legacy_router if "legacy" in names else None,
                                     ray_env=ray_env, router_options=router_opts, fleet_name="legacy"))
+    if args.replicas_on:
+        gpus = [int(g) for g in args.replicas_on.split(",")]
+        stacks.append(RayServeStack(model_dir, work / "ray-replicas", engine, True, False, workers=args.workers,
+                                    ray_env=ray_env, router_options=router_opts, fleet_name="fleet:replicas",
+                                    split_gpus=gpus))
+        names.append("fleet:replicas")
     for spec in args.variant:
         label, _, env = spec.partition(":")
         stacks.append(RayServeStack(model_dir, work / f"ray-{label}", engine, True, False, workers=args.workers,
@@ -782,9 +799,13 @@ def started(args: argparse.Namespace, work: Path) -> Iterator[list[Target]]:
             stack.launch()
         deadline = time.monotonic() + args.start_timeout_s
         for stack in stacks:
-            for ep in stack.wait(deadline):
-                targets[ep.name] = ep
-        yield [targets[n] for n in names]
+            try:
+                for ep in stack.wait(deadline):
+                    targets[ep.name] = ep
+            except (TimeoutError, RuntimeError) as e:  # measure the others; say why this one is missing
+                print(f"NOT MEASURED: a target did not come up: {e}", file=sys.stderr)
+                NOT_STARTED.append(str(e)[-1500:])
+        yield [targets[n] for n in names if n in targets]
     finally:
         for stack in reversed(stacks):
             with contextlib.suppress(Exception):
@@ -851,6 +872,7 @@ def main(argv: list[str] | None = None) -> int:
                   "workers": args.workers, "client_procs": args.client_procs,
                   "load1_at_start": load, "tokens": args.tokens,
                   "ray_env": parse_kv(args.ray_env), "rows": rows, "first_errors": errors,
+                  "not_started": NOT_STARTED,
                   "rounds": [asdict(r) for r in rounds] if args.json else None}
         if args.json:
             print(json.dumps(report, indent=1))
@@ -858,6 +880,8 @@ def main(argv: list[str] | None = None) -> int:
             print(render_table(rows))
             for e in errors:
                 print("error:", e)
+            for e in NOT_STARTED:
+                print("not measured:", e)
         return 0
     finally:
         if not args.keep_dir:

@@ -60,7 +60,7 @@ def free_port() -> int:
 
 def _ray_start_argv(
     *, num_cpus: int, resources: dict[str, float], port: int, dashboard_port: int, temp_dir: str,
-    object_store_bytes: int | None, node_ip: str | None = None,
+    object_store_bytes: int | None, node_ip: str | None = None, num_gpus: int = 0,
 ) -> list[str]:  # fmt: skip
     argv = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
@@ -69,16 +69,18 @@ def _ray_start_argv(
         "--dashboard-host", LOOPBACK,
     ]  # fmt: skip
     return argv + _node_argv(num_cpus=num_cpus, resources=resources, temp_dir=temp_dir,
-                             object_store_bytes=object_store_bytes, node_ip=node_ip)
+                             object_store_bytes=object_store_bytes, node_ip=node_ip, num_gpus=num_gpus)
 
 
 def _node_argv(*, num_cpus: int, resources: dict[str, float], temp_dir: str, object_store_bytes: int | None,
-               node_ip: str | None) -> list[str]:
+               node_ip: str | None, num_gpus: int = 0) -> list[str]:
     """The flags every node of ours gets, head or not."""
     argv = [
         "--disable-usage-stats",
         "--num-cpus", str(num_cpus),
-        "--num-gpus", "0",  # GPUs are claimed through fleet_gpu_<i>; vLLM pins them itself
+        # The fleet's GPUs are claimed through fleet_gpu_<i>, and vLLM pins them itself: 0 Ray GPUs.
+        # (bench/relay.py gives the head of its Ray Serve LLM peer real ones: that peer needs them.)
+        "--num-gpus", str(num_gpus),
         "--resources", json.dumps(resources),
         "--temp-dir", temp_dir,
     ]  # fmt: skip
@@ -108,6 +110,7 @@ def start_head(
     timeout_s: float = 120.0,
     fast_ingress: bool = False,
     node_ip: str | None = None,
+    num_gpus: int = 0,
 ) -> Head:
     """Start a Ray head and wait until its node is up and its dashboard answers.
 
@@ -123,7 +126,7 @@ def start_head(
             return _start_head_once(num_cpus=num_cpus, resources=resources, port=port,
                                     dashboard_port=dashboard_port, temp_dir=temp_dir, detach=detach,
                                     object_store_bytes=object_store_bytes, env=env, timeout_s=timeout_s,
-                                    fast_ingress=fast_ingress, node_ip=node_ip)
+                                    fast_ingress=fast_ingress, node_ip=node_ip, num_gpus=num_gpus)
         except HeadError as e:
             # Ray gives its raylet a fixed 30 s to register; a busy box can miss that: try again.
             if RAYLET_TIMEOUT not in str(e) or attempt == 3:
@@ -134,7 +137,7 @@ def start_head(
 def _start_head_once(
     *, num_cpus: int, resources: dict[str, float], port: int | None, dashboard_port: int | None,
     temp_dir: str | None, detach: bool, object_store_bytes: int | None, env: dict[str, str] | None,
-    timeout_s: float, fast_ingress: bool, node_ip: str | None,
+    timeout_s: float, fast_ingress: bool, node_ip: str | None, num_gpus: int = 0,
 ) -> Head:  # fmt: skip
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="rf-", dir="/tmp")
     if fast_ingress:
@@ -143,7 +146,7 @@ def _start_head_once(
     dashboard_port = dashboard_port or free_port()
     argv = _ray_start_argv(
         num_cpus=num_cpus, resources=resources, port=port, dashboard_port=dashboard_port,
-        temp_dir=temp_dir, object_store_bytes=object_store_bytes, node_ip=node_ip,
+        temp_dir=temp_dir, object_store_bytes=object_store_bytes, node_ip=node_ip, num_gpus=num_gpus,
     )  # fmt: skip
     if not detach:
         argv = [sys.executable, "-m", "serve_app.guard", "--", *argv]
