@@ -708,18 +708,29 @@ def parse_kv(items: list[str]) -> dict[str, str]:
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The options every bench that starts the fleet shares: the model, vLLM's flags and device."""
     p.add_argument("--model", type=Path, help="model folder (default: build a tiny random Llama)")
-    p.add_argument("--targets", default="direct,fleet,rayllm",
-                   help="comma list of direct,fleet,rayllm,legacy (legacy needs --legacy-router)")
     p.add_argument("--engine-argv", default=CPU_ENGINE_ARGV, help="vLLM flags for every target (one string)")
     p.add_argument("--engine-env", action="append", default=None, metavar="K=V",
                    help="environment for every target's vLLM, repeatable (default: a 1 GiB CPU KV cache "
                    "without --gpu, nothing with it)")
     p.add_argument("--gpu", type=int, help="GPU index every target's vLLM runs on (default: CPU)")
     p.add_argument("--workers", type=int, default=1, help="the fleet router's processes (openai.workers)")
+
+
+def engine_setup(args: argparse.Namespace) -> EngineSetup:
+    """vLLM's flags, environment and device from add_engine_options' options."""
+    default_env = [] if args.gpu is not None else [f"{k}={v}" for k, v in CPU_ENGINE_ENV.items()]
+    return EngineSetup(shlex.split(args.engine_argv), parse_kv(args.engine_env or default_env), args.gpu)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_options(p)
+    p.add_argument("--targets", default="direct,fleet,rayllm",
+                   help="comma list of direct,fleet,rayllm,legacy (legacy needs --legacy-router)")
     p.add_argument("--replicas-on", metavar="GPUS", help="one more fleet stack, target fleet:replicas, whose "
                    "engine has one replica on each of these GPUs (e.g. 0,1: replicas 2 on 2 GPUs)")
     p.add_argument("--legacy-router", metavar="IMPORT", help="import path of a router served through "
@@ -765,8 +776,7 @@ def started(args: argparse.Namespace, work: Path) -> Iterator[list[Target]]:
     """Start the requested targets (stopping all of them on the way out); yield them in order."""
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     model_dir = args.model.resolve() if args.model else build_tiny_llama(work / "model")
-    default_env = [] if args.gpu is not None else [f"{k}={v}" for k, v in CPU_ENGINE_ENV.items()]
-    engine = EngineSetup(shlex.split(args.engine_argv), parse_kv(args.engine_env or default_env), args.gpu)
+    engine = engine_setup(args)
     ray_env = parse_kv(args.ray_env)
     router_opts = {k: json.loads(v) for k, v in parse_kv(args.router_option).items()}
     if "legacy" in names and not args.legacy_router:

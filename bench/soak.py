@@ -37,7 +37,6 @@ import math
 import multiprocessing
 import os
 import random
-import shlex
 import shutil
 import signal
 import ssl
@@ -58,19 +57,17 @@ for _path in (BENCH_DIR.parent, BENCH_DIR):
         sys.path.insert(0, str(_path))
 
 from relay import (  # noqa: E402
-    CPU_ENGINE_ARGV,
-    CPU_ENGINE_ENV,
     RELAY_TITLES,
-    EngineSetup,
     RayServeStack,
     Sample,
     ServeEndpoint,
     _exit_on_sigterm,
     _split,
+    add_engine_options,
     build_tiny_llama,
     chat_body,
+    engine_setup,
     one_request,
-    parse_kv,
     percentile,
 )
 
@@ -484,13 +481,7 @@ def render(rep: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="model folder (default: build a tiny random Llama)")
-    p.add_argument("--gpu", type=int, help="GPU index vLLM runs on (default: CPU)")
-    p.add_argument("--engine-argv", default=CPU_ENGINE_ARGV, help="vLLM flags (one string)")
-    p.add_argument("--engine-env", action="append", default=None, metavar="K=V",
-                   help="environment for vLLM, repeatable (default: a 1 GiB CPU KV cache without --gpu, "
-                   "nothing with it)")
-    p.add_argument("--workers", type=int, default=1, help="the fleet router's processes (openai.workers)")
+    add_engine_options(p)
     p.add_argument("--streams", type=int, default=64, help="concurrent streams")
     p.add_argument("--duration-s", type=float, default=300.0, help="no request starts after this")
     p.add_argument("--vanish", type=float, default=0.1, help="share of requests whose client leaves mid-stream")
@@ -506,12 +497,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.streams < 1 or args.tokens < 2 or not 0.0 <= args.vanish <= 1.0 or args.sample_s <= 0:
         p.error("need --streams >= 1, --tokens >= 2, 0 <= --vanish <= 1, --sample-s > 0")
     return args
-
-
-def engine_setup(args: argparse.Namespace) -> EngineSetup:
-    """vLLM's flags, environment and device, as relay.py builds them."""
-    default_env = [] if args.gpu is not None else [f"{k}={v}" for k, v in CPU_ENGINE_ENV.items()]
-    return EngineSetup(shlex.split(args.engine_argv), parse_kv(args.engine_env or default_env), args.gpu)
 
 
 def run(args: argparse.Namespace, work: Path) -> SoakResult:
