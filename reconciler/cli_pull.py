@@ -144,6 +144,7 @@ class _Output:
     def _bar(self, p: download.Progress) -> None:
         from tqdm import tqdm
 
+        tqdm.monitor_interval = 0  # no monitor thread: Ctrl-C must reach the main thread (download.ProgressFile)
         total = self._bars.get("total")
         if p.event == "model":
             self.close_bars()

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -518,7 +519,13 @@ class ProgressFile:
         self._thread = threading.Thread(target=self._writer, name="pull-progress", daemon=True)
 
     def __enter__(self) -> ProgressFile:
-        self._thread.start()
+        # The thread starts with SIGINT blocked, so the kernel gives Ctrl-C to the main thread: one
+        # delivered here left the main thread in a stalled download's read until its timeout.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return self
 
     def __exit__(self, *exc: object) -> None:
