@@ -76,16 +76,14 @@ def replica_gpus(replica: dict[str, Any]) -> set[int]:
 
 def answered(replica: dict[str, Any]) -> float:
     """Requests this replica's vLLM finished, from its own /metrics (port read from its command line)."""
-    from serve_app.proctable import processes
+    from serve_app.lifecycle import counter_total
 
-    for proc in processes():
-        if proc.pid in descendants({replica["pid"]}):
-            argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            if "--port" in argv and any("vllm" in a for a in argv):
-                port = argv[argv.index("--port") + 1]
-                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-                return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                           if line.startswith("vllm:request_success_total"))
+    for pid in descendants({replica["pid"]}):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        if "--port" in argv and any("vllm" in a for a in argv):
+            port = argv[argv.index("--port") + 1]
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+            return counter_total(text, ("vllm:request_success_total",))
     raise AssertionError(f"no vLLM server under replica {replica['replica_id']}")
 
 
