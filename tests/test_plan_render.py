@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from reconciler import apply as apply_mod
-from reconciler import lock, render
+from reconciler import lock, render, rollout
 from reconciler.live import AppLive, DeploymentLive, LiveState, Replica, parse_live_state
 from reconciler.plan import Action, Download, make_plan, plan_from_dict, plan_to_dict
 from tests.test_diff import engine_app
@@ -146,36 +146,45 @@ def test_always_on_models_come_up_first_where_starts_share_a_gpu() -> None:
     desired = config(router_app({**MODELS, "e": {"task": "embed", "always_on": True}}),
                      _on_gpu(always_on(engine_app("e")), 0), _on_gpu(engine_app("a"), 0), engine_app("b"))
     desired["applications"][2]["args"]["engine_argv"] = ["--x"]
-    plan = make_plan(desired, live_of(live_cfg))
-    (first, first_targets), (full, full_targets) = apply_mod.phases(plan)
-    assert [t.model for t in first_targets] == ["e"]
-    by_name = {a["name"]: a for a in first["applications"]}
-    assert set(by_name) == {"router", "e", "a"}
+    live = live_of(live_cfg)
+    plan = make_plan(desired, live)
+    held = apply_mod.held_back(plan, live)
+    assert [c.model for c in held] == ["a"]  # a shares GPU 0 with the starting always-on e; b starts at once
+    by_name = {a["name"]: a for a in apply_mod.body_without(plan, held)["applications"]}
+    assert set(by_name) == {"router", "e", "a", "b"}
     assert by_name["a"] == live_cfg["applications"][1]  # still the live config: untouched
-    assert by_name["router"] == live_cfg["applications"][0]
-    assert full == plan.put_config and {t.model for t in full_targets} == {"router", "e", "a", "b"}
+    assert by_name["e"] == desired["applications"][1] and by_name["b"] == desired["applications"][3]
+    # Next pass: e's config is on Serve but e is still coming up (level-triggered: read from live) -> a waits
+    e_up = copy.deepcopy(live_cfg)
+    e_up["applications"].append(desired["applications"][1])
+    coming = LiveState({n: replace(app, status="DEPLOYING") if n == "e" else app
+                        for n, app in live_of(e_up).apps.items()}, serve_running=True)
+    assert [c.model for c in apply_mod.held_back(make_plan(desired, coming), coming)] == ["a"]
+    running = live_of(e_up)
+    assert apply_mod.held_back(make_plan(desired, running), running) == ()
 
 
-def test_one_put_when_no_start_waits_for_another() -> None:
+def test_nothing_waits_when_no_start_shares_a_gpu_with_an_always_on_one() -> None:
     # the CPU, or an always-on model on a GPU of its own: every engine starts at once
     live_cfg = config(router_app(MODELS))
     for e_gpus, a_gpus in (((), ()), ((0,), (1,)), ((), (0,))):
         desired = config(router_app({**MODELS, "e": {"task": "embed", "always_on": True}}),
                          _on_gpu(always_on(engine_app("e")), *e_gpus), _on_gpu(engine_app("a"), *a_gpus))
-        assert len(apply_mod.phases(make_plan(desired, live_of(live_cfg)))) == 1
+        live = live_of(live_cfg)
+        assert apply_mod.held_back(make_plan(desired, live), live) == ()
 
 
-def test_single_put_without_always_on_change() -> None:
+def test_nothing_waits_without_an_always_on_change() -> None:
     cfg = config(engine_app("a"))
-    plan = make_plan(config(engine_app("a"), engine_app("b")), live_of(cfg))
-    assert len(apply_mod.phases(plan)) == 1
+    live = live_of(cfg)
+    assert apply_mod.held_back(make_plan(config(engine_app("a"), engine_app("b")), live), live) == ()
 
 
 def _judge(action: Action, now: AppLive | None, before: AppLive | None = None) -> str:
     cfg = engine_app("a")
     plan = make_plan(config(cfg), LiveState())
     change = plan.changes[0].__class__(action, "a", None, cfg)
-    return apply_mod.judge(change, now, before)
+    return rollout.judge(change, now, before)
 
 
 def _app(status: str, dep_status: str = "HEALTHY", ids: tuple[str, ...] = ("r1",)) -> AppLive:
