@@ -24,13 +24,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from reconciler import download
+from reconciler import cluster, download, last_good, local_head
 from reconciler import live as live_mod
 from reconciler import status as status_mod
 from reconciler.errors import SpecError
 from reconciler.pipeline import DesiredState, desired_state
-from reconciler.plan import Action, Plan
 from reconciler.reconcile import Failures, Outcome, Result, plan_for, reconcile
+from reconciler.rollout import Rollouts
 from reconciler.watch import DEBOUNCE_MS, watch
 
 logger = logging.getLogger("fleetctl.daemon")
@@ -57,6 +57,7 @@ class DaemonState:
     revision: dict[str, Any] | None = None
     status: dict[str, Any] | None = None  # the status document of the last pass
     status_error: str = ""
+    holding: dict[str, Any] | None = None  # the kept last good files, while the files are invalid
     progress: str = ""  # the last progress line of a running pass
     triggers: dict[str, int] = field(default_factory=dict)  # why passes ran: edit / resync / retry / start
 
@@ -68,15 +69,9 @@ class DaemonState:
             "last_reconcile": self.last.as_dict() if self.last else None,
             "last_change": self.last_change.as_dict() if self.last_change else None,
             "spec_error": list(self.spec_error), "revision": self.revision, "progress": self.progress,
+            "holding": self.holding,
             "triggers": dict(self.triggers),
         }
-
-
-def plan_key(plan: Plan) -> str:
-    """What a plan would change, for spotting the same change applied again and again."""
-    return plan.desired_fingerprint + "|" + ";".join(
-        f"{c.model}:{c.action.value}:{','.join(f.path for f in c.fields)}" for c in plan.changes
-        if c.action is not Action.NOOP)
 
 
 def git_revision(root: Path) -> dict[str, Any] | None:
@@ -109,10 +104,8 @@ class Daemon:
         self._kick = threading.Event()
         self._kick_reason = "start"
         self._last_good: DesiredState | None = None
-        self._failures = Failures()
-        # A change Serve did not keep: right after it was applied and settled, live still differed from
-        # the files in this way (a field its version drops). Sending it again would only loop.
-        self._unkept = ""
+        self._failures = Failures()  # configs that failed to start, or that Serve did not keep
+        self._rollouts = Rollouts()  # starts in progress, followed across passes (never waited on)
         self._json_cache: tuple[DaemonState, int, bytes] | None = None
         self._lock = threading.Lock()
         self._state = DaemonState(str(self.path), time.time(), os.getpid())
@@ -143,13 +136,21 @@ class Daemon:
         watch(self.root, lambda _paths: self.kick("edit"), self.stop_event, self._debounce_ms)
         reason, backoff = "start", 1.0
         while not self.stop_event.is_set():
-            outcome = self.run_pass(reason)
+            try:
+                outcome = self.run_pass(reason)
+            except Exception as e:  # the one outer guard: nothing a pass meets may stop the loop
+                logger.exception("the pass failed unexpectedly; the next one runs in %.0f s", BACKOFF_MAX_S / 4)
+                outcome = Outcome(Result.UNREACHABLE, f"the pass failed unexpectedly: {type(e).__name__}: {e}",
+                                  started_at=time.time(), requeue_after=BACKOFF_MAX_S / 4)
+                self._record(reason, outcome, ())
             if outcome is None:  # stopping
                 break
             if outcome.result.transient:
                 wait = min(backoff * (outcome.requeue_after or 1.0), BACKOFF_MAX_S)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 reason_if_timeout = "retry"
+            elif outcome.requeue_after is not None:  # starts in progress: look again soon, never wait on them
+                wait, backoff, reason_if_timeout = min(outcome.requeue_after, self.resync_s()), 1.0, "progress"
             else:
                 wait, backoff, reason_if_timeout = self.resync_s(), 1.0, "resync"
             kicked = self._kick.wait(wait)
@@ -169,47 +170,64 @@ class Daemon:
     def run_pass(self, reason: str) -> Outcome | None:
         """One reconcile pass, recorded. None when the daemon was asked to stop mid-pass."""
         spec_error: tuple[dict[str, Any], ...] = ()
+        holding: dict[str, Any] | None = None
         try:
             desired = desired_state(self.path)
             self._last_good = desired
+            if last_good.save(self.root, desired.loaded.files, git_revision(self.root)):
+                logger.info("kept a copy of the valid fleet files (%s)", ", ".join(desired.loaded.files))
         except SpecError as e:
             spec_error = tuple(p.as_dict() for p in e.problems)
-            logger.error("the fleet files are invalid; the live fleet keeps the last good files:\n%s", e)
-            desired = self._last_good
+            desired, holding = self._fallback()
+            logger.error("the fleet files are invalid; the live fleet keeps %s:\n%s",
+                         holding["describe"] if holding else "what it has (no valid version seen yet)", e)
         try:
             if desired is None:
                 outcome = Outcome(Result.SPEC_ERROR, "the fleet files are invalid and no valid version was seen "
                                   "yet: nothing was changed", started_at=time.time())
             else:
                 outcome = reconcile(self.path, desired=desired, report=self._report, failures=self._failures,
-                                    approve=self._approve, lock_wait_s=1.0, lock_command="daemon")
+                                    lock_wait_s=1.0, lock_command="daemon", wait=False, rollouts=self._rollouts)
         except Stopping:
             return None
-        self._record(reason, outcome, spec_error)
+        self._record(reason, outcome, spec_error, holding)
+        if outcome.result is Result.UNREACHABLE and desired is not None:
+            self._restart_dead_head(desired.placed.ray.dashboard_url)
         return outcome
 
-    def _approve(self, plan: Plan) -> bool:
-        if self._unkept and plan_key(plan) == self._unkept:
-            logger.error("not applying again: Serve did not keep this change when it was applied (%s)",
-                         ", ".join(f.path for c in plan.changes for f in c.fields) or "whole apps")
-            return False
-        return True
+    def _restart_dead_head(self, dashboard_url: str) -> None:
+        """Ray unreachable: if it is the head `fleetctl up` started and it died, start it again (as
+        `up` would); the next pass puts the fleet back. A Ray that up did not start is only waited for."""
+        rec = local_head.load(dashboard_url)
+        if rec is None or not local_head.is_dead(rec):
+            return
+        try:
+            local_head.restart(rec, self._report)
+        except cluster.HeadError as e:
+            logger.error("the Ray head did not start again: %s", e)
+        self.kick("head restarted")
 
-    def _check_kept(self, outcome: Outcome) -> None:
-        """After an apply, does live now match the files? If not, remember what Serve did not keep."""
-        if outcome.result is Result.APPLIED and outcome.applied and outcome.desired:
-            after = plan_for(outcome.desired, outcome.applied.live)
-            self._unkept = plan_key(after) if after.has_changes else ""
+    def _fallback(self) -> tuple[DesiredState | None, dict[str, Any] | None]:
+        """What to reconcile toward while the files are invalid: the last good version this daemon
+        saw, else the copy kept on disk by an earlier run (a daemon started on broken files)."""
+        copy = last_good.load(self.root)
+        if self._last_good is None and copy is not None:
+            try:
+                self._last_good = desired_state(copy.folder / Path(copy.files[0]).name, root=copy.root)
+            except SpecError as e:
+                logger.error("the kept copy of the last good files is not valid either:\n%s", e)
+                return None, None
+        if self._last_good is None:
+            return None, None
+        if copy is not None and copy.root == str(self.root):
+            return self._last_good, {**copy.as_dict(), "describe": copy.describe()}
+        return self._last_good, {"files": list(self._last_good.loaded.files), "describe": "the last valid files"}
 
-    def _record(self, reason: str, outcome: Outcome, spec_error: tuple[dict[str, Any], ...]) -> None:
-        self._check_kept(outcome)
-        if outcome.result is Result.CANCELLED:
-            outcome = replace(outcome, result=Result.HELD, message=(
-                "Serve does not keep part of the config: right after it was applied, live still differed "
-                "from the files; not sending it again until the files change. `fleetctl plan` shows the fields."))
+    def _record(self, reason: str, outcome: Outcome, spec_error: tuple[dict[str, Any], ...],
+                holding: dict[str, Any] | None = None) -> None:
         s = self.snapshot()
         changed = outcome.result in (Result.APPLIED, Result.FAILED)
-        drift = outcome.result is Result.APPLIED and reason in ("resync", "retry")
+        drift = outcome.result is Result.APPLIED and reason not in ("edit", "start")
         if outcome.result is not Result.SYNCED or spec_error:
             logger.info("pass (%s): %s %s", reason, outcome.result.value, outcome.message.splitlines()[0]
                         if outcome.message else "")
@@ -219,7 +237,7 @@ class Daemon:
             applies=s.applies + (1 if changed else 0),
             drift_corrections=s.drift_corrections + (1 if drift else 0),
             last=outcome, last_change=outcome if changed else s.last_change,
-            spec_error=spec_error, revision=git_revision(self.root), status=doc, status_error=err,
+            spec_error=spec_error, revision=git_revision(self.root), status=doc, status_error=err, holding=holding,
             progress="", triggers={**s.triggers, reason: s.triggers.get(reason, 0) + 1},
         )
         if self._on_pass:
@@ -238,7 +256,8 @@ class Daemon:
                 return None, str(e)
             plan = plan_for(desired, live)
         runtime = live_mod.read_model_states(desired.placed.openai)
-        return status_mod.document(plan, live, desired.placed, runtime=runtime), ""
+        doc = status_mod.document(plan, live, desired.placed, runtime=runtime)
+        return status_mod.with_starts(doc, [v.as_dict() for v in outcome.rollouts]), ""
 
     def status_document(self) -> dict[str, Any]:
         """GET /status: the status document of the last pass plus the daemon's own section."""

@@ -19,8 +19,10 @@ class DesiredState:
     config: dict[str, Any]
 
 
-def desired_state(path: str | os.PathLike[str] = ".", inventory: Inventory | None = None) -> DesiredState:
-    """Raise SpecError (every problem, with file:line) when the files are invalid or do not fit."""
+def desired_state(path: str | os.PathLike[str] = ".", inventory: Inventory | None = None,
+                  root: str | os.PathLike[str] | None = None) -> DesiredState:
+    """Raise SpecError (every problem, with file:line) when the files are invalid or do not fit.
+    ``root``: where relative model paths resolve, when the files are a kept copy (reconciler.last_good)."""
     loaded = load_fleet(path)
-    placed = place(loaded.spec, loaded.origins, loaded.root, inventory)
+    placed = place(loaded.spec, loaded.origins, root if root is not None else loaded.root, inventory)
     return DesiredState(loaded, placed, compile_serve_config(placed))

@@ -107,8 +107,21 @@ def document(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
         "pending_changes": [{"model": c.model, "action": c.action.value, "reasons": list(c.reasons)}
                             for c in plan.changes if c.action is not Action.NOOP],
         "models": rows,
+        "starting": [],  # the daemon fills it (with_starts): `fleetctl status` follows no starts
         **sections,
     } | with_downloads(rows, downloads or {})
+
+
+def with_starts(doc: dict[str, Any], starts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The document with each start in progress on its model's row: since when, and what the
+    engine is doing (the daemon follows starts across passes; reconciler.rollout)."""
+    by_model = {s["model"]: s for s in starts}
+    rows = []
+    for row in doc.get("models") or []:
+        s = by_model.get(row["model"])
+        rows.append({**row, "starting": {"elapsed_s": s["elapsed_s"], "doing": s["detail"], "action": s["action"]}}
+                    if s else row)
+    return {**doc, "models": rows, "starting": starts}
 
 
 def with_downloads(rows: list[dict[str, Any]], downloads: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
