@@ -67,6 +67,9 @@ def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float |
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per dashboard poll is noise
+    # Until the loop runs, a stop request simply ends the process: nothing has been started yet.
+    signal.signal(signal.SIGTERM, _exit_now)
+    signal.signal(signal.SIGINT, _exit_now)
     settings, dashboard = _settings(path)
     host, port = host or settings.host, port or settings.port
     if dashboard:  # so that `fleetctl down` finds and stops this daemon, however it was started
@@ -87,6 +90,10 @@ def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float |
         logging.getLogger("fleetctl.daemon").info("signal %d: stopping", signum)
         daemon.stop()
         server.should_exit = True
+        # A pass ends at its next step (none waits on an engine); one stuck in a slow read is abandoned
+        # after a grace: the next daemon's pass reads the world afresh, so nothing half-done is lost.
+        threading.Thread(target=_exit_after, args=(STOP_GRACE_S, dashboard), name="stop-grace",
+                         daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -99,6 +106,77 @@ def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float |
         if dashboard:
             unregister(dashboard, os.getpid())
     click.echo("fleetctl daemon: stopped", err=True)
+
+
+STOP_GRACE_S = 5.0
+
+
+def _exit_now(signum: int, _frame: Any) -> None:
+    logging.getLogger("fleetctl.daemon").info("signal %d before the loop started: stopping", signum)
+    raise SystemExit(0)
+
+
+def _exit_after(seconds: float, dashboard: str | None) -> None:
+    time.sleep(seconds)
+    logging.getLogger("fleetctl.daemon").warning("the pass did not end within %.0f s of the signal; "
+                                                 "abandoning it", seconds)
+    if dashboard:
+        unregister(dashboard, os.getpid())
+    logging.shutdown()
+    os._exit(0)
+
+
+def watching(root: Path) -> list[int]:
+    """Pids of `fleetctl daemon` processes on this box whose fleet folder is ``root``, however started."""
+    root = root.resolve()
+    found = []
+    for proc in proctable.processes():
+        argv = proctable.cmdline(proc.pid).split()
+        if proc.pid == os.getpid() or "daemon" not in argv or not any(a.endswith(("fleetctl", "reconciler"))
+                                                                     for a in argv[: argv.index("daemon")]):
+            continue
+        rest = _positionals(argv[argv.index("daemon") + 1:])
+        try:
+            cwd = Path(os.readlink(f"/proc/{proc.pid}/cwd"))
+        except OSError:
+            continue
+        where = (cwd / (rest[0] if rest else ".")).resolve()
+        if where == root or where.parent == root and where.is_file():
+            found.append(proc.pid)
+    return found
+
+
+def _positionals(args: list[str]) -> list[str]:
+    """The daemon command's positional arguments (its PATH), its options and their values left out."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--host", "--port", "--resync"):
+            skip = True
+        elif not a.startswith("-"):
+            out.append(a)
+    return out
+
+
+def stop_watching(root: Path, report: Any, wait_s: float = 20.0) -> list[int]:
+    """SIGTERM every daemon watching the fleet at ``root`` (SIGKILL after wait_s); their pids."""
+    pids = watching(root)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while any(proctable.alive(p) for p in pids) and time.monotonic() < deadline:
+        for p in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p, os.WNOHANG)
+        time.sleep(0.2)
+    for p in pids:
+        if proctable.alive(p):
+            report(f"the daemon (pid {p}) did not stop in {wait_s:.0f} s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+    return pids
 
 
 def running_daemon(dashboard_url: str) -> tuple[int, str] | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -22,17 +21,18 @@ from typing import Any, NoReturn
 
 import click
 
-from reconciler import capacity, download, render
+from reconciler import capacity, download, last_good, local_head, render
 from reconciler import live as live_mod
 from reconciler import lock as lock_mod
 from reconciler import status as status_mod
 from reconciler.errors import Problem, SpecError
 from reconciler.pipeline import DesiredState, desired_state
-from reconciler.plan import Action, Plan, PlanFormatError, plan_from_dict, plan_to_dict
+from reconciler.plan import Action, Plan, PlanFormatError, make_plan, plan_from_dict, plan_to_dict
 from reconciler.reconcile import Approve, Outcome, Result, plan_for, reconcile
 from serve_app import proctable
 
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES = 0, 1, 2
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"  # ray.dashboard_url's default (reconciler.spec)
 PLAN_FILE_KIND = "vllm-fleet-plan"
 
 
@@ -66,11 +66,15 @@ def fail_spec(e: SpecError) -> NoReturn:
 
 
 def fail_problems(problems: Sequence[Problem], tail: str) -> NoReturn:
+    _echo_problems(problems, tail)
+    sys.exit(EXIT_ERROR)
+
+
+def _echo_problems(problems: Sequence[Problem], tail: str) -> None:
     for p in problems:
         click.echo(click.style("error: ", fg="red", bold=True) + str(p), err=True)
     n = len(problems)
     click.echo(f"{n} error{'s' if n != 1 else ''}; {tail}.", err=True)
-    sys.exit(EXIT_ERROR)
 
 
 def _desired_or_exit(path: Path) -> Desired:
@@ -80,10 +84,12 @@ def _desired_or_exit(path: Path) -> Desired:
         fail_spec(e)
 
 
-def _live_or_exit(dashboard_url: str) -> live_mod.LiveState:
+def _live_or_exit(dashboard_url: str, problems: Sequence[Problem] = ()) -> live_mod.LiveState:
     try:
         return live_mod.read_live_state(dashboard_url)
     except live_mod.LiveStateError as e:
+        if problems:
+            _echo_problems(problems, "and no live fleet could be read")
         fail(str(e))
 
 
@@ -210,20 +216,65 @@ def _done_line(plan: Plan) -> str:
 
 @click.command("status")
 @click.argument("path", default=".", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON (with the files' errors under file_errors).")
 def status_cmd(path: Path, as_json: bool) -> None:
-    """Models: desired vs live, state, health, sync, replicas, GPUs, and Serve's reason when one is stuck."""
-    desired = _desired_or_exit(path)
-    live = _live_or_exit(desired.dashboard_url)
-    plan = plan_for(desired.state, live)
-    doc = status_mod.document(plan, live, desired.placed, runtime=live_mod.read_model_states(desired.placed.openai),
-                              downloads=download.read_progress(desired.dashboard_url))
+    """Models: desired vs live, state, health, sync, replicas, GPUs, and Serve's reason when one is stuck.
+
+    Works whatever the fleet files say: when they are invalid, their errors (file:line) come first,
+    the live fleet is shown against the last good files (or as it runs), and the exit code is 1.
+    """
+    target = resolve_fleet(path)
+    live = _live_or_exit(target.dashboard_url, target.problems)
+    if target.desired is not None:
+        plan = plan_for(target.desired, live)
+        doc = status_mod.document(plan, live, target.desired.placed,
+                                  runtime=live_mod.read_model_states(target.desired.placed.openai),
+                                  downloads=download.read_progress(target.dashboard_url))
+    else:
+        plan = make_plan({"applications": [a.config for a in live.apps.values() if a.config]}, live)
+        doc = status_mod.document(plan, live)
+    doc["file_errors"] = [p.as_dict() for p in target.problems]
+    doc["desired_from"] = target.source
     if as_json:
         click.echo(json.dumps(doc, indent=2))
-        return
+        sys.exit(EXIT_ERROR if target.problems else EXIT_OK)
+    if target.problems:
+        _echo_problems(target.problems, f"the live fleet below runs unchanged ({target.source})")
     click.echo(status_mod.format_table(doc["models"]))
     if plan.has_changes:
         click.echo(f"\nOut of sync: {render.summary_line(plan)}. `fleetctl plan` shows the details.")
+    if target.problems:
+        sys.exit(EXIT_ERROR)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which live fleet a command about it means, whether or not its files are valid."""
+
+    dashboard_url: str
+    desired: DesiredState | None  # from the files, or from their last good copy
+    problems: tuple[Problem, ...]  # the files' errors; () when valid
+    source: str  # where `desired` came from, in words
+
+
+def resolve_fleet(path: Path) -> Target:
+    """The files' desired state; when they are invalid, the last good copy the daemon kept and the
+    head `up` recorded for this folder (reconciler.last_good, reconciler.local_head)."""
+    try:
+        state = desired_state(path)
+        return Target(state.placed.ray.dashboard_url, state, (), "the fleet files")
+    except SpecError as e:
+        problems = tuple(e.problems)
+    root = path.resolve() if path.is_dir() else path.resolve().parent
+    copy, state = last_good.load(root), None
+    if copy is not None:
+        with contextlib.suppress(SpecError):
+            state = desired_state(copy.folder / Path(copy.files[0]).name, root=copy.root)
+    if state is not None and copy is not None:
+        return Target(state.placed.ray.dashboard_url, state, problems, f"the last good files: {copy.describe()}")
+    recorded = local_head.for_fleet(root)
+    dashboard = recorded[0].head.dashboard_url if recorded else DEFAULT_DASHBOARD
+    return Target(dashboard, None, problems, f"no valid version of the files known; Serve at {dashboard} as it runs")
 
 
 def _elapsed(t0: float) -> str:
@@ -231,12 +282,12 @@ def _elapsed(t0: float) -> str:
 
 
 # ---- up / down ----------------------------------------------------------------------------
-# `up` records the head it started in a small state file (per dashboard URL) so that `down`
-# stops exactly that head and nothing else on the box.
+# `up` records the head it started (reconciler.local_head) so that `down` stops exactly that head
+# and nothing else on the box, whatever the fleet files say.
+
 
 def head_state_path(dashboard_url: str) -> Path:
-    return lock_mod.lock_path(dashboard_url).with_name(
-        lock_mod.lock_path(dashboard_url).name.replace("apply-", "head-").replace(".lock", ".json"))
+    return local_head.state_path(dashboard_url)
 
 
 @click.command("up")
@@ -285,37 +336,26 @@ def up_cmd(path: Path, timeout_s: float | None, with_daemon: bool) -> None:
 
 
 def start_local_head(desired: Desired) -> None:
-    from urllib.parse import urlsplit
-
     from reconciler import cluster
     from reconciler.inventory import nvml_gpus
 
-    url = urlsplit(desired.dashboard_url)
-    if url.hostname not in ("127.0.0.1", "localhost", "::1"):
+    if not local_head.is_local(desired.dashboard_url):
         fail(f"no Ray answers at {desired.dashboard_url}, and `up` starts a head only on this box "
              "(dashboard_url on 127.0.0.1); start Ray there, or point ray.dashboard_url at it")
     gpus = len(nvml_gpus())
-    cpus = _logical_cpus(desired.config)
+    cpus = local_head.logical_cpus(desired.config)
     _progress(f"starting a local Ray head ({cpus} CPUs, {gpus} GPUs as fleet_gpu_<i>) ...")
     t0 = time.monotonic()
     try:
-        head = cluster.start_head(num_cpus=cpus, resources=cluster.gpu_resources(gpus),
-                                  dashboard_port=url.port or 8265, detach=True)
+        head = local_head.start(desired.dashboard_url, num_cpus=cpus, resources=cluster.gpu_resources(gpus),
+                                fleet=desired.path if desired.path.is_dir() else desired.path.parent).head
     except cluster.HeadError as e:
         fail(f"the Ray head did not start: {e}")
-    head_state_path(desired.dashboard_url).write_text(json.dumps(head.__dict__))
     _progress(f"Ray head up in {_elapsed(t0)} (pid {head.pid}, logs in {head.temp_dir})")
     port = head.gcs_address.rsplit(":", 1)[1]
     _progress(f"other machines join it with: ray start --address=<this machine's IP>:{port} "
               "--node-ip-address=<their IP> --num-gpus 0 --resources '{\"fleet_gpu_0\": 1, ...}' "
               "(one fleet_gpu_<i> per card); then name them in node:")
-
-
-def _logical_cpus(config: Mapping[str, Any]) -> int:
-    """Ray's CPU count is bookkeeping: enough for every replica's num_cpus, at least the cores."""
-    wanted = sum(float((d.get("ray_actor_options") or {}).get("num_cpus", 1)) * int(d.get("num_replicas") or 1)
-                 for a in config.get("applications") or [] for d in a.get("deployments") or [])
-    return max(os.cpu_count() or 1, math.ceil(wanted) + 1)
 
 
 def prepare_models(desired: Desired) -> None:
@@ -336,30 +376,39 @@ def prepare_models(desired: Desired) -> None:
 @click.command("down")
 @click.argument("path", default=".", type=click.Path(path_type=Path))
 def down_cmd(path: Path) -> None:
-    """Stop what `fleetctl up` started: the fleet's apps, its Ray head, every engine process."""
-    desired = _desired_or_exit(path)
+    """Stop what `fleetctl up` started: every daemon watching the fleet, its apps, its Ray head, every engine.
+
+    Works whatever the fleet files say: with invalid files it stops the head `up` recorded for
+    this folder (and says which files it could not read).
+    """
     from reconciler import cli_daemon
 
-    if cli_daemon.stop_background(desired.dashboard_url, _progress):  # first: it would re-create the apps
+    target = resolve_fleet(path)
+    if target.problems:
+        _echo_problems(target.problems, f"stopping what `fleetctl up` recorded ({target.dashboard_url})")
+    root = path.resolve() if path.is_dir() else path.resolve().parent
+    if cli_daemon.stop_background(target.dashboard_url, _progress):  # first: it would re-create the apps
         _progress("stopped the fleet daemon")
-    state_file = head_state_path(desired.dashboard_url)
-    if not state_file.exists():
-        fail(f"`fleetctl up` started no Ray head for {desired.dashboard_url}; nothing to stop "
+    for pid in cli_daemon.stop_watching(root, _progress):
+        _progress(f"stopped the fleet daemon pid {pid} (it watched {root})")
+    rec = local_head.load(target.dashboard_url)
+    if rec is None:
+        fail(f"`fleetctl up` started no Ray head for {target.dashboard_url}; nothing to stop "
              "(a Ray that up did not start is left alone)")
     from reconciler import cluster
 
-    head = cluster.Head(**json.loads(state_file.read_text()))
+    head = rec.head
     t0 = time.monotonic()
-    ours = proctable.descendants(set(cluster.session_processes(head.pid)))
+    ours = local_head.processes(rec)
     try:  # stop Serve first so engines shut down gracefully; the head stop below is the backstop
         with live_mod.make_client(head.dashboard_url, timeout=90.0) as c:
             c.delete(live_mod.APPLICATIONS_PATH)
     except Exception as e:  # a dead Serve must not stop us from stopping the head
         _progress(f"Serve did not shut down cleanly ({e}); stopping the head anyway")
-    ours |= proctable.descendants(set(cluster.session_processes(head.pid)))
+    ours |= local_head.processes(rec)
     cluster.stop_head(head)
     left = kill_leftovers(ours)
-    state_file.unlink(missing_ok=True)
+    local_head.forget(target.dashboard_url)
     if left:
         fail(f"processes still running after down: {sorted(left)}")
     click.echo(f"Stopped the Ray head and every engine in {_elapsed(t0)}.")
