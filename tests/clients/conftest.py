@@ -101,7 +101,7 @@ def _stop_fleet(root: Path, dashboard: str, env: dict[str, str]) -> None:
         else:
             os.environ["FLEET_LOCK_DIR"] = old
     if state.exists():
-        head = cluster.Head(**json.loads(state.read_text()))
+        head = cluster.Head(**{k: v for k, v in json.loads(state.read_text()).items() if k != "start"})
         ours = descendants(set(cluster.session_processes(head.pid)))
         cluster.stop_head(head)
         kill_leftovers(ours)

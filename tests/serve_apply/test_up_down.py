@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from reconciler.cli_ops import head_state_path, kill_leftovers
 from serve_app.proctable import alive, cmdline, descendants, processes
 from tests.fixtures.default_fleet import copy_default_fleet
 
-from .helpers import Fleet
+from .helpers import Fleet, fleetctl_argv
 
 pytestmark = pytest.mark.serve
 
@@ -35,10 +37,22 @@ def default_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     # Whatever happened, leave nothing running.
     state = _head_state(fleet)
     if state.exists():
-        head = cluster.Head(**json.loads(state.read_text()))
+        head = _head(state)
         ours = descendants(set(cluster.session_processes(head.pid)))
         cluster.stop_head(head)
         kill_leftovers(ours)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code in (200, 503)
+    except httpx.HTTPError:
+        return False
+
+
+def _head(state: Path) -> cluster.Head:
+    """The head `up` recorded (its start settings, kept beside it for a restart, left out)."""
+    return cluster.Head(**{k: v for k, v in json.loads(state.read_text()).items() if k != "start"})
 
 
 def _head_state(fleet: Fleet) -> Path:
@@ -80,11 +94,39 @@ def test_up_chat_embed_down(default_fleet: Fleet) -> None:
     assert {m["model"] for m in doc["models"]} == {"router", "smollm2-135m-instruct", "all-minilm-l6-v2"}
     daemon_pid = doc["daemon"]["pid"]
 
-    head = cluster.Head(**json.loads(_head_state(default_fleet).read_text()))
+    head = _head(_head_state(default_fleet))
     ours = descendants(set(cluster.session_processes(head.pid)))
     assert any("vllm.entrypoints" in cmdline(p) for p in ours)
-    r = default_fleet.fleetctl("down", timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+
+    # A typo saved (an unclosed `[`): status still shows the live fleet, below the error, and exits 1
+    fleet_yaml = default_fleet.root / "fleet.yaml"
+    fleet_yaml.write_text(fleet_yaml.read_text() + "\nbroken: [unclosed\n")
+    status = default_fleet.fleetctl("status")
+    assert status.returncode == 1, status.stdout + status.stderr
+    assert re.search(r"error: fleet\.yaml:\d+:\d+: YAML syntax error", status.stderr), status.stderr
+    assert "smollm2-135m-instruct" in status.stdout and "all-minilm-l6-v2" in status.stdout, status.stdout
+    as_json = default_fleet.fleetctl("status", "--json")
+    assert as_json.returncode == 1
+    doc = json.loads(as_json.stdout)
+    assert doc["file_errors"][0]["file"] == "fleet.yaml" and doc["file_errors"][0]["line"]
+    assert {m["model"] for m in doc["models"]} >= {"smollm2-135m-instruct", "all-minilm-l6-v2"}
+    # ... and a daemon started by hand on the broken files is stopped by `down` too
+    api = cluster.free_port()
+    by_hand = subprocess.Popen(fleetctl_argv("daemon", str(default_fleet.root), "--port", str(api)),
+                               cwd=default_fleet.root, env=default_fleet.env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"http://127.0.0.1:{api}/healthz"):
+            assert by_hand.poll() is None and time.monotonic() < deadline, "the hand-started daemon did not start"
+            time.sleep(0.5)
+        r = default_fleet.fleetctl("down", timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "fleet.yaml:" in r.stderr  # it says which files it could not read
+        assert by_hand.wait(30) is not None
+    finally:
+        if by_hand.poll() is None:
+            by_hand.kill()
     assert not [p for p in ours if alive(p)]
     assert not alive(daemon_pid)
     # nor anything outside the head's tree that belongs to it (Serve's HAProxy is re-parented)
