@@ -18,6 +18,7 @@ under a key ``env`` (the engine's args) or ``env_vars`` (a Ray runtime_env), at 
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -88,8 +89,9 @@ def _env_values(config: Any) -> Iterator[Any]:
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """Free text with each of ``secrets`` replaced by its fingerprint (longest first)."""
+    """Free text (JSON or HTML too) with each of ``secrets`` replaced by its fingerprint, longest first."""
     for s in sorted(secrets, key=len, reverse=True):
-        if s in text:
-            text = text.replace(s, fingerprint(s))
+        for form in {s, json.dumps(s)[1:-1], html.escape(s)}:
+            if form in text:
+                text = text.replace(form, fingerprint(s))
     return text

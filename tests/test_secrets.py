@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -130,3 +131,80 @@ def test_serves_messages_in_status_are_scrubbed_of_env_values(tmp_path: Path) ->
     doc = status_mod.document(make_plan(desired.config, live), live, desired.placed)
     [row] = [r for r in doc["models"] if r["model"] == "chat"]
     assert KEY not in json.dumps(doc) and f"OPENAI_KEY={fingerprint(KEY)}" in row["message"]
+
+
+# ---- the status API off loopback needs a token ------------------------------------------------
+
+TOKEN = "t0ken-for-the-status-api-0123456789"
+
+
+@pytest.mark.parametrize(("host", "token_env", "environ", "result"), [
+    ("127.0.0.1", None, {}, None),
+    ("localhost", None, {}, None),
+    ("::1", None, {}, None),
+    ("0.0.0.0", "FLEET_STATUS_TOKEN", {"FLEET_STATUS_TOKEN": TOKEN}, TOKEN),
+    ("127.0.0.1", "FLEET_STATUS_TOKEN", {"FLEET_STATUS_TOKEN": TOKEN}, TOKEN),  # asked for: required there too
+    ("0.0.0.0", None, {}, "Set daemon.token_env: FLEET_STATUS_TOKEN in the fleet file and export"),
+    ("10.0.0.12", None, {}, "Set daemon.token_env: FLEET_STATUS_TOKEN"),
+    ("fleet.example", None, {}, "Set daemon.token_env: FLEET_STATUS_TOKEN"),
+    ("0.0.0.0", "FLEET_STATUS_TOKEN", {}, "FLEET_STATUS_TOKEN is not set in the daemon's environment"),
+    ("0.0.0.0", "FLEET_STATUS_TOKEN", {"FLEET_STATUS_TOKEN": "short"}, "holds 5 characters"),
+])
+def test_who_may_serve_the_status_api_without_a_token(host: str, token_env: str | None, environ: dict[str, str],
+                                                      result: str | None) -> None:
+    from reconciler.spec import DaemonSettings
+    from reconciler.status_api import ExposureError, check_exposure
+
+    settings = DaemonSettings(host=host, token_env=token_env)
+    if result is None or result == environ.get(token_env or ""):
+        assert check_exposure(host, settings, environ) == result
+    else:
+        with pytest.raises(ExposureError, match=result):
+            check_exposure(host, settings, environ)
+
+
+def test_the_daemon_refuses_a_network_address_without_a_token(tmp_path: Path) -> None:
+    write_fleet(tmp_path, {"fleet.yaml": BASE + "daemon:\n  host: 0.0.0.0\n"})
+    r = CliRunner().invoke(main, ["daemon", str(tmp_path)])
+    assert r.exit_code == 1
+    assert "would listen on 0.0.0.0 without a token" in r.output and "daemon.token_env" in r.output
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Any:
+    from fastapi.testclient import TestClient
+
+    from reconciler.daemon import Daemon
+    from reconciler.status_api import make_app
+
+    daemon = Daemon(env_fleet(tmp_path, KEY))
+    daemon._last_good = desired_state(tmp_path)  # as after a pass; nothing runs
+    daemon._set(status={"format_version": "2", "models": [], "error": f"Serve said: OPENAI_KEY={KEY}"})
+    with TestClient(make_app(daemon, token=TOKEN)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("path", ["/", "/status", "/metrics"])
+def test_with_a_token_every_route_but_healthz_needs_it(api: Any, path: str) -> None:
+    assert api.get(path).status_code == 401
+    assert api.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert api.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert api.get("/healthz").status_code == 200
+    assert api.post(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 405
+
+
+def test_a_browser_opens_the_page_with_the_token_once(api: Any) -> None:
+    assert api.get("/?token=wrong").status_code == 401
+    r = api.get(f"/?token={TOKEN}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/" and TOKEN not in r.headers["set-cookie"]
+    assert "httponly" in r.headers["set-cookie"].lower()
+    page = api.get("/")  # the client keeps the cookie, as a browser does
+    assert page.status_code == 200 and "vLLM Fleet" in page.text
+    assert api.get("/status").status_code == 200
+
+
+def test_the_status_api_scrubs_env_values_from_what_it_serves(api: Any) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for path in ("/", "/status"):
+        text = api.get(path, headers=auth).text
+        assert KEY not in text and fingerprint(KEY) in text
