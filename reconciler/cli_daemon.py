@@ -63,7 +63,7 @@ def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float |
     """
     import uvicorn
 
-    from reconciler.status_api import ExposureError, Metrics, check_exposure, make_app
+    from reconciler.status_api import ExposureError, Metrics, check_exposure, make_app, scrub_logs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per dashboard poll is noise
@@ -82,6 +82,7 @@ def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float |
     metrics_box: list[Metrics] = []
     daemon = Daemon(path, resync_s=resync_s, on_pass=lambda s: metrics_box[0].observe(s) if metrics_box else None)
     metrics_box.append(Metrics(daemon))
+    scrub_logs(daemon)
     server = uvicorn.Server(uvicorn.Config(make_app(daemon, metrics_box[0], token=token), host=host, port=port,
                                            log_level="warning", access_log=False, lifespan="off"))
     api = threading.Thread(target=server.run, name="status-api", daemon=True)

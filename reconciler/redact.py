@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 ENV_KEYS = frozenset({"env", "env_vars"})
@@ -95,3 +96,22 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
             if form in text:
                 text = text.replace(form, fingerprint(s))
     return text
+
+
+class ScrubFilter(logging.Filter):
+    """A log handler's filter: each record (and its traceback) scrubbed of the values ``secrets()``
+    returns at that moment (the fleet's env values change with its files)."""
+
+    def __init__(self, secrets: Callable[[], Iterable[str]]) -> None:
+        super().__init__()
+        self._secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = set(self._secrets())
+        if found:
+            record.msg, record.args = scrub(record.getMessage(), found), ()
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = scrub(record.exc_text, found)
+        return True

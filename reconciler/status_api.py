@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import html
 import ipaddress
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -35,7 +36,7 @@ from reconciler.daemon import Daemon, DaemonState
 from reconciler.errors import FleetError
 from reconciler.health import Health, State
 from reconciler.inventory import nvml_memory
-from reconciler.redact import env_values, scrub
+from reconciler.redact import ScrubFilter, env_values, scrub
 from reconciler.spec import DaemonSettings
 from reconciler.units import format_size
 
@@ -107,6 +108,12 @@ def _unauthorized() -> JSONResponse:
 def _secrets(daemon: Daemon) -> set[str]:
     placed = daemon.placed()
     return env_values([{"env": m.env} for m in placed.models]) if placed is not None else set()
+
+
+def scrub_logs(daemon: Daemon) -> None:
+    """The daemon's log lines (every handler of the root logger) scrubbed of the fleet's env values."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ScrubFilter(lambda: _secrets(daemon)))
 
 
 class Metrics:

@@ -208,3 +208,25 @@ def test_the_status_api_scrubs_env_values_from_what_it_serves(api: Any) -> None:
     for path in ("/", "/status"):
         text = api.get(path, headers=auth).text
         assert KEY not in text and fingerprint(KEY) in text
+
+
+def test_the_daemons_log_lines_are_scrubbed(tmp_path: Path) -> None:
+    import io
+    import logging
+
+    from reconciler.redact import ScrubFilter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(ScrubFilter(lambda: {KEY}))
+    log = logging.getLogger("test_secrets.scrub")
+    log.addHandler(handler)
+    try:
+        log.error("apply failed: %s", f"OPENAI_KEY={KEY}")
+        try:
+            raise RuntimeError(KEY)
+        except RuntimeError:
+            log.exception("with a traceback")
+    finally:
+        log.removeHandler(handler)
+    assert KEY not in out.getvalue() and f"OPENAI_KEY={fingerprint(KEY)}" in out.getvalue()
