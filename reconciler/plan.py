@@ -14,7 +14,7 @@ import enum
 import hashlib
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from reconciler import diff
@@ -310,3 +310,25 @@ def _change_from_dict(c: Mapping[str, Any]) -> Change:
         download=(Download(d["source"], d.get("total_bytes"), d.get("missing_bytes"), d.get("note", ""))
                   if isinstance(d := c.get("download"), Mapping) else None),
     )
+
+
+def with_values_of(saved: Plan, fresh: Plan) -> Plan:
+    """A plan saved with ``plan_to_dict(plan, redact=True)`` (no env value on disk), given back the values
+    of ``fresh``: the plan made now from the same files and the same live Serve (the caller has checked
+    both fingerprints). Every fingerprint in the saved plan must match the fresh value it stands for,
+    else PlanFormatError; what is applied is still exactly the saved plan."""
+    mismatch = PlanFormatError("the saved plan's env fingerprints do not match the fleet files; "
+                               "run `fleetctl plan -out FILE` again")
+    if redact_mod.redact_config(fresh.put_config) != _json(saved.put_config):
+        raise mismatch
+    changes = []
+    for c in saved.changes:
+        f = fresh.change_for(c.model)
+        if f is None or _json(_change_to_dict(f, True)) != _json(_change_to_dict(c)):
+            raise mismatch
+        changes.append(replace(c, before=f.before, after=f.after, fields=f.fields))
+    return replace(saved, put_config=fresh.put_config, changes=tuple(changes))
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

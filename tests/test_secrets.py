@@ -230,3 +230,16 @@ def test_the_daemons_log_lines_are_scrubbed(tmp_path: Path) -> None:
     finally:
         log.removeHandler(handler)
     assert KEY not in out.getvalue() and f"OPENAI_KEY={fingerprint(KEY)}" in out.getvalue()
+
+
+def test_a_redacted_saved_plan_gets_its_values_back_only_from_matching_files(tmp_path: Path) -> None:
+    from reconciler.plan import PlanFormatError, with_values_of
+
+    plan = make_plan(desired_state(env_fleet(tmp_path / "a", KEY)).config, NO_LIVE)
+    on_disk = json.dumps(plan_to_dict(plan, redact=True))
+    assert KEY not in on_disk
+    saved = plan_from_dict(json.loads(on_disk))
+    assert with_values_of(saved, plan) == plan
+    other = make_plan(desired_state(env_fleet(tmp_path / "b", "sk-abcdef999999")).config, NO_LIVE)
+    with pytest.raises(PlanFormatError, match="fingerprints do not match"):
+        with_values_of(saved, other)
