@@ -63,7 +63,7 @@ def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float |
     """
     import uvicorn
 
-    from reconciler.status_api import Metrics, make_app
+    from reconciler.status_api import ExposureError, Metrics, check_exposure, make_app, scrub_logs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per dashboard poll is noise
@@ -72,6 +72,10 @@ def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float |
     signal.signal(signal.SIGINT, _exit_now)
     settings, dashboard = _settings(path)
     host, port = host or settings.host, port or settings.port
+    try:  # a status API off loopback needs a token (daemon.token_env)
+        token = check_exposure(host, settings)
+    except ExposureError as e:
+        raise click.ClickException(str(e)) from None
     if dashboard:  # so that `fleetctl down` finds and stops this daemon, however it was started
         other = running_daemon(dashboard)
         if other and other[0] != os.getpid():
@@ -81,7 +85,8 @@ def daemon_cmd(path: Path, host: str | None, port: int | None, resync_s: float |
     metrics_box: list[Metrics] = []
     daemon = Daemon(path, resync_s=resync_s, on_pass=lambda s: metrics_box[0].observe(s) if metrics_box else None)
     metrics_box.append(Metrics(daemon))
-    server = uvicorn.Server(uvicorn.Config(make_app(daemon, metrics_box[0]), host=host, port=port,
+    scrub_logs(daemon)
+    server = uvicorn.Server(uvicorn.Config(make_app(daemon, metrics_box[0], token=token), host=host, port=port,
                                            log_level="warning", access_log=False, lifespan="off"))
     api = threading.Thread(target=server.run, name="status-api", daemon=True)
     api.start()

@@ -14,10 +14,11 @@ import enum
 import hashlib
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from reconciler import diff
+from reconciler import redact as redact_mod
 from reconciler.live import LiveState
 
 FORMAT_VERSION = "1"
@@ -228,36 +229,51 @@ def fingerprint_live(live: LiveState) -> str:
 
 # ---- the versioned JSON form --------------------------------------------------------------
 
-def plan_to_dict(plan: Plan) -> dict[str, Any]:
+def plan_to_dict(plan: Plan, *, redact: bool = False) -> dict[str, Any]:
+    """The versioned JSON form. ``redact=True`` for anything a person or a log sees (`plan --json`): every
+    env value becomes its fingerprint (reconciler.redact). A saved plan file keeps the values: apply PUTs
+    exactly that file's config, and holds nothing the fleet files do not (``${NAME}`` references are
+    resolved inside the engine's replica, never here)."""
+    shown = redact_mod.redact_config if redact else _same
     return {
         "format_version": FORMAT_VERSION,
         "summary": {a.value: plan.count(a) for a in Action if a is not Action.NOOP},
         "has_changes": plan.has_changes,
         "foreign_apps": plan.foreign_apps,
-        "changes": [_change_to_dict(c) for c in plan.changes],
+        "changes": [_change_to_dict(c, redact) for c in plan.changes],
         "foreign": [{"name": f.name, "import_path": f.import_path, "disposition": f.disposition,
                      "note": f.note} for f in plan.foreign],
         "warnings": list(plan.warnings),
         "fingerprints": {"desired": plan.desired_fingerprint, "live": plan.live_fingerprint},
-        "put_config": plan.put_config,
+        "put_config": shown(plan.put_config),
     }
 
 
-def _change_to_dict(c: Change) -> dict[str, Any]:
+def _same(value: Any) -> Any:
+    return value
+
+
+def _change_to_dict(c: Change, redact: bool = False) -> dict[str, Any]:
+    shown = redact_mod.redact_config if redact else _same
+    at = redact_mod.redact_at if redact else _same_at
     return {
         "model": c.model,
         "action": c.action.value,
         "always_on": c.always_on,
         "reasons": list(c.reasons),
         "restart_fields": list(c.restart_fields),
-        "fields": [{"path": f.path, "before": f.before, "after": f.after, "effect": f.effect.value}
-                   for f in c.fields],
+        "fields": [{"path": f.path, "before": at(f.path, f.before), "after": at(f.path, f.after),
+                    "effect": f.effect.value} for f in c.fields],
         "expected_downtime_s": c.downtime_s,
         "download": ({"source": c.download.source, "total_bytes": c.download.total,
                       "missing_bytes": c.download.missing, "note": c.download.note} if c.download else None),
-        "before": c.before,
-        "after": c.after,
+        "before": shown(c.before),
+        "after": shown(c.after),
     }
+
+
+def _same_at(_path: str, value: Any) -> Any:
+    return value
 
 
 class PlanFormatError(ValueError):
@@ -294,3 +310,25 @@ def _change_from_dict(c: Mapping[str, Any]) -> Change:
         download=(Download(d["source"], d.get("total_bytes"), d.get("missing_bytes"), d.get("note", ""))
                   if isinstance(d := c.get("download"), Mapping) else None),
     )
+
+
+def with_values_of(saved: Plan, fresh: Plan) -> Plan:
+    """A plan saved with ``plan_to_dict(plan, redact=True)`` (no env value on disk), given back the values
+    of ``fresh``: the plan made now from the same files and the same live Serve (the caller has checked
+    both fingerprints). Every fingerprint in the saved plan must match the fresh value it stands for,
+    else PlanFormatError; what is applied is still exactly the saved plan."""
+    mismatch = PlanFormatError("the saved plan's env fingerprints do not match the fleet files; "
+                               "run `fleetctl plan -out FILE` again")
+    if redact_mod.redact_config(fresh.put_config) != _json(saved.put_config):
+        raise mismatch
+    changes = []
+    for c in saved.changes:
+        f = fresh.change_for(c.model)
+        if f is None or _json(_change_to_dict(f, True)) != _json(_change_to_dict(c)):
+            raise mismatch
+        changes.append(replace(c, before=f.before, after=f.after, fields=f.fields))
+    return replace(saved, put_config=fresh.put_config, changes=tuple(changes))
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

@@ -1,7 +1,7 @@
 """Render a Plan as text (Terraform-like) or as versioned JSON. Reads only the Plan.
 
 `format_*` functions return strings; the CLI decides where they go and whether colour is on
-(only on a TTY).
+(only on a TTY). Both show env values as fingerprints (reconciler.redact), never the values.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from reconciler.diff import Effect
 from reconciler.plan import Action, Change, Download, Plan, plan_to_dict
+from reconciler.redact import redact_at
 from reconciler.units import format_size
 
 NO_CHANGES = "No changes. The live fleet matches the files."
@@ -60,7 +61,8 @@ def _format_change(c: Change, color: bool) -> list[str]:
     lines = [_style(head, colour, color, bold=True) + f"  {_HEADLINES[c.action]}"]
     for f in c.fields:
         note = _EFFECT_NOTES[f.effect]
-        lines.append(f"      {f.path}: {_value(f.before)} → {_value(f.after)}  # {note}")
+        before, after = redact_at(f.path, f.before), redact_at(f.path, f.after)
+        lines.append(f"      {f.path}: {_value(before)} → {_value(after)}  # {note}")
     for r in c.reasons:
         lines.append(f"      why: {r}")
     if c.action is Action.RESTART:
@@ -113,5 +115,5 @@ def _style(text: str, colour: str, color: bool, *, bold: bool = False) -> str:
 
 
 def format_json(plan: Plan) -> str:
-    """The versioned machine form: {"format_version": "1", ...}."""
-    return json.dumps(plan_to_dict(plan), indent=2, sort_keys=False, default=str) + "\n"
+    """The versioned machine form: {"format_version": "1", ...}, every env value a fingerprint."""
+    return json.dumps(plan_to_dict(plan, redact=True), indent=2, sort_keys=False, default=str) + "\n"

@@ -9,12 +9,14 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from serve_app.contract import ROUTER_APP, SWAP_APP
 
+from .redact import ENV_REF
 from .units import parse_duration, parse_size
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -24,7 +26,6 @@ ENGINE_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
 HF_SOURCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 PKG_SOURCE = re.compile(r"^pkg://(?P<package>[A-Za-z_]\w*)(?:/(?P<path>.+))?$")
 SECRET_ENV = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY)$", re.IGNORECASE)
-ENV_REF = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 
 # Engine args the fleet sets itself, and the field that says it instead.
 FLEET_OWNED_ARGS = {
@@ -95,13 +96,18 @@ def _source(value: str) -> str:
                      "or a local path (/abs or ./relative)")
 
 
-def _api_key_env(value: str) -> str:
-    if ENV_NAME.match(value) and value.upper() == value:
-        return value
-    if len(value) >= 12 or value.startswith(("sk-", "hf_")):
-        raise ValueError("this looks like an inline secret; put the key in an environment variable "
-                         "and name the variable here, e.g. api_keys: [FLEET_API_KEY]")
-    raise ValueError(f"{value!r} is not an environment-variable name (e.g. FLEET_API_KEY)")
+def _env_var_name(example: str) -> Callable[[str], str]:
+    """A validator for a field that names an environment variable (e.g. ``example``). A rejected
+    value is never echoed: it may be the secret itself, pasted where its variable's name belongs."""
+    def check(value: str) -> str:
+        if ENV_NAME.match(value) and value.upper() == value:
+            return value
+        if len(value) >= 12 or value.startswith(("sk-", "hf_")) or not ENV_NAME.match(value):
+            raise ValueError(f"this looks like an inline secret ({len(value)} characters); put the key in an "
+                             f"environment variable and name the variable here, e.g. {example}")
+        raise ValueError(f"environment-variable names here are upper case (this one, {len(value)} characters, "
+                         f"is not), e.g. {example}")
+    return check
 
 
 Duration = Annotated[float, BeforeValidator(_duration), Field(
@@ -113,7 +119,8 @@ ModelName = Annotated[str, AfterValidator(_model_name)]
 GroupName = Annotated[str, AfterValidator(_group_name)]
 Source = Annotated[str, AfterValidator(_source), Field(
     description="hf://org/name[@revision], pkg://python_package/path, or a local path")]
-EnvVarName = Annotated[str, AfterValidator(_api_key_env)]
+ApiKeyEnv = Annotated[str, AfterValidator(_env_var_name("api_keys: [FLEET_API_KEY]"))]
+TokenEnv = Annotated[str, AfterValidator(_env_var_name("token_env: FLEET_STATUS_TOKEN"))]
 EngineScalar = str | int | float | bool
 EngineValue = EngineScalar | list[EngineScalar] | dict[str, Any]
 
@@ -162,7 +169,7 @@ class RaySettings(Strict):
 class OpenAISettings(Strict):
     host: str = Field("127.0.0.1", description="address the OpenAI endpoint binds; 0.0.0.0 for all")
     port: int = Field(8000, ge=1, le=65535)
-    api_keys: list[EnvVarName] = Field(
+    api_keys: list[ApiKeyEnv] = Field(
         default_factory=list, description="names of environment variables holding accepted API keys")
     load_timeout: Duration = Field(600.0, description="how long a request waits for its model to come up")
     workers: int = Field(1, ge=1, le=64, description=(
@@ -172,10 +179,15 @@ class OpenAISettings(Strict):
 class DaemonSettings(Strict):
     """`fleetctl daemon`: its read-only status API and how often it re-checks the live fleet."""
 
-    host: str = Field("127.0.0.1", description="address the status API binds; loopback unless you mean it")
+    host: str = Field("127.0.0.1", description=(
+        "address the status API binds; loopback unless you mean it (any other address needs token_env)"))
     port: int = Field(8266, ge=1, le=65535, description="port of the status API and page")
     resync: Duration = Field(30.0, description="how often the daemon compares the files with the live "
                              "fleet even when nothing was edited (heals drift)")
+    token_env: TokenEnv | None = Field(None, description=(
+        "name of the environment variable holding the status API's bearer token; required when host is "
+        "not loopback (the daemon refuses to start without it). With it, every route but /healthz needs "
+        "Authorization: Bearer <token> (a browser opens /?token=<token> once and gets a cookie)"))
 
 
 class Settings(Strict):

@@ -2,7 +2,8 @@
 error, in one JSON shape for `fleetctl status --json` and the daemon's ``GET /status``.
 
 Pure: built from the placed fleet, the live state and the plan; the daemon adds its own section.
-Carries no configs and no env values, so no secret can leak through it.
+Carries no configs, and Serve's messages (a replica's traceback may quote its arguments) are
+scrubbed of the fleet's env values (reconciler.redact), so no secret leaks through it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from reconciler.health import STATE_HEALTH, AppHealth, Health, State, Sync, app_
 from reconciler.live import LiveState
 from reconciler.placement import PlacedFleet
 from reconciler.plan import Action, Plan
+from reconciler.redact import env_values, scrub
 from reconciler.units import format_size
 from serve_app.contract import ENGINE_IMPORT, SWAP_IMPORT
 
@@ -29,6 +31,7 @@ def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
     names = [c.model for c in plan.changes] + [f.name for f in plan.foreign
                                                 if f.name not in {c.model for c in plan.changes}]
     by_name = {m.name: m for m in placed.models} if placed else {}
+    secrets = env_values([plan.put_config, *(c.before for c in plan.changes), *(a.config for a in live.apps.values())])
     rows = []
     for name in names:
         change = plan.change_for(name)
@@ -69,7 +72,7 @@ def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
             "node": m.node if m else None,  # the IP it is pinned to; None = wherever Ray put it
             "always_on": m.always_on if m else False,
             "swap_group": m.swap_group if m else None,
-            "message": h.message,
+            "message": scrub(h.message, secrets),
         })
     return rows
 

@@ -7,28 +7,113 @@
 
 Every other method is refused with 405: nothing here changes the fleet. Reads only what the
 daemon's loop recorded (`Daemon.snapshot()`); never talks to Serve itself.
+
+On loopback it is open. On any other address it needs a bearer token (`check_exposure`: the daemon
+refuses to start without one): every route but /healthz then wants ``Authorization: Bearer <token>``,
+or the cookie a browser gets by opening ``/?token=<token>`` once (it is redirected to the same page
+without the token in its address). What it serves is scrubbed of the fleet's env values.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
+import ipaddress
+import logging
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from reconciler.daemon import Daemon, DaemonState
+from reconciler.errors import FleetError
 from reconciler.health import Health, State
 from reconciler.inventory import nvml_memory
+from reconciler.redact import ScrubFilter, env_values, scrub
+from reconciler.spec import DaemonSettings
 from reconciler.units import format_size
 
 READ_METHODS = {"GET", "HEAD"}
 PAGE_REFRESH_S = 5
+OPEN_PATHS = {"/healthz"}  # liveness probes (and `fleetctl up`) need no token
+COOKIE = "fleet_status"
+MIN_TOKEN_CHARS = 16
+_MAKE_TOKEN = "e.g. `openssl rand -hex 32`"
+
+
+class ExposureError(FleetError):
+    """The status API would be reachable from the network without a token."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(host: str, settings: DaemonSettings, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The bearer token the status API on ``host`` requires; None when it stays open (loopback, no
+    daemon.token_env). Raises ExposureError, saying what to set, for a non-loopback address without
+    a token, or a token_env whose variable is unset or too short."""
+    name = settings.token_env
+    if name is None:
+        if is_loopback(host):
+            return None
+        raise ExposureError(
+            f"the status API would listen on {host} without a token, so anyone who can reach the port could "
+            "read the fleet's status. Set daemon.token_env: FLEET_STATUS_TOKEN in the fleet file and export "
+            f"FLEET_STATUS_TOKEN=<a long random string> ({_MAKE_TOKEN}) before starting the daemon, or keep "
+            "daemon.host on 127.0.0.1 (and put a reverse proxy in front)")
+    token = environ.get(name, "")
+    if not token:
+        raise ExposureError(f"daemon.token_env names {name}, but {name} is not set in the daemon's environment; "
+                            f"export {name}=<a long random string> ({_MAKE_TOKEN})")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ExposureError(f"{name} holds {len(token)} characters; a status API token needs at least "
+                            f"{MIN_TOKEN_CHARS} ({_MAKE_TOKEN})")
+    return token
+
+
+def _cookie_value(token: str) -> str:
+    """What the browser keeps: derived from the token, not the token itself."""
+    return hmac.new(token.encode(), b"vllm-fleet status cookie", hashlib.sha256).hexdigest()
+
+
+def _same(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _authorized(request: Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return (scheme.lower() == "bearer" and _same(given.strip(), token)) \
+        or _same(request.cookies.get(COOKIE), _cookie_value(token))
+
+
+def _unauthorized() -> JSONResponse:
+    return JSONResponse({"error": "this status API needs its token: send Authorization: Bearer <token> (the "
+                         "value of the variable daemon.token_env names), or open /?token=<token> in a browser "
+                         "once"}, status_code=401, headers={"WWW-Authenticate": 'Bearer realm="vLLM Fleet"'})
+
+
+def _secrets(daemon: Daemon) -> set[str]:
+    placed = daemon.placed()
+    return env_values([{"env": m.env} for m in placed.models]) if placed is not None else set()
+
+
+def scrub_logs(daemon: Daemon) -> None:
+    """The daemon's log lines (every handler of the root logger) scrubbed of the fleet's env values."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ScrubFilter(lambda: _secrets(daemon)))
 
 
 class Metrics:
@@ -88,7 +173,8 @@ class _StateCollector:
                                 value=s.last.started_at if s.last else 0.0)
 
 
-def make_app(daemon: Daemon, metrics: Metrics | None = None) -> FastAPI:
+def make_app(daemon: Daemon, metrics: Metrics | None = None, *, token: str | None = None) -> FastAPI:
+    """``token``: the bearer token every route but /healthz requires (`check_exposure`); None = open."""
     metrics = metrics or Metrics(daemon)
     app = FastAPI(title="vLLM Fleet status", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -97,12 +183,23 @@ def make_app(daemon: Daemon, metrics: Metrics | None = None) -> FastAPI:
         if request.method not in READ_METHODS:
             return JSONResponse({"error": "the status API is read-only: change the fleet files instead"},
                                 status_code=405, headers={"Allow": "GET, HEAD"})
-        return await call_next(request)
+        if token is None or request.url.path in OPEN_PATHS or _authorized(request, token):
+            return await call_next(request)
+        if _same(request.query_params.get("token"), token):  # a browser, once: a cookie, and the token
+            url = request.url.remove_query_params("token")  # out of its address bar and history
+            response = RedirectResponse(url.path + (f"?{url.query}" if url.query else ""), status_code=303)
+            response.set_cookie(COOKIE, _cookie_value(token), httponly=True, samesite="strict")
+            return response
+        return _unauthorized()
 
     # async handlers: no thread hop per request; the JSON is made once per pass (Daemon.status_json)
     @app.get("/status")
     async def status() -> Response:
-        return Response(daemon.status_json(), media_type="application/json")
+        body = daemon.status_json()
+        secrets = _secrets(daemon)
+        if secrets:  # Serve's and apply's messages may quote a replica's arguments
+            body = scrub(body.decode(), secrets).encode()
+        return Response(body, media_type="application/json")
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -120,7 +217,7 @@ def make_app(daemon: Daemon, metrics: Metrics | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        return HTMLResponse(render_page(daemon.status_document(), daemon.placed()))
+        return HTMLResponse(scrub(render_page(daemon.status_document(), daemon.placed()), _secrets(daemon)))
 
     return app
 

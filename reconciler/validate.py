@@ -61,6 +61,10 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[str | int, ...]:
     return tuple(out)
 
 
+# Fields whose values may be secrets: a wrong value there is described, never echoed.
+SECRET_FIELDS = frozenset({"env", "api_keys", "token_env", "engine"})
+
+
 def _message(err: Any) -> str:
     msg: str = err["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
@@ -68,7 +72,10 @@ def _message(err: Any) -> str:
             msg = msg[len(prefix):]
     got = err.get("input")
     if err["type"] not in ("value_error",) and not isinstance(got, dict | list) and got is not None:
-        msg = f"{msg} (got {got!r})"
+        if SECRET_FIELDS.isdisjoint(p for p in err["loc"] if isinstance(p, str)):
+            msg = f"{msg} (got {got!r})"
+        else:
+            msg = f"{msg} (the value is not shown: this field may hold a secret)"
     return msg
 
 

@@ -93,8 +93,8 @@ CASES = [
          ["fleet.yaml:3:13: models.chat.source: 'Qwen/Qwen2.5-7B' is ambiguous; write hf://Qwen/Qwen2.5-7B for "
           "the Hugging Face Hub or ./Qwen/Qwen2.5-7B for a local folder"]),
     Case("inline-api-key", {"fleet.yaml": BASE + "openai:\n  api_keys: [sk-live-0123456789abcdef]\n"},
-         ["fleet.yaml:5:14: openai.api_keys[0]: this looks like an inline secret; put the key in an environment "
-          "variable and name the variable here, e.g. api_keys: [FLEET_API_KEY]"]),
+         ["fleet.yaml:5:14: openai.api_keys[0]: this looks like an inline secret (24 characters); put the key in an "
+          "environment variable and name the variable here, e.g. api_keys: [FLEET_API_KEY]"]),
     Case("inline-hf-token-env", {"fleet.yaml": BASE + "    env:\n      HF_TOKEN: hf_abcdefabcdef\n"},
          ["fleet.yaml:5:7: models.chat.env: HF_TOKEN holds an inline secret; write HF_TOKEN: \"${HF_TOKEN}\" to "
           "pass it through from the environment instead"]),
