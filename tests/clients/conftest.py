@@ -36,6 +36,19 @@ STOCK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHAT, EMBED = "smollm2-135m-instruct", "all-minilm-l6-v2"
 
 
+START_TIMEOUT_S = 1800  # start.sh's own bound (client_fleet)
+# pytest-timeout's bound for a client test (pyproject.toml's is 1200 s): the first one waits for
+# start.sh, and one of test_openwebui.py's then for OpenWebUI's first start (bounded at 900 s).
+CLIENT_TEST_TIMEOUT_S = START_TIMEOUT_S + 900
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(CLIENT_TEST_TIMEOUT_S))
+
+
 def missing_client(what: str) -> None:
     """CI must run every client test; elsewhere a missing client is a skip that says how to get it."""
     message = f"{what} is not installed: run `bash scripts/install-clients.sh`"
@@ -80,7 +93,7 @@ def client_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientFle
     dashboard = f"http://127.0.0.1:{dash}"
     try:
         start = subprocess.run(["bash", str(REPO / "scripts" / "start.sh"), str(root)], cwd=root, env=env,
-                               capture_output=True, text=True, timeout=1800)
+                               capture_output=True, text=True, timeout=START_TIMEOUT_S)
         assert start.returncode == 0, start.stdout[-4000:] + start.stderr[-4000:]
         yield ClientFleet(root, port, dashboard, start, env)
     finally:
