@@ -27,7 +27,7 @@ import pytest
 
 from reconciler import cluster
 from reconciler.cli_ops import head_state_path, kill_leftovers
-from serve_app.proctable import descendants
+from serve_app.proctable import cmdline, descendants
 from tests.fixtures.default_fleet import copy_default_fleet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,6 +69,24 @@ class ClientFleet:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def engine_requests(self, model: str, path: str) -> float:
+        """Requests on ``path`` (e.g. /v1/embeddings) that this fleet's vLLM for ``model`` handled, from
+        its own /metrics (the HTTP instrumentator's http_requests_total, any status). The vLLM is
+        found by its command line among the processes of this fleet's Ray head: other fleets on the
+        box may serve a model of the same name. 0 while the model is unloaded (no vLLM): a vLLM that
+        starts counts from 0 again."""
+        head = _head(self.dashboard_url, self.env)
+        assert head is not None, "the client fleet's Ray head is not recorded"
+        for pid in descendants(set(cluster.session_processes(head.pid))):
+            argv = cmdline(pid).split()
+            if ("--served-model-name" in argv and argv[argv.index("--served-model-name") + 1] == model
+                    and "--port" in argv and any("vllm" in a for a in argv)):
+                port = argv[argv.index("--port") + 1]
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+                return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                           if line.startswith("http_requests_total{") and f'handler="{path}"' in line)
+        return 0.0
+
 
 def start_env(lock_dir: Path, log_dir: Path) -> dict[str, str]:
     """A stock box's environment: system PATH first, no active virtualenv, no PYTHON override."""
@@ -104,6 +122,15 @@ def _stop_fleet(root: Path, dashboard: str, env: dict[str, str]) -> None:
     """`fleetctl down` (it stops the daemon too), then whatever of the head is left, by pid."""
     subprocess.run([sys.executable, "-c", "from reconciler.cli import main; main()", "down", str(root)],
                    cwd=root, env=env, capture_output=True, timeout=600, check=False)
+    head = _head(dashboard, env)
+    if head is not None:
+        ours = descendants(set(cluster.session_processes(head.pid)))
+        cluster.stop_head(head)
+        kill_leftovers(ours)
+
+
+def _head(dashboard: str, env: dict[str, str]) -> cluster.Head | None:
+    """The Ray head start.sh started for this dashboard, as its lock folder records it."""
     old = os.environ.get("FLEET_LOCK_DIR")
     os.environ["FLEET_LOCK_DIR"] = env["FLEET_LOCK_DIR"]
     try:
@@ -113,11 +140,7 @@ def _stop_fleet(root: Path, dashboard: str, env: dict[str, str]) -> None:
             del os.environ["FLEET_LOCK_DIR"]
         else:
             os.environ["FLEET_LOCK_DIR"] = old
-    if state.exists():
-        head = cluster.Head(**json.loads(state.read_text()))
-        ours = descendants(set(cluster.session_processes(head.pid)))
-        cluster.stop_head(head)
-        kill_leftovers(ours)
+    return cluster.Head(**json.loads(state.read_text())) if state.exists() else None
 
 
 @pytest.fixture(scope="package")
