@@ -308,17 +308,11 @@ def why(change: FieldChange) -> str:
 
 
 def global_changes(desired_config: Mapping[str, Any], live_globals: Mapping[str, Any]) -> list[str]:
-    """Instance-wide options that differ. A running Serve ignores new http_options and
-    proxy_location (the dashboard only logs a warning), so these can only be reported."""
+    """Instance-wide options that differ. A running Serve ignores a new proxy_location (the
+    dashboard only logs a warning), so it can only be reported. The fleet's config always says
+    ``Disabled`` (the router serves the OpenAI port itself) and never carries http_options, so a
+    difference means this Serve was started by something else."""
     if not live_globals:  # no Serve running yet: the first PUT starts it with ours
         return []
-    out = []
-    for key in ("proxy_location", "http_options"):
-        want, have = desired_config.get(key), live_globals.get(key)
-        if want is None or have is None:
-            continue
-        if isinstance(want, Mapping) and isinstance(have, Mapping):
-            out += [p for p, _, _ in _leaf_diffs({k: have.get(k, _MISSING) for k in want}, want, key)]
-        elif not _equal(want, have):
-            out.append(key)
-    return out
+    want, have = desired_config.get("proxy_location"), live_globals.get("proxy_location")
+    return ["proxy_location"] if want is not None and have is not None and not _equal(want, have) else []

@@ -9,4 +9,5 @@ bash scripts/install-clients.sh
 source scripts/python-env.sh
 fleet_python_env
 export HF_HUB_OFFLINE=1   # tests never reach a model hub; they build or ship their models
-exec "$PY" -m pytest -q "$@"
+# --durations: the 25 slowest tests and fixtures, to see where the suite's time goes
+exec "$PY" -m pytest -q --durations=25 "$@"

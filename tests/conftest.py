@@ -21,6 +21,38 @@ TEST_API_KEY_ENV = "FLEET_TEST_API_KEY"
 TEST_API_KEY = "fleet-test-key"
 # Bump when build_tiny_llama changes, so a stale cached build is not reused.
 TINY_LLAMA_VERSION = "v1"
+# What a skip for a missing client says (tests/clients/conftest.py's missing_client).
+MISSING_CLIENT_HINT = "scripts/install-clients.sh"
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (path, line, "Skipped: ...")
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The client tests that did not run, in a block of their own at the end of the run.
+
+    Off CI a missing client (Chromium, OpenWebUI, a Python package) is a skip, and `-q` shows a
+    skip as one character among hundreds: whoever ran the suite must see what it did not test.
+    """
+    skipped = terminalreporter.stats.get("skipped", [])
+    missing: dict[str, list[str]] = {}
+    for report in skipped:
+        reason = _skip_reason(report)
+        if report.nodeid.startswith("tests/clients/") or MISSING_CLIENT_HINT in reason:
+            missing.setdefault(reason, []).append(report.nodeid or "(collection)")
+    if not missing:
+        return
+    count = sum(len(ids) for ids in missing.values())
+    terminalreporter.section(f"NOT TESTED (client missing): {count} client test(s) skipped",
+                             sep="!", red=True, bold=True)
+    for reason, ids in missing.items():
+        terminalreporter.write_line(reason, yellow=True, bold=True)
+        for nodeid in ids:
+            terminalreporter.write_line(f"    {nodeid}")
 
 
 @pytest.fixture(scope="session")

@@ -165,8 +165,7 @@ def test_desired_name_held_by_a_serve_run_app_is_taken_over() -> None:
 
 
 def test_global_changes_are_reported() -> None:
-    desired = {"http_options": {"host": "127.0.0.1", "port": 8000}, "proxy_location": "EveryNode"}
-    live = {"http_options": {"host": "127.0.0.1", "port": 8001, "root_path": ""},
-            "proxy_location": "EveryNode"}
-    assert diff.global_changes(desired, live) == ["http_options.port"]
-    assert diff.global_changes(desired, {}) == []
+    desired = {"proxy_location": "Disabled"}  # what reconciler.compile always says
+    assert diff.global_changes(desired, {"proxy_location": "EveryNode"}) == ["proxy_location"]
+    assert diff.global_changes(desired, {"proxy_location": "Disabled"}) == []
+    assert diff.global_changes(desired, {}) == []  # no Serve yet

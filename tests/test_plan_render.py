@@ -27,8 +27,8 @@ def router_app(models: dict[str, Any]) -> dict[str, Any]:
 
 
 def config(*apps: dict[str, Any]) -> dict[str, Any]:
-    return {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": 8000},
-            "applications": list(apps)}
+    """A config as reconciler.compile makes it: Serve's proxy off, no http_options."""
+    return {"proxy_location": "Disabled", "applications": list(apps)}
 
 
 def live_of(cfg: dict[str, Any], *extra: dict[str, Any]) -> LiveState:
@@ -38,9 +38,7 @@ def live_of(cfg: dict[str, Any], *extra: dict[str, Any]) -> LiveState:
         deps = tuple(DeploymentLive(d["name"], "HEALTHY", replicas=(Replica(f"r{i}", "RUNNING", 100 + i),),
                                     target_num_replicas=1) for d in a["deployments"])
         apps[a["name"]] = AppLive(a["name"], "RUNNING", config=copy.deepcopy(a), deployments=deps)
-    return LiveState(apps=apps, globals={"proxy_location": "EveryNode",
-                                         "http_options": {"host": "127.0.0.1", "port": 8000}},
-                     serve_running=True)
+    return LiveState(apps=apps, globals={"proxy_location": cfg["proxy_location"]}, serve_running=True)
 
 
 def always_on(app: dict[str, Any]) -> dict[str, Any]:
@@ -126,14 +124,15 @@ def test_fingerprints_ignore_equivalent_forms_and_status() -> None:
     assert make_plan(changed, live).desired_fingerprint != p1.desired_fingerprint
 
 
-def test_http_option_drift_is_a_warning() -> None:
+def test_a_serve_started_with_its_proxy_on_is_a_warning() -> None:
     cfg = config(engine_app("a"))
-    desired = copy.deepcopy(cfg)
-    desired["http_options"]["port"] = 9000
-    plan = make_plan(desired, live_of(cfg))
+    started_elsewhere = copy.deepcopy(cfg)
+    started_elsewhere["proxy_location"] = "EveryNode"  # e.g. a plain `serve deploy` started this Serve
+    plan = make_plan(cfg, live_of(started_elsewhere))
     assert not plan.has_changes
-    assert plan.warnings and "http_options.port" in plan.warnings[0]
-    assert "Warning: http_options.port" in render.format_text(plan)
+    assert len(plan.warnings) == 1 and plan.warnings[0].startswith("proxy_location differs")
+    assert "Warning: proxy_location differs" in render.format_text(plan)
+    assert make_plan(cfg, live_of(cfg)).warnings == ()
 
 
 def _on_gpu(app: dict[str, Any], *gpus: int) -> dict[str, Any]:

@@ -27,13 +27,26 @@ import pytest
 
 from reconciler import cluster
 from reconciler.cli_ops import head_state_path, kill_leftovers
-from serve_app.proctable import descendants
+from serve_app.proctable import cmdline, descendants
 from tests.fixtures.default_fleet import copy_default_fleet
 
 REPO = Path(__file__).resolve().parents[2]
 OPEN_WEBUI_VERSION = "0.12.4"  # as scripts/install-clients.sh installs it
 STOCK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHAT, EMBED = "smollm2-135m-instruct", "all-minilm-l6-v2"
+
+
+START_TIMEOUT_S = 1800  # start.sh's own bound (client_fleet)
+# pytest-timeout's bound for a client test (pyproject.toml's is 1200 s): the first one waits for
+# start.sh, and one of test_openwebui.py's then for OpenWebUI's first start (bounded at 900 s).
+CLIENT_TEST_TIMEOUT_S = START_TIMEOUT_S + 900
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(CLIENT_TEST_TIMEOUT_S))
 
 
 def missing_client(what: str) -> None:
@@ -55,6 +68,24 @@ class ClientFleet:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def engine_requests(self, model: str, path: str) -> float:
+        """Requests on ``path`` (e.g. /v1/embeddings) that this fleet's vLLM for ``model`` handled, from
+        its own /metrics (the HTTP instrumentator's http_requests_total, any status). The vLLM is
+        found by its command line among the processes of this fleet's Ray head: other fleets on the
+        box may serve a model of the same name. 0 while the model is unloaded (no vLLM): a vLLM that
+        starts counts from 0 again."""
+        head = _head(self.dashboard_url, self.env)
+        assert head is not None, "the client fleet's Ray head is not recorded"
+        for pid in descendants(set(cluster.session_processes(head.pid))):
+            argv = cmdline(pid).split()
+            if ("--served-model-name" in argv and argv[argv.index("--served-model-name") + 1] == model
+                    and "--port" in argv and any("vllm" in a for a in argv)):
+                port = argv[argv.index("--port") + 1]
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+                return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                           if line.startswith("http_requests_total{") and f'handler="{path}"' in line)
+        return 0.0
 
 
 def start_env(lock_dir: Path, log_dir: Path) -> dict[str, str]:
@@ -80,7 +111,7 @@ def client_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientFle
     dashboard = f"http://127.0.0.1:{dash}"
     try:
         start = subprocess.run(["bash", str(REPO / "scripts" / "start.sh"), str(root)], cwd=root, env=env,
-                               capture_output=True, text=True, timeout=1800)
+                               capture_output=True, text=True, timeout=START_TIMEOUT_S)
         assert start.returncode == 0, start.stdout[-4000:] + start.stderr[-4000:]
         yield ClientFleet(root, port, dashboard, start, env)
     finally:
@@ -91,6 +122,15 @@ def _stop_fleet(root: Path, dashboard: str, env: dict[str, str]) -> None:
     """`fleetctl down` (it stops the daemon too), then whatever of the head is left, by pid."""
     subprocess.run([sys.executable, "-c", "from reconciler.cli import main; main()", "down", str(root)],
                    cwd=root, env=env, capture_output=True, timeout=600, check=False)
+    head = _head(dashboard, env)
+    if head is not None:
+        ours = descendants(set(cluster.session_processes(head.pid)))
+        cluster.stop_head(head)
+        kill_leftovers(ours)
+
+
+def _head(dashboard: str, env: dict[str, str]) -> cluster.Head | None:
+    """The Ray head start.sh started for this dashboard, as its lock folder records it."""
     old = os.environ.get("FLEET_LOCK_DIR")
     os.environ["FLEET_LOCK_DIR"] = env["FLEET_LOCK_DIR"]
     try:
@@ -100,11 +140,9 @@ def _stop_fleet(root: Path, dashboard: str, env: dict[str, str]) -> None:
             del os.environ["FLEET_LOCK_DIR"]
         else:
             os.environ["FLEET_LOCK_DIR"] = old
-    if state.exists():
-        head = cluster.Head(**{k: v for k, v in json.loads(state.read_text()).items() if k != "start"})
-        ours = descendants(set(cluster.session_processes(head.pid)))
-        cluster.stop_head(head)
-        kill_leftovers(ours)
+    if not state.exists():
+        return None  # the head's start settings (kept beside it for a restart) are not a Head's
+    return cluster.Head(**{k: v for k, v in json.loads(state.read_text()).items() if k != "start"})
 
 
 @pytest.fixture(scope="package")

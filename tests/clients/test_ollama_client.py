@@ -8,7 +8,7 @@ import pytest
 from .conftest import CHAT, EMBED, ClientFleet
 
 pytestmark = pytest.mark.serve
-ollama = pytest.importorskip("ollama")
+ollama = pytest.importorskip("ollama", reason="the ollama package is not installed: pip install -e '.[test]'")
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,17 @@ model through OpenWebUI's OpenAI embedding engine. Checked: the first chat messa
 (OpenWebUI preselects the first listed model; this once was the embedding model and the first
 answer was an engine error), its background tasks (title, tags, follow-ups) reach the engine
 without errors, and a document uploaded into a chat is embedded by the fleet's
-embedding model and a question about it is answered; a streamed answer is stopped and then
-regenerated; and a second OpenWebUI with only its Ollama connection, pointed at the same port
-(the fleet speaks Ollama's API there too), chats. No error may show in the page at any point.
+embedding model (its vLLM counts the requests) and a question about it is answered from it (the
+answer's sources hold the memo); a streamed answer is stopped and then regenerated; and a second
+OpenWebUI with only its Ollama connection, pointed at the same port (the fleet speaks Ollama's API
+there too), chats. No error may show in the page at any point, and ERROR_SELECTORS are shown to
+match a real OpenWebUI error (a prompt longer than the model's context), so they cannot pass
+because OpenWebUI's markup changed.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +32,8 @@ pytestmark = pytest.mark.serve
 # What a user sees when something failed: toasts of type error, and OpenWebUI's error box in a message.
 ERROR_SELECTORS = "[data-sonner-toast][data-type='error'], .chat-assistant [class*='bg-red'], #response-error"
 ANSWER_TIMEOUT_MS = 300_000
-# A fact the model cannot know (not asserted on: see the test).
+# A fact the model cannot know. Not asserted in the answer (a 135M model may not repeat it): in the
+# sources OpenWebUI put into the prompt.
 DOC_TEXT = ("Internal memo. The secret project codename is BLUEHERON. The project started in 2019 "
             "and is run by the Zurich office. Its codename is BLUEHERON.\n")
 
@@ -122,6 +127,17 @@ def wait_file_processed(ui: OpenWebUI, name: str) -> None:
     raise AssertionError(f"{name} not processed in time (status {status})")
 
 
+def chat_with(ui: OpenWebUI, question: str) -> dict[str, Any]:
+    """OpenWebUI's stored chat whose first user message is ``question`` (the chat object: history, ...)."""
+    with api(ui) as client:
+        for item in client.get("/api/v1/chats/?page=1").json():
+            chat = client.get(f"/api/v1/chats/{item['id']}").json()["chat"]
+            messages = chat.get("history", {}).get("messages", {}).values()
+            if any(m.get("role") == "user" and m.get("content") == question for m in messages):
+                return dict(chat)
+    raise AssertionError(f"no stored chat asks {question!r}")
+
+
 def test_first_chat_message_gets_an_answer(browser: Any, webui: OpenWebUI) -> None:
     page = open_chat(browser, webui.url)
     assert CHAT in selected_model(page)  # not the embedding model
@@ -154,18 +170,33 @@ def test_embedding_model_is_not_offered_for_chat(browser: Any, webui: OpenWebUI)
     page.keyboard.press("Escape")
 
 
-def test_document_upload_then_question(browser: Any, webui: OpenWebUI, tmp_path: Path) -> None:
+def test_document_upload_then_question(browser: Any, webui: OpenWebUI, client_fleet: ClientFleet,
+                                       tmp_path: Path) -> None:
     doc = tmp_path / "memo.txt"
     doc.write_text(DOC_TEXT)
+    embedded = client_fleet.engine_requests(EMBED, "/v1/embeddings")
     page = open_chat(browser, webui.url)
     page.locator("input[type='file']").first.set_input_files(str(doc))
     page.get_by_text("memo.txt").first.wait_for()
     wait_file_processed(webui, "memo.txt")  # its only embedding engine is the fleet's model
+    # ... which received the document: its vLLM counted embedding requests meanwhile
+    assert client_fleet.engine_requests(EMBED, "/v1/embeddings") > embedded
     assert_no_error(page, webui)
-    send(page, "What is the secret project codename in the memo?")
-    # Answered without an error. Not asserted: that a 135M model repeats the codename (in one run
-    # it invented one), nor yet that OpenWebUI put the memo into the prompt.
+    question = "What is the secret project codename in the memo?"
+    send(page, question)
+    # Answered without an error, from the memo: OpenWebUI stores with the answer the sources it put
+    # into the prompt, and they are the memo's text. Not asserted: that a 135M model repeats the
+    # codename (in one run it invented one).
     assert last_answer(page, webui)
+    deadline = time.monotonic() + 60  # the page saves the finished answer's sources shortly after
+    while True:
+        answers = [m for m in chat_with(webui, question)["history"]["messages"].values()
+                   if m.get("role") == "assistant"]
+        sources = json.dumps([m.get("sources") for m in answers])
+        if "memo.txt" in sources and "BLUEHERON" in sources:
+            break
+        assert time.monotonic() < deadline, f"the answer's sources are not the memo: {sources[:2000]}"
+        time.sleep(1)
 
 
 def test_stop_then_regenerate_a_streamed_answer(browser: Any, webui: OpenWebUI) -> None:
@@ -201,6 +232,25 @@ def test_stop_then_regenerate_a_streamed_answer(browser: Any, webui: OpenWebUI) 
     assert_no_error(page, webui)
 
 
+def test_error_selectors_match_a_real_openwebui_error(browser: Any, webui: OpenWebUI) -> None:
+    """The positive control of ERROR_SELECTORS (every other test asserts they match nothing): a
+    prompt longer than the chat model's context (max_model_len 2048 in fleet.yaml) is refused by
+    vLLM with a 400, and OpenWebUI shows that error; the selectors must find it."""
+    page = open_chat(browser, webui.url)
+    page.locator("#chat-input").click()
+    page.keyboard.insert_text("word " * 4000)  # ~4000 tokens; one input event, not 20000 key presses
+    page.keyboard.press("Enter")
+    deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
+    while not page.locator(ERROR_SELECTORS).count():
+        assert time.monotonic() < deadline, (
+            f"ERROR_SELECTORS match nothing after a refused request; the page says: "
+            f"{page.locator('body').inner_text()[-2000:]}\n--- OpenWebUI's log:\n{webui.log_tail()}")
+        time.sleep(1)
+    errors = [e.inner_text() for e in page.locator(ERROR_SELECTORS).all()]
+    assert any(text.strip() for text in errors), errors  # an error a user can read, not an empty box
+    page.close()
+
+
 @pytest.fixture
 def ollama_webui(client_fleet: ClientFleet, tmp_path: Path) -> Iterator[OpenWebUI]:
     """OpenWebUI with its OpenAI connection off and its Ollama connection at the fleet's port."""
@@ -208,17 +258,27 @@ def ollama_webui(client_fleet: ClientFleet, tmp_path: Path) -> Iterator[OpenWebU
                               OLLAMA_BASE_URL=client_fleet.endpoint)
 
 
-def test_openwebuis_ollama_connection_chats(browser: Any, ollama_webui: OpenWebUI) -> None:
+def test_openwebuis_ollama_connection_chats(browser: Any, ollama_webui: OpenWebUI, client_fleet: ClientFleet) -> None:
     with api(ollama_webui) as client:
         models = client.get("/api/models").json()["data"]
     ids = [m["id"] for m in models]
     assert f"{CHAT}:latest" in ids, ids
     assert all(m.get("owned_by") == "ollama" for m in models), models  # through the Ollama connection only
+    chats = client_fleet.engine_requests(CHAT, "/v1/chat/completions")
     page = open_chat(browser, f"{ollama_webui.url}/?models={CHAT}:latest")
-    assert CHAT in selected_model(page)
-    send(page, "What is the capital of France?")
+    # the id only the fleet's /api/tags gives (its /v1/models says CHAT): the model of the Ollama connection
+    assert f"{CHAT}:latest" in selected_model(page)
+    question = "What is the capital of France?"
+    send(page, question)
     # What is checked here is the connection: an answer streamed into the page through Ollama's API,
     # with no error. The content is the OpenAI connection's test's job (when the fleet sampled at
     # temperature 0.2, CI saw French word salad here and "Paris" there).
     assert len(last_answer(page, ollama_webui).split()) >= 3
     assert_no_error(page, ollama_webui)
+    # It came through that connection: OpenWebUI recorded the answer as the Ollama model's (its
+    # OpenAI connection is off), and the fleet's engine for CHAT generated it (the router's /api/chat
+    # relays to vLLM's /v1/chat/completions; the router keeps no access log of its own).
+    answers = [m for m in chat_with(ollama_webui, question)["history"]["messages"].values()
+               if m.get("role") == "assistant"]
+    assert answers and all(m.get("model") == f"{CHAT}:latest" for m in answers), answers
+    assert client_fleet.engine_requests(CHAT, "/v1/chat/completions") > chats

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from openai import OpenAI
@@ -65,6 +65,44 @@ def ray_driver(ray_head: Any) -> Iterator[None]:
     ray.init(address=ray_head.gcs_address, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+class Answered(NamedTuple):
+    """What a client of a generation checks, never the text (the tiny Llama's is gibberish, maybe
+    empty): why the answer ended and how many tokens the engine generated."""
+
+    finish_reason: str | None
+    completion_tokens: int | None
+
+
+ASK_TOKENS = 4
+# What ask() gets whenever the engine answered: ignore_eos makes it generate exactly ASK_TOKENS.
+ANSWERED = Answered("length", ASK_TOKENS)
+
+
+def ask(client: OpenAI, model: str, *, chat: bool, stream: bool, text: str = "hi") -> Answered:
+    """One generation of ASK_TOKENS tokens (chat or completions, streamed or not): its Answered.
+
+    A refusal raises (openai.APIStatusError); an answer without choices, finish_reason or usage
+    (an empty body, a stream cut short) gives None fields, so ``== ANSWERED`` fails.
+    """
+    kw: dict[str, Any] = {"model": model, "max_tokens": ASK_TOKENS, "extra_body": {"ignore_eos": True}}
+    if chat:
+        kw["messages"] = [{"role": "user", "content": text}]
+    else:
+        kw["prompt"] = text
+    create = client.chat.completions.create if chat else client.completions.create
+    if not stream:
+        reply = create(**kw)
+        return Answered(reply.choices[0].finish_reason if reply.choices else None,
+                        reply.usage.completion_tokens if reply.usage else None)
+    finish, tokens = None, None
+    for chunk in create(**kw, stream=True, stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return Answered(finish, tokens)
 
 
 def engine_info(model: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import pytest
 
 from tests.fixtures import serve_api
 from tests.fixtures.procs import alive, wait_session_gone
-from tests.serve.conftest import EMB, Fleet, engine_info
+from tests.serve.conftest import ANSWERED, EMB, Answered, Fleet, ask, engine_info
 
 pytestmark = pytest.mark.serve
 COLD = "tiny-cold"
@@ -84,14 +84,12 @@ def test_idle_model_is_unloaded_and_its_vllm_is_gone(fleet: Fleet, cold: Path) -
     assert engine_info(EMB)["guard_pid"] == always_on["guard_pid"] and alive(always_on["guard_pid"])
 
 
-def _ask(fleet: Fleet, i: int) -> str:
-    """One request, streamed for even i: the answer's text."""
+def _ask(fleet: Fleet, i: int) -> Answered:
+    """One request: a completion for odd i, a streamed chat for even i. == ANSWERED when answered."""
     client = fleet.client(timeout=BOUND_S)
     if i % 2:
-        return client.completions.create(model=COLD, prompt=f"count {i}", max_tokens=4).choices[0].text
-    stream = client.chat.completions.create(model=COLD, messages=[{"role": "user", "content": f"hi {i}"}],
-                                            max_tokens=4, stream=True)
-    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        return ask(client, COLD, chat=False, stream=False, text=f"count {i}")
+    return ask(client, COLD, chat=True, stream=True, text=f"hi {i}")
 
 
 def test_ten_concurrent_requests_to_an_unloaded_model_load_it_once(fleet: Fleet, cold: Path) -> None:
@@ -106,7 +104,7 @@ def test_ten_concurrent_requests_to_an_unloaded_model_load_it_once(fleet: Fleet,
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    answers: dict[int, str | BaseException] = {}
+    answers: dict[int, Answered | BaseException] = {}
 
     def ask(i: int) -> None:
         try:
@@ -121,7 +119,7 @@ def test_ten_concurrent_requests_to_an_unloaded_model_load_it_once(fleet: Fleet,
         t.join()
     done.set()
     watcher.join()
-    assert {i: a for i, a in answers.items() if not isinstance(a, str)} == {}
+    assert {i: a for i, a in answers.items() if a != ANSWERED} == {}
     assert len(answers) == 10
     assert _state(COLD)["counts"]["load"] == loads + 1  # one load for all ten
     assert "loading" in seen
@@ -163,7 +161,7 @@ def test_failed_load_answers_503_with_the_reason_and_the_next_request_tries_agai
         assert serve_api.app_statuses(fleet.dashboard)[COLD][0] == "RUNNING"  # the replica is fine
     finally:
         (cold / "config.json.off").rename(cold / "config.json")
-    assert isinstance(_ask(fleet, 2), str)  # mended: the next request loads it and is answered
+    assert _ask(fleet, 2) == ANSWERED  # mended: the next request loads it and is answered
     assert _state(COLD)["state"] in ("awake", "unloading", "unloaded")
 
 

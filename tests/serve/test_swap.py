@@ -22,7 +22,7 @@ from reconciler import live, plan
 from serve_app.contract import SWAP_APP
 from serve_app.proctable import cmdline, processes
 from tests.fixtures import serve_api
-from tests.serve.conftest import Fleet
+from tests.serve.conftest import ANSWERED, Answered, Fleet, ask
 
 pytestmark = pytest.mark.serve
 A, B = "swap-a", "swap-b"
@@ -102,20 +102,17 @@ def pair(fleet: Fleet, ray_driver: None) -> Iterator[Sampler]:
     assert sampler.both == []
 
 
-def _ask(fleet: Fleet, model: str, stream: bool) -> str:
-    client = fleet.client(timeout=BOUND_S)
-    if not stream:
-        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
-                                              max_tokens=4).choices[0].message.content or ""
-    chunks = client.completions.create(model=model, prompt="count", max_tokens=4, stream=True)
-    return "".join(c.choices[0].text for c in chunks if c.choices)
+def _ask(fleet: Fleet, model: str, stream: bool) -> Answered:
+    """A chat completion, or a streamed completion: == ANSWERED when the engine answered."""
+    return ask(fleet.client(timeout=BOUND_S), model, chat=not stream, stream=stream,
+               text="count" if stream else "hi")
 
 
 def test_members_start_unloaded_and_alternating_requests_are_all_answered(fleet: Fleet, pair: Sampler) -> None:
     listed = _listed(fleet)
     assert listed[A]["swap_group"] == listed[B]["swap_group"] == "pair"
     for i, (model, stream) in enumerate([(A, True), (B, False), (B, True), (A, False)]):
-        assert isinstance(_ask(fleet, model, stream), str), (i, model)
+        assert _ask(fleet, model, stream) == ANSWERED, (i, model)
         assert _state(model)["state"] == "awake"
         other = B if model == A else A
         assert _state(other)["state"] in ("unloaded", "asleep"), (i, _state(other))
@@ -130,13 +127,13 @@ def test_members_start_unloaded_and_alternating_requests_are_all_answered(fleet:
 
 
 def test_a_long_stream_is_not_cut_the_other_member_waits_for_it(fleet: Fleet, pair: Sampler) -> None:
-    assert _ask(fleet, A, stream=False) is not None  # A awake (it was the last one asked)
+    assert _ask(fleet, A, stream=False) == ANSWERED  # A awake (it was the last one asked)
     tokens = 600
     client = fleet.client(timeout=BOUND_S)
     stream = client.completions.create(model=A, prompt="a long story", max_tokens=tokens, stream=True,
                                        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     events: dict[str, float] = {}
-    answer: dict[str, Any] = {}
+    answer: dict[str, Answered | BaseException] = {}
 
     def ask_b() -> None:
         try:
@@ -159,7 +156,7 @@ def test_a_long_stream_is_not_cut_the_other_member_waits_for_it(fleet: Fleet, pa
     events["a_done"] = time.monotonic()
     asker.join(BOUND_S)
     assert finish == "length" and usage is not None and usage.completion_tokens == tokens  # A was not cut
-    assert isinstance(answer["b"], str), answer["b"]
+    assert answer["b"] == ANSWERED, answer["b"]
     assert events["b_answered"] > events["a_done"]  # B got its turn only after A's stream ended
     assert _state(B)["state"] == "awake" and _state(A)["state"] in ("unloaded", "asleep")
     assert pair.both == []
