@@ -128,7 +128,7 @@ def plan_cmd(path: Path, as_json: bool, detailed_exitcode: bool, out_file: Path 
 
 
 def save_plan(plan: Plan, desired: Desired, out_file: Path) -> None:
-    data = plan_to_dict(plan)
+    data = plan_to_dict(plan, redact=True)  # no env value on disk; apply gets them back from the files
     data["kind"] = PLAN_FILE_KIND
     data["fleet"] = {"path": str(desired.path), "dashboard_url": desired.dashboard_url}
     out_file.write_text(json.dumps(data, indent=2, default=str) + "\n")

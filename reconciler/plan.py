@@ -231,9 +231,8 @@ def fingerprint_live(live: LiveState) -> str:
 
 def plan_to_dict(plan: Plan, *, redact: bool = False) -> dict[str, Any]:
     """The versioned JSON form. ``redact=True`` for anything a person or a log sees (`plan --json`): every
-    env value becomes its fingerprint (reconciler.redact). A saved plan file keeps the values: apply PUTs
-    exactly that file's config, and holds nothing the fleet files do not (``${NAME}`` references are
-    resolved inside the engine's replica, never here)."""
+    env value becomes its fingerprint (reconciler.redact), as in saved plan files: apply gives a saved
+    plan its values back from the fleet files (``with_values_of``), checking every fingerprint."""
     shown = redact_mod.redact_config if redact else _same
     return {
         "format_version": FORMAT_VERSION,

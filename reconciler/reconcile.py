@@ -33,7 +33,7 @@ from reconciler import lock as lock_mod
 from reconciler import rollout as rollout_mod
 from reconciler.errors import Problem, SpecError
 from reconciler.pipeline import DesiredState, desired_state
-from reconciler.plan import Action, Plan, app_fingerprint, make_plan
+from reconciler.plan import Action, Plan, PlanFormatError, app_fingerprint, make_plan, with_values_of
 from serve_app.contract import ENGINE_IMPORT
 
 Report = Callable[[str], None]
@@ -216,7 +216,10 @@ def _step(ctx: _Ctx) -> Outcome:
         stale = _staleness(ctx.saved_plan, plan)
         if stale:
             return done(Result.STALE_PLAN, stale, plan=plan, desired=desired, live=live)
-        plan = ctx.saved_plan
+        try:  # a saved plan holds env values as fingerprints: given back from the files, if they match
+            plan = with_values_of(ctx.saved_plan, plan)
+        except PlanFormatError as e:
+            return done(Result.STALE_PLAN, str(e), plan=plan, desired=desired, live=live)
     bad = [v for v in seen.over if v.phase in _BAD]
     if not plan.has_changes:
         if bad:

@@ -37,24 +37,24 @@ OTHER = engine_app("a", args={**CFG["args"], "engine_argv": ["--max-model-len", 
 
 
 @pytest.mark.parametrize(("rollout", "now", "phase", "words"), [
-    (sent(before=OLD), app("RUNNING", CFG), Phase.SETTLED, "healthy"),
-    (sent(before=OLD), app("RUNNING", CFG, ids=("r1",)), Phase.STARTING, "old replicas still running"),
-    (sent(Action.CREATE), app("DEPLOYING", CFG, "UPDATING"), Phase.STARTING, "deploying"),
-    (sent(Action.CREATE, ago=0.5), None, Phase.STARTING, "not yet known"),
-    (sent(Action.CREATE), None, Phase.GONE, "removed from Serve while it started"),
-    (sent(Action.CREATE), app("DEPLOY_FAILED", CFG, "DEPLOY_FAILED", message="kv_cache_dtype nonsense"),
+    (lambda: sent(before=OLD), app("RUNNING", CFG), Phase.SETTLED, "healthy"),
+    (lambda: sent(before=OLD), app("RUNNING", CFG, ids=("r1",)), Phase.STARTING, "old replicas still running"),
+    (lambda: sent(Action.CREATE), app("DEPLOYING", CFG, "UPDATING"), Phase.STARTING, "deploying"),
+    (lambda: sent(Action.CREATE, ago=0.5), None, Phase.STARTING, "not yet known"),
+    (lambda: sent(Action.CREATE), None, Phase.GONE, "removed from Serve while it started"),
+    (lambda: sent(Action.CREATE), app("DEPLOY_FAILED", CFG, "DEPLOY_FAILED", message="kv_cache_dtype nonsense"),
      Phase.FAILED, "kv_cache_dtype nonsense"),
-    (sent(Action.CREATE, ago=0.5), app("DEPLOY_FAILED", CFG, "DEPLOY_FAILED"), Phase.STARTING, ""),
-    (sent(Action.CREATE), app("DEPLOYING", CFG, "UPDATING", ids=(), message=(
+    (lambda: sent(Action.CREATE, ago=0.5), app("DEPLOY_FAILED", CFG, "DEPLOY_FAILED"), Phase.STARTING, ""),
+    (lambda: sent(Action.CREATE), app("DEPLOYING", CFG, "UPDATING", ids=(), message=(
         "Deployment 'engine' in application 'a' has 1 replicas that have taken more than 30s to be scheduled. "
         "This may be due to waiting for the cluster to auto-scale or for a runtime environment to be installed. "
         "Resources required for each replica: {\"CPU\": 1.0, \"fleet_gpu_0\": 0.5}, total resources available: "
         "{\"CPU\": 2.0}.")), Phase.UNSCHEDULABLE, "fleet_gpu_0"),
-    (sent(Action.CREATE, ago=10_000), app("DEPLOYING", CFG, "UPDATING"), Phase.TIMED_OUT, "not healthy after"),
-    (sent(Action.DELETE, cfg=CFG), None, Phase.SETTLED, "deleted"),
+    (lambda: sent(Action.CREATE, ago=10_000), app("DEPLOYING", CFG, "UPDATING"), Phase.TIMED_OUT, "not healthy after"),
+    (lambda: sent(Action.DELETE, cfg=CFG), None, Phase.SETTLED, "deleted"),
 ])
 def test_a_start_is_judged_from_live(rollout: Any, now: AppLive | None, phase: Phase, words: str) -> None:
-    v = judge_rollout(rollout, now)
+    v = judge_rollout(rollout(), now)  # made now: its "sent so long ago" counts from this moment
     assert v.phase is phase, v
     assert words in v.detail
 
