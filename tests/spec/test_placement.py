@@ -24,8 +24,8 @@ def test_three_gpu_example_places_exactly_as_declared(tmp_path: Path) -> None:
     assert placed.inventory.source == "declared"
     assert where == {
         "qwen2.5-14b-instruct": ((0, 1), 0.9, 2, False),
-        "llama-3.1-8b-instruct": ((2,), 0.7, 1, False),
-        "bge-m3": ((2,), 0.2, 1, True),
+        "llama-3.1-8b-instruct": ((2,), 0.8, 1, False),
+        "bge-m3": ((2,), 0.15, 1, True),
     }
 
 
@@ -38,7 +38,7 @@ def test_three_gpu_example_compiles_to_gpu_resources_and_flags(tmp_path: Path) -
     argv = qwen["args"]["engine_argv"]
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
     bge = apps["bge-m3"]
-    assert bge["deployments"][0]["ray_actor_options"]["resources"] == {"fleet_gpu_2": 0.2}
+    assert bge["deployments"][0]["ray_actor_options"]["resources"] == {"fleet_gpu_2": 0.15}
     assert bge["args"]["engine_argv"][:2] == ["--runner", "pooling"]
 
 
