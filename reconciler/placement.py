@@ -145,7 +145,8 @@ def _reserve(model: PlacedModel, used: Mapping[tuple[str | None, int], list[Use]
 
 def _notes(used: Mapping[tuple[str | None, int], list[Use]], inv: Inventory,
            groups: Mapping[str, SwapGroup]) -> tuple[str, ...]:
-    notes = []
+    warning = inv.warning()
+    notes = [warning] if warning else []
     for (node, idx), uses in sorted(used.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
         gpu = f"GPU {idx}" if node is None else f"GPU {idx} on node {node!r}"
         for group in sorted({u.group for u in uses if u.group}):

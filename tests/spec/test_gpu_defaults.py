@@ -75,3 +75,20 @@ def test_default_fleet_on_the_cpu_keeps_its_cpu_settings(tmp_path: Path, monkeyp
     assert chat.gpus == () and chat.engine["dtype"] == "float32" and chat.engine["enforce_eager"] is True
     assert chat.engine["max_model_len"] == 2048 and chat.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert embed.engine["max_model_len"] == 256  # the model's own value wins over on_cpu's
+
+
+def test_a_declared_inventory_ignored_for_nvml_gpus_is_a_warning(tmp_path: Path, monkeypatch) -> None:
+    found = (inventory.GpuInfo(0, 80 * 2**30, None, "H100"),)
+    monkeypatch.setattr(inventory, "nvml_gpus", lambda: found)
+    (tmp_path / "fleet.yaml").write_text(GPU3 + "models:\n  m: {source: hf://org/m, gpus: [0]}\n")
+    placed = desired_state(tmp_path).placed
+    assert placed.inventory.source == "nvml" and len(placed.inventory.ignored) == 3
+    assert placed.notes[0].startswith("warning: inventory: declares 3 GPU(s) of this box, ignored because NVML "
+                                      "found GPUs 0 (80 GiB)")
+
+
+def test_engines_number_gpus_in_pci_bus_order_as_nvml_does() -> None:
+    from serve_app.engine import child_env
+
+    env = child_env({}, [2])
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CUDA_VISIBLE_DEVICES"] == "2"
