@@ -139,6 +139,9 @@ def _register_ops() -> None:
         return
     for cmd in LIFECYCLE_COMMANDS:
         main.add_command(cmd)
+    from .cli_init import init_cmd
+
+    main.add_command(init_cmd)
 
 
 _register_ops()
