@@ -32,7 +32,9 @@ def main() -> None:
       fleetctl daemon        apply every edit, heal drift, serve a status page (up starts it)
       fleetctl load MODEL    load a model now; `fleetctl unload MODEL` frees it (files unchanged)
 
-    Exit codes: 0 success, 1 error (invalid files, Serve unreachable, failed apply).
+    Exit codes: 0 success, 1 error (invalid files, Serve unreachable, failed apply),
+    2 changes pending (plan --detailed-exitcode), 3 not enough disk space (pull),
+    130 interrupted (Ctrl-C).
     """
 
 
