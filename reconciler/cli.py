@@ -32,7 +32,9 @@ def main() -> None:
       fleetctl daemon        apply every edit, heal drift, serve a status page (up starts it)
       fleetctl load MODEL    load a model now; `fleetctl unload MODEL` frees it (files unchanged)
 
-    Exit codes: 0 success, 1 error (invalid files, Serve unreachable, failed apply).
+    Exit codes: 0 success, 1 error (invalid files, Serve unreachable, failed apply),
+    2 changes pending (plan --detailed-exitcode), 3 not enough disk space (pull),
+    130 interrupted (Ctrl-C).
     """
 
 
@@ -139,6 +141,9 @@ def _register_ops() -> None:
         return
     for cmd in LIFECYCLE_COMMANDS:
         main.add_command(cmd)
+    from .cli_init import init_cmd
+
+    main.add_command(init_cmd)
 
 
 _register_ops()

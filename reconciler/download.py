@@ -1,7 +1,8 @@
 """Model files from the Hugging Face Hub into the cache the engines read, before an engine needs them.
 
 One job: for an ``hf://`` source, *measure* what the cache still lacks (the Hub's file list with
-sizes, one API call), *check* the disk has room for it, and *fetch* it resumably with progress.
+sizes, one API call, kept to the files vLLM loads: ``serve_app.model_source.vllm_files``), *check*
+the disk has room for it, and *fetch* it resumably with progress.
 `fleetctl pull` and `reconcile()` (before it touches Serve) call this; `plan` shows the measure;
 `status` reads the progress file a running fetch keeps beside the apply lock.
 
@@ -34,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,6 +46,7 @@ from reconciler.placement import PlacedFleet, PlacedModel
 from reconciler.plan import Action, Download, Plan
 from reconciler.spec import HF_SOURCE
 from reconciler.units import format_size as format_bytes
+from serve_app.model_source import vllm_files
 
 PARTIAL_SUFFIX = ".fleet-partial"
 PROGRESS_EVERY_S = 0.5
@@ -190,7 +193,10 @@ def measure(model: str, source: str, env: Mapping[str, str] | None = None) -> Mo
         raise DownloadError(f"{model}: the Hub answered no commit for {source}")
     storage = cache / ("models--" + repo.replace("/", "--"))
     files = []
+    wanted = set(vllm_files(s.rfilename for s in info.siblings or []))
     for s in info.siblings or []:
+        if s.rfilename not in wanted:  # another copy of the weights (original/*.pth, ONNX …): vLLM never reads it
+            continue
         etag = s.lfs.sha256 if s.lfs else (s.blob_id or "")
         size = int((s.lfs.size if s.lfs else s.size) or 0)
         files.append(RepoFile(s.rfilename, size, etag, _have(storage, info.sha, s.rfilename, etag, size)))
@@ -278,6 +284,7 @@ def pull(mf: ModelFiles, on_progress: OnProgress | None = None, env: Mapping[str
         state.file_finished(f)
     try:  # refs/<revision> and snapshots/<commit>/<file> links, from the blobs now in place
         folder = snapshot_download(mf.repo, revision=mf.revision, cache_dir=str(mf.cache_dir),
+                                   allow_patterns=[glob_escape(f.path) for f in mf.files],
                                    token=_token(env), tqdm_class=_silent_tqdm())
     except Exception as e:
         raise DownloadError(scrub(f"{mf.model}: finishing the snapshot of {mf.source} failed: {e}", env)) from None

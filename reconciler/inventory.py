@@ -22,6 +22,15 @@ class GpuInfo:
 class Inventory:
     gpus: tuple[GpuInfo, ...]
     source: InventorySource
+    ignored: tuple[GpuInfo, ...] = ()  # this box's cards declared in inventory:, unused because NVML found GPUs
+
+    def warning(self) -> str | None:
+        """Says that the declared inventory of this box was ignored, and what was used instead."""
+        if not self.ignored:
+            return None
+        found = ", ".join(f"{g.index} ({g.memory_bytes / 2**30:.0f} GiB)" for g in self.gpus if g.node is None)
+        return (f"warning: inventory: declares {len(self.ignored)} GPU(s) of this box, ignored because NVML "
+                f"found GPUs {found}; placement uses the cards found. Remove inventory: to silence this")
 
     def find(self, index: int, node: str | None) -> GpuInfo | None:
         return next((g for g in self.gpus if g.index == index and g.node == node), None)
@@ -65,7 +74,9 @@ def discover(declared: DeclaredInventory | None) -> Inventory:
         # this box's cards (node None: the head), plus the other nodes' cards the fleet declares
         others = tuple(GpuInfo(g.index, g.memory, g.node, g.name or "")
                        for g in (declared.gpus if declared else []) if g.node is not None)
-        return Inventory(found + others, "nvml")
+        ignored = tuple(GpuInfo(g.index, g.memory, None, g.name or "")
+                        for g in (declared.gpus if declared else []) if g.node is None)
+        return Inventory(found + others, "nvml", ignored)
     if declared is not None and declared.gpus:
         return Inventory(tuple(GpuInfo(g.index, g.memory, g.node, g.name or "") for g in declared.gpus),
                          "declared")

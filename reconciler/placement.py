@@ -24,6 +24,10 @@ from .units import format_size
 
 DEFAULT_GPU_SHARE = 0.9  # vLLM's own default gpu_memory_utilization, for a model alone on its GPUs
 HEADROOM = 1.25  # weights plus room for KV cache and activations, for automatic placement
+# ...but never less than this beyond the weights on each GPU: a GPU engine's CUDA graphs, activations at its
+# default batch of tokens, the sampler's logits and a KV cache for one full context. 25 % of a 135M model
+# (64 MiB) is far short of that, and vLLM refuses to start when its share cannot hold them.
+MIN_RUNTIME = 2**30
 SHARE_STEP = 0.01
 
 
@@ -141,7 +145,8 @@ def _reserve(model: PlacedModel, used: Mapping[tuple[str | None, int], list[Use]
 
 def _notes(used: Mapping[tuple[str | None, int], list[Use]], inv: Inventory,
            groups: Mapping[str, SwapGroup]) -> tuple[str, ...]:
-    notes = []
+    warning = inv.warning()
+    notes = [warning] if warning else []
     for (node, idx), uses in sorted(used.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
         gpu = f"GPU {idx}" if node is None else f"GPU {idx} on node {node!r}"
         for group in sorted({u.group for u in uses if u.group}):
@@ -231,7 +236,9 @@ def _auto_place(fleet: Fleet, name: str, model: Model, inv: Inventory, weights: 
             "and the Hub gave none); set size: (e.g. 16GiB) or gpus: [...]"))
         return None
     tp = model.tensor_parallel or 1
-    need = weights * HEADROOM / tp
+    need = max(weights * HEADROOM / tp, weights / tp + MIN_RUNTIME)
+    extra = (f"{int((HEADROOM - 1) * 100)}% for KV cache" if weights * (HEADROOM - 1) / tp >= MIN_RUNTIME
+             else f"{format_size(MIN_RUNTIME)} for the engine and its KV cache")
     candidates = [g for g in inv.gpus if model.node is None or g.node == model.node]
     if not candidates:
         problem(("models", name, "node"), (
@@ -255,7 +262,7 @@ def _auto_place(fleet: Fleet, name: str, model: Model, inv: Inventory, weights: 
         per = " per GPU" if tp > 1 else ""
         problem(("models", name), (
             f"does not fit: it needs {format_size(need)}{per} ({format_size(weights)} of weights"
-            f"{f' over {tp} GPUs' if tp > 1 else ''} + {int((HEADROOM - 1) * 100)}% for KV cache), but the most "
+            f"{f' over {tp} GPUs' if tp > 1 else ''} + {extra}), but the most "
             f"free is {format_size(most)} on GPU {best.index} ({free[(best.node, best.index)]:.2f} of "
             f"{format_size(best.memory_bytes)}); {format_size(need - most)} missing. Free a GPU share, "
             "or set gpus: and gpu_memory: by hand"))
@@ -282,12 +289,13 @@ def _placed(fleet: Fleet, name: str, model: Model, root: Path, where: tuple[tupl
     start = model.start_timeout if model.start_timeout is not None else d.start_timeout
     unload_after = model.unload_after if model.unload_after is not None else d.unload_after
     sleep = model.sleep if model.sleep is not None else d.sleep
+    cpu = d.on_cpu if not gpus else None  # CPU-only settings (float32, eager) never reach a GPU engine
     return PlacedModel(
         name=name,
         source=_absolute(model.source, root),
         task=model.task,
-        engine={**d.engine, **model.engine},
-        env={**d.env, **model.env},
+        engine={**d.engine, **(cpu.engine if cpu else {}), **model.engine},
+        env={**d.env, **(cpu.env if cpu else {}), **model.env},
         gpus=gpus,
         node=node,
         gpu_memory=share if gpus else None,

@@ -195,6 +195,13 @@ class Settings(Strict):
         "keep", description="what apply does with Serve applications the fleet does not own")
 
 
+class OnCpu(Strict):
+    """Engine args and environment only for models that run on the CPU (no GPU in the inventory)."""
+
+    engine: EngineArgs = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
+
+
 class Defaults(Strict):
     """Values every model inherits unless it sets its own."""
 
@@ -210,6 +217,9 @@ class Defaults(Strict):
     start_timeout: Duration = Field(600.0, description="bound on an engine's start-up")
     engine: EngineArgs = Field(default_factory=dict)
     env: Env = Field(default_factory=dict)
+    on_cpu: OnCpu = Field(default_factory=OnCpu, description=(
+        "engine args and env that only models placed on the CPU inherit (e.g. dtype: float32, enforce_eager), "
+        "over engine and env; a model on GPUs never gets them"))
     replicas: int = Field(1, ge=1)
 
 

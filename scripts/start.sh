@@ -8,5 +8,9 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 source scripts/python-env.sh
 fleet_python_env
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"   # the default fleet needs no model hub
+# No HF_HUB_OFFLINE here: the default fleet's models ship in Python packages and load from local
+# files without it, and `up` hands its environment to the daemon and the engines, so the flag would
+# stop every hf:// model committed later from downloading.
+echo "fleetctl is in $(dirname "$(command -v fleetctl)"); to use it in your shell:" \
+     "export PATH=\"$(dirname "$(command -v fleetctl)"):\$PATH\"" >&2
 exec fleetctl up "$@"

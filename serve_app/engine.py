@@ -160,7 +160,8 @@ def child_env(env: dict[str, str], gpus: list[int]) -> dict[str, str]:
     or "" for a CPU model so it can never touch a GPU.
     """
     resolved = {k: _expand(v) for k, v in env.items()}
-    return {**os.environ, **resolved, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
+    pci = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}  # CUDA numbers the cards as NVML (the placement) does
+    return {**os.environ, **pci, **resolved, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
 
 
 def _expand(value: str) -> str:

@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,24 @@ class Resolved:
     def argv(self) -> list[str]:
         extra = ["--revision", self.revision] if self.revision else []
         return ["--model", self.model, *extra]
+
+
+# What vLLM loads from a Hub repository: its weights in one format, config, tokenizer and generation
+# config (and the small files beside them). Repositories often carry the same weights again in other
+# formats: Meta's Llama keeps its native checkpoint in original/consolidated.*.pth (doubling the bytes),
+# others ONNX, OpenVINO, Core ML, GGUF, TensorFlow or Flax copies that vLLM never reads.
+_OTHER_COPIES = ("original/", "onnx/", "openvino/", "coreml/")
+_OTHER_FORMATS = (".gguf", ".onnx", ".onnx_data", ".h5", ".msgpack", ".ot", ".tflite", ".mlmodel", ".nemo")
+_TORCH_WEIGHTS = (".bin", ".pt", ".pth")  # read only when the repository has no safetensors
+
+
+def vllm_files(paths: Iterable[str]) -> list[str]:
+    """The files of a Hub repository that vLLM loads: safetensors weights (PyTorch .bin/.pt/.pth only
+    when there are none), and every other small file (config, tokenizer, generation config, a sentence
+    transformer's module configs); never the other formats and copies above."""
+    paths = [p for p in paths if not p.startswith(_OTHER_COPIES) and not p.endswith(_OTHER_FORMATS)]
+    has_safetensors = any(p.endswith(".safetensors") for p in paths)
+    return [p for p in paths if not (has_safetensors and p.endswith(_TORCH_WEIGHTS))]
 
 
 def cache_dir() -> Path:
@@ -116,14 +134,16 @@ def resolve(source: str) -> Resolved:
 def prepare(source: str) -> Path | str:
     """Do the slow work for ``source`` ahead of the engine start; return what vLLM will load.
 
-    hf:// downloads the snapshot into the Hugging Face cache (tqdm progress on stderr);
+    hf:// downloads what vLLM loads of the snapshot (``vllm_files``) into the Hugging Face cache
+    (tqdm progress on stderr);
     a GGUF file is converted (once, under a lock); anything else is returned as is.
     """
     if source.startswith(HF_PREFIX):
         resolved = _parse_hf(source)
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import list_repo_files, snapshot_download
 
-        snapshot_download(resolved.model, revision=resolved.revision)
+        files = vllm_files(list_repo_files(resolved.model, revision=resolved.revision))
+        snapshot_download(resolved.model, revision=resolved.revision, allow_patterns=files)
         return resolved.model
     path = local_path(source)
     if path.suffix != ".gguf":
@@ -152,8 +172,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     print(f"converting {gguf} into {out} (once)", file=sys.stderr, flush=True)
     folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    # local_files_only: a pkg:// or path GGUF needs no hub, also where HF_HUB_OFFLINE is unset
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")

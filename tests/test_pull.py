@@ -216,3 +216,35 @@ def test_the_cache_is_the_models_own_when_its_env_sets_one(tmp_path: Path, monke
     assert download.hub_cache_dir({}) == tmp_path / "default"
     assert download.hub_cache_dir({"HF_HOME": "${BIG_DISK}"}) == tmp_path / "big" / "hub"
     assert download.hub_cache_dir({"HF_HUB_CACHE": "/srv/hub", "HF_HOME": "/x"}) == Path("/srv/hub")
+
+
+def test_pull_takes_what_vllm_loads_not_every_file(hub: StandInHub, tmp_path: Path, fleet: Path) -> None:
+    """Meta's Llama repositories carry their native checkpoint in original/ beside the safetensors (twice
+    the bytes); vLLM reads only the safetensors, config, tokenizer and generation config."""
+    repo = hub.add(Repo(REPO, {
+        "config.json": b'{"model_type": "llama"}', "generation_config.json": b"{}", "tokenizer.json": b"{}",
+        "model.safetensors": weights(2 * MiB), "original/consolidated.00.pth": weights(2 * MiB),
+        "original/params.json": b"{}", "onnx/model.onnx": weights(MiB), "model.gguf": weights(MiB)}))
+    r = pull(hub, tmp_path, fleet, "tiny", "--json")
+    assert r.returncode == 0, r.stderr
+    ev = events(r.stdout)
+    wanted = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(e["file"] for e in ev if e["event"] == "file") == wanted
+    assert ev[0]["total_bytes"] == 2 * MiB + 23 + 2 + 2
+    for path in ("original/consolidated.00.pth", "original/params.json", "onnx/model.onnx", "model.gguf"):
+        assert hub.bytes_served(REPO, path) == 0, path
+    snap = snapshot(tmp_path, repo)
+    assert sorted(str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()) == wanted
+
+
+def test_vllm_files_fall_back_to_pytorch_weights_only_without_safetensors() -> None:
+    from serve_app.model_source import vllm_files
+
+    bge = ["config.json", "pytorch_model.bin", "colbert_linear.pt", "sparse_linear.pt", "1_Pooling/config.json",
+           "onnx/model.onnx", "onnx/model.onnx_data", "tokenizer.json"]
+    assert vllm_files(bge) == ["config.json", "pytorch_model.bin", "colbert_linear.pt", "sparse_linear.pt",
+                               "1_Pooling/config.json", "tokenizer.json"]
+    both = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json", "pytorch_model.bin", "original/consolidated.00.pth", "tf_model.h5"]
+    assert vllm_files(both) == ["config.json", "model-00001-of-00002.safetensors",
+                                "model-00002-of-00002.safetensors", "model.safetensors.index.json"]

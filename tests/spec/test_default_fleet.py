@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from reconciler.schema import fleet_schema_text
@@ -12,7 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_validate_default_fleet_exits_0_on_this_cpu_box() -> None:
-    result = subprocess.run(["fleetctl", "validate", "--json"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "reconciler", "validate", "--json"], cwd=REPO,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["valid"] is True
