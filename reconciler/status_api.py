@@ -165,6 +165,11 @@ class _StateCollector:
             health.add_metric([row["model"]], 1.0 if row["health"] == Health.HEALTHY.value else 0.0)
         yield state
         yield health
+        starting = GaugeMetricFamily("fleet_model_starting_seconds", "Seconds since a start the daemon follows "
+                                     "was sent (absent when none)", labels=["model"])
+        for st in (s.status or {}).get("starting", []):
+            starting.add_metric([st["model"]], float(st["elapsed_s"]))
+        yield starting
         yield GaugeMetricFamily("fleet_spec_error", "1 while the fleet files are invalid",
                                 value=1.0 if s.spec_error else 0.0)
         yield GaugeMetricFamily("fleet_in_sync", "1 when the live fleet matches the files",
@@ -271,8 +276,11 @@ def render_page(doc: dict[str, Any], placed: Any) -> str:
     if d.get("spec_error"):
         errs = "".join(f"<li><code>{_e(p.get('file'))}:{_e(p.get('line'))}:{_e(p.get('column'))}</code> "
                        f"{_e(p.get('field'))}: {_e(p.get('message'))}</li>" for p in d["spec_error"])
-        parts.append(f"<div class=err><b>The fleet files are invalid</b>; the live fleet keeps the last good "
-                     f"version until they are fixed.<ul>{errs}</ul></div>")
+        held = d.get("holding") or {}
+        keeps = (f"the live fleet holds to the last good files ({_e(held.get('describe'))})" if held
+                 else "the live fleet keeps what it runs (no valid version of the files seen yet)")
+        parts.append(f"<div class=err><b>The fleet files are invalid</b>; {keeps} until they are fixed."
+                     f"<ul>{errs}</ul></div>")
     if doc.get("error"):
         parts.append(f"<div class=err>{_e(doc['error'])}</div>")
     if d.get("progress"):
@@ -282,6 +290,8 @@ def render_page(doc: dict[str, Any], placed: Any) -> str:
     for r in doc.get("models", []):
         sync = r["sync"] + (f" ({r['pending']})" if r.get("pending") else "")
         msg = (r.get("message") or "").strip().splitlines()
+        if r.get("starting"):  # a start the daemon follows: how long, and what the engine is doing
+            msg = [f"{r['starting']['action']} {r['starting']['elapsed_s']:.0f} s: {r['starting']['doing']}"]
         always = " <span class=muted>always on</span>" if r.get("always_on") else ""
         parts.append(f"<tr><td><b>{_e(r['model'])}</b>{always}</td><td>{_e(r.get('task') or r.get('kind'))}</td>"
                      f"<td>{_e(r['state'])}</td>"
