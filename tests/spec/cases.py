@@ -101,6 +101,9 @@ CASES = [
     Case("engine-api-key", {"fleet.yaml": BASE + "    engine:\n      api_key: abc\n"},
          ["fleet.yaml:5:7: models.chat.engine: engine arg 'api_key' would put a secret in the fleet file; set it "
           "through an environment variable (openai.api_keys names the variables for API keys)"]),
+    Case("engine-nested-date", {"fleet.yaml": BASE + "    engine:\n      hf_overrides: {released: 2024-01-01}\n"},
+         ["fleet.yaml:5:7: models.chat.engine: engine arg 'hf_overrides' holds a date, .nan or .inf, which vLLM "
+          "cannot take; quote it to pass a string"]),
     Case("engine-owned-arg", {"fleet.yaml": BASE + "    engine:\n      tensor_parallel_size: 2\n"},
          ["fleet.yaml:5:7: models.chat.engine: engine arg 'tensor_parallel_size' is set by the fleet; use "
           "tensor_parallel (or the number of gpus) instead"]),
