@@ -95,6 +95,15 @@ def unreadable(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loader.os, "open", open_)
 
 
+def unlistable_fleet_d(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(root, "fleet.yaml", GOOD)
+    (root / "fleet.d").mkdir()
+
+    def scandir(path: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    monkeypatch.setattr(loader.os, "scandir", scandir)
+
+
 def deleted_after_listing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write(root, "fleet.yaml", GOOD)
     path = write(root, "fleet.d/gone.yaml", GOOD.replace("chat", "other"))
@@ -159,6 +168,7 @@ CASES = [
     Bad("fleet.yaml-is-a-folder", with_folder("fleet.yaml"), "fleet.yaml", 1, "is a folder"),
     Bad("fleet.yaml-missing", nothing, "", None, "fleet.yaml not found"),
     Bad("unreadable", unreadable, "fleet.d/secret.yaml", 1, "permission denied"),
+    Bad("fleet.d-unlistable", unlistable_fleet_d, "", None, "fleet.d/ cannot be listed: permission denied"),
     Bad("dangling-link", with_link("nowhere.yaml"), "fleet.d/x.yaml", 1, "link to nowhere.yaml, which does not exist"),
     Bad("link-loop", with_link("x.yaml"), "fleet.d/x.yaml", 1, "symbolic link loop"),
     Bad("link-to-dev-zero", with_link("/dev/zero"), "fleet.d/x.yaml", 1, "is a device"),
