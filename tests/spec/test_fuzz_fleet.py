@@ -11,9 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler import estimate
 from reconciler.errors import SpecError
 from reconciler.pipeline import desired_state
-from tests.fixtures.default_fleet import copy_default_fleet
+from tests.fixtures.default_fleet import REPO, copy_default_fleet
 
 TOKENS = [
     ":", ": ", "-", "- ", "[", "]", "{", "}", ",", "?", "? ", "|", ">", "#", "&a ", "*a", "<<: *a", "!!python/object ",
@@ -85,12 +86,20 @@ def test_random_yaml_tokens_end_in_success_or_spec_error(fleet: tuple[Path, str]
     only_spec_errors(root, "".join(edit(_PIECES.findall(text), ops)).encode())
 
 
+@pytest.fixture(scope="module")
+def gpu_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """The 3-GPU example (inventory, gpus, gpu_memory: most of placement) as a fleet; the Hub is never asked."""
+    root = tmp_path_factory.mktemp("fuzz-gpu")
+    text = (REPO / "fleet.d" / "gpu-box.yaml.example").read_text()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(estimate, "hub_bytes", lambda source: None)
+        yield root, text
+
+
 @FUZZ
 @given(ops=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 2), st.sampled_from(TOKENS)),
                     min_size=1, max_size=6))
-def test_random_tokens_in_the_models_end_in_success_or_spec_error(fleet: tuple[Path, str],
-                                                                  ops: list[tuple[int, int, str]]) -> None:
-    """The same, aimed at the models: section, where most of the schema (and placement) is."""
-    root, text = fleet
-    head, models = text.split("\nmodels:\n", 1)
-    only_spec_errors(root, (head + "\nmodels:\n" + "".join(edit(_PIECES.findall(models), ops))).encode())
+def test_random_tokens_in_a_gpu_fleet_end_in_success_or_spec_error(gpu_fleet: tuple[Path, str],
+                                                                   ops: list[tuple[int, int, str]]) -> None:
+    root, text = gpu_fleet
+    only_spec_errors(root, "".join(edit(_PIECES.findall(text), ops)).encode())
