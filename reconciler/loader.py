@@ -251,6 +251,7 @@ def _bad_character(ch: str) -> str:
 # --- YAML: the ruamel.yaml boundary -------------------------------------------------------------------------
 
 MAX_DEPTH = 40  # a fleet file nests about 6 deep; deeper input only risks a RecursionError
+MAX_NODES = 20_000  # values in one file: 100 models take ~2,000; ruamel builds ~10,000 a second on a small box
 _TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep; a fleet file needs only a few levels"
 _FAILED = object()
 _CORE = "tag:yaml.org,2002:"
@@ -265,16 +266,22 @@ class _Refused(MarkedYAMLError):
 
 
 class _FleetComposer(Composer):
-    """ruamel's composer, refusing anchors, aliases, custom tags and deep nesting before anything is built.
+    """ruamel's composer, refusing anchors, aliases, custom tags, deep nesting and huge files before anything
+    is built.
 
     Aliases are what make a "billion laughs" file: ruamel shares the aliased node, but every walk over the
     result (record_positions, _plain, pydantic) expands it exponentially. Fleet files have no need for them.
     """
 
     nesting = 0
+    nodes = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.parser.peek_event()
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _Refused(f"more than {MAX_NODES:,} values in one file; fleet files are written by hand — is this "
+                           "the right file?", event.start_mark)
         if isinstance(event, AliasEvent):
             raise _Refused(f"alias *{event.anchor}: {_NO_ANCHORS}", event.start_mark)
         if event.anchor is not None:

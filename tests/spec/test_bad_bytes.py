@@ -125,6 +125,12 @@ def recursion_while_merging(root: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(loader, "record_positions", too_deep)
 
 
+def too_many_values(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget is 20,000 values (a 1 MiB file of them takes seconds to parse); 50 here keeps the test fast."""
+    monkeypatch.setattr(loader, "MAX_NODES", 50)
+    write(root, "fleet.yaml", GOOD + "    engine:\n      x:\n" + "".join(f"        - {i}\n" for i in range(60)))
+
+
 def thousand_files(root: Path, _: pytest.MonkeyPatch) -> None:
     write(root, "fleet.yaml", "defaults:\n  idle_timeout: 15m\n")
     for i in range(1000):
@@ -183,6 +189,7 @@ CASES = [
         column=48),
     Bad("deep-block", main_file("".join("  " * i + f"k{i}:\n" for i in range(200))), "fleet.yaml", 40,
         "nested more than 40 levels"),
+    Bad("too-many-values", too_many_values, "fleet.yaml", 45, "more than 50 values in one file"),
     Bad("recursion-while-merging", recursion_while_merging, "fleet.yaml", 1, "nested more than"),
     Bad("python-tag", main_file(GOOD + "x: !!python/object/apply:os.system [ls]\n"), "fleet.yaml", 4,
         "tag !!python/object/apply:os.system is not allowed"),
