@@ -7,6 +7,7 @@ Fleet-wide `defaults` are inherited by every model (see `Fleet.resolved`); what 
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 from collections.abc import Callable
@@ -141,6 +142,11 @@ def _check_engine(engine: dict[str, Any]) -> dict[str, Any]:
                              "an environment variable (openai.api_keys names the variables for API keys)")
         if norm in FLEET_OWNED_ARGS:
             raise ValueError(f"engine arg {key!r} is set by the fleet; use {FLEET_OWNED_ARGS[norm]} instead")
+        try:  # a nested dict reaches vLLM as JSON: no dates (YAML reads 2024-01-01 as one), no .nan or .inf
+            json.dumps(engine[key], allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError(f"engine arg {key!r} holds a date, .nan or .inf, which vLLM cannot take; quote it "
+                             "to pass a string") from None
     return engine
 
 

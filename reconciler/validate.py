@@ -40,7 +40,7 @@ def load_fleet(path: str | os.PathLike[str] = ".") -> LoadedFleet:
 
 
 def _problem(err: Any, origins: Origins, data: dict[str, Any]) -> Problem:
-    loc = _clean_loc(err["loc"])
+    loc = _clean_loc(err["loc"], data)
     kind = err["type"]
     if kind == "extra_forbidden":
         return Problem(origins.of(loc, key=True), field_path(loc), _unknown_key(loc))
@@ -51,12 +51,21 @@ def _problem(err: Any, origins: Origins, data: dict[str, Any]) -> Problem:
     return Problem(origins.of(loc, key=on_key), field_path(loc), _message(err))
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[str | int, ...]:
-    """Drop pydantic's union-branch markers ('str', 'list[...]', 'function-after[...]') from a location."""
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[str | int, ...]:
+    """Drop pydantic's union-branch markers ('str', 'list[...]', 'function-after[...]') from a location.
+
+    A part that names a key (or index) present in the data is the user's, even when it looks like a marker
+    (a model `str`, a top-level key `ray[`)."""
     out: list[str | int] = []
+    node = data
     for part in loc:
-        if isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "dict", "list"}):
+        if (isinstance(node, dict) and part in node) or (
+                isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+            node = node[part]
+        elif isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "dict", "list"}):
             continue
+        else:
+            node = None
         out.append(part)
     return tuple(out)
 

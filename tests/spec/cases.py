@@ -101,6 +101,13 @@ CASES = [
     Case("engine-api-key", {"fleet.yaml": BASE + "    engine:\n      api_key: abc\n"},
          ["fleet.yaml:5:7: models.chat.engine: engine arg 'api_key' would put a secret in the fleet file; set it "
           "through an environment variable (openai.api_keys names the variables for API keys)"]),
+    Case("unknown-key-like-a-union-marker", {"fleet.yaml": BASE + "ray[: 1\nstr: 2\n"},
+         ["fleet.yaml:4:1: ray[: unknown key 'ray['; did you mean 'ray'?",
+          "fleet.yaml:5:1: str: unknown key 'str'; allowed here: daemon, defaults, inventory, models, openai, ray, "
+          "settings, swap_groups"]),
+    Case("engine-nested-date", {"fleet.yaml": BASE + "    engine:\n      hf_overrides: {released: 2024-01-01}\n"},
+         ["fleet.yaml:5:7: models.chat.engine: engine arg 'hf_overrides' holds a date, .nan or .inf, which vLLM "
+          "cannot take; quote it to pass a string"]),
     Case("engine-owned-arg", {"fleet.yaml": BASE + "    engine:\n      tensor_parallel_size: 2\n"},
          ["fleet.yaml:5:7: models.chat.engine: engine arg 'tensor_parallel_size' is set by the fleet; use "
           "tensor_parallel (or the number of gpus) instead"]),
