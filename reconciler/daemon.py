@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import cluster, download, last_good, local_head
+from reconciler import follow as follow_mod
 from reconciler import live as live_mod
 from reconciler import status as status_mod
 from reconciler.errors import SpecError
@@ -58,6 +59,7 @@ class DaemonState:
     status: dict[str, Any] | None = None  # the status document of the last pass
     status_error: str = ""
     holding: dict[str, Any] | None = None  # the kept last good files, while the files are invalid
+    follow: dict[str, Any] | None = None  # the last look at the followed git remote (daemon.follow)
     progress: str = ""  # the last progress line of a running pass
     triggers: dict[str, int] = field(default_factory=dict)  # why passes ran: edit / resync / retry / start
 
@@ -69,7 +71,7 @@ class DaemonState:
             "last_reconcile": self.last.as_dict() if self.last else None,
             "last_change": self.last_change.as_dict() if self.last_change else None,
             "spec_error": list(self.spec_error), "revision": self.revision, "progress": self.progress,
-            "holding": self.holding,
+            "holding": self.holding, "follow": self.follow,
             "triggers": dict(self.triggers),
         }
 
@@ -106,6 +108,7 @@ class Daemon:
         self._last_good: DesiredState | None = None
         self._failures = Failures()  # configs that failed to start, or that Serve did not keep
         self._rollouts = Rollouts()  # starts in progress, followed across passes (never waited on)
+        self._follower: threading.Thread | None = None
         self._json_cache: tuple[DaemonState, int, bytes] | None = None
         self._lock = threading.Lock()
         self._state = DaemonState(str(self.path), time.time(), os.getpid())
@@ -145,6 +148,7 @@ class Daemon:
                 self._record(reason, outcome, ())
             if outcome is None:  # stopping
                 break
+            self._start_following()
             if outcome.result.transient:
                 wait = min(backoff * (outcome.requeue_after or 1.0), BACKOFF_MAX_S)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -156,6 +160,20 @@ class Daemon:
             kicked = self._kick.wait(wait)
             self._kick.clear()
             reason = self._kick_reason if kicked else reason_if_timeout
+
+    def _start_following(self) -> None:
+        """Follow the git remote the files name (daemon.follow), in a thread of its own; once."""
+        settings = self._last_good.placed.daemon.follow if self._last_good else None
+        if settings is None or self._follower is not None:
+            return
+        logger.info("following %s/%s every %.0f s", settings.remote, settings.branch, settings.every)
+        self._follower = follow_mod.run(self.root, settings.remote, settings.branch, settings.every,
+                                        self.stop_event, self._followed)
+
+    def _followed(self, result: follow_mod.Followed) -> None:
+        if not result.ok or "fast-forwarded" in result.message:
+            (logger.info if result.ok else logger.warning)("git: %s", result.message)
+        self._set(follow=result.as_dict())
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -182,6 +182,14 @@ class OpenAISettings(Strict):
         "router processes per node sharing the OpenAI port; one carries ~10k streamed tokens/s"))
 
 
+class Follow(Strict):
+    """A git remote the daemon follows: fetched every `every`, fast-forwarded only (reconciler.follow)."""
+
+    remote: str = Field("origin", min_length=1, description="the git remote to fetch (as `git remote -v` names it)")
+    branch: str = Field("main", min_length=1, description="the branch whose commits the fleet follows")
+    every: Duration = Field(60.0, description="how often to fetch, e.g. 60s or 5m")
+
+
 class DaemonSettings(Strict):
     """`fleetctl daemon`: its read-only status API and how often it re-checks the live fleet."""
 
@@ -194,6 +202,9 @@ class DaemonSettings(Strict):
         "name of the environment variable holding the status API's bearer token; required when host is "
         "not loopback (the daemon refuses to start without it). With it, every route but /healthz needs "
         "Authorization: Bearer <token> (a browser opens /?token=<token> once and gets a cookie)"))
+    follow: Follow | None = Field(None, description=(
+        "follow a git remote: fetch it every `every` and fast-forward the fleet's checkout, so a merged "
+        "commit is applied with nobody on the box; local changes or a diverged branch are refused and shown"))
 
 
 class Settings(Strict):

@@ -283,6 +283,9 @@ def render_page(doc: dict[str, Any], placed: Any) -> str:
                      f"<ul>{errs}</ul></div>")
     if doc.get("error"):
         parts.append(f"<div class=err>{_e(doc['error'])}</div>")
+    if (fol := d.get("follow")) is not None:  # daemon.follow: the last look at the git remote
+        parts.append(f"<div class={'muted' if fol.get('ok') else 'err'}>git {_e(fol.get('revision', '')[:12])}: "
+                     f"{_e(fol.get('message'))} ({_ago(fol.get('at'))})</div>")
     if d.get("progress"):
         parts.append(f"<div class=muted>working: {_e(d['progress'])}</div>")
     parts.append("<h2>Models</h2><table><tr><th>model</th><th>task</th><th>state</th><th>health</th><th>sync</th>"
