@@ -262,7 +262,7 @@ class Engine:
         engine_argv: list[str] | None = None,
         env: dict[str, str] | None = None,
         gpus: list[int] | None = None,
-        start_timeout_s: float = 600.0,
+        start_timeout_s: float | None = 600.0,  # None: no bound (`start_timeout: never`)
         swap_group: str | None = None,
         replica_gpus: int | None = None,
     ) -> None:
@@ -276,7 +276,8 @@ class Engine:
             self._gpus, self._gpu_claim = await gpu_turns.claim_gpus(
                 model, self._gpus, replica_gpus, _replica_rank(), self._waiting_for_gpu_set)
         self._environ = child_env(env or {}, self._gpus)
-        self._start_timeout_s = start_timeout_s
+        # None travels as "no bound" (JSON has no infinity); here it is infinity, so deadlines just never come.
+        self._start_timeout_s = math.inf if start_timeout_s is None else float(start_timeout_s)
         self._swap_group = swap_group
         # vLLM's sleep mode is GPU-only and needs the flag at start (compile adds it for GPU models).
         self._can_sleep = bool(gpus) and "--enable-sleep-mode" in self._engine_argv
@@ -507,7 +508,8 @@ class Engine:
         if not self._swap_group:
             return None
         t0 = time.monotonic()
-        lease_s = self._start_timeout_s + 2 * STOP_GRACE_S + 30.0
+        # The lease frees the group when a member dies mid-load; with no start bound, a day.
+        lease_s = min(self._start_timeout_s, 86400.0) + 2 * STOP_GRACE_S + 30.0
         try:
             token = str(await self._coordinator().acquire.remote(self._swap_group, self._model, lease_s))
         except Exception as e:  # GroupBusy (its message says why), or the coordinator is away

@@ -118,7 +118,8 @@ def test_a_second_edit_mid_start_replaces_the_first_and_a_hand_removed_start_is_
     engine = "{dtype: float32, enforce_eager: true, max_model_len: %d}"
     write(live, {"tiny-a": {"idle_timeout": "30m", "engine": engine % 200}})
     live.wait("the first edit on Serve", lambda: "200" in engine_argv(live, "tiny-a"), 60, every=0.2)
-    write(live, {"tiny-a": {"idle_timeout": "30m", "engine": engine % 192}})
+    # ... and with no start bound: `start_timeout: never` travels as None and must start and answer
+    write(live, {"tiny-a": {"idle_timeout": "30m", "engine": engine % 192, "start_timeout": "never"}})
 
     def second_on_serve() -> bool:
         ids = running_ids(live, "tiny-a")
@@ -137,6 +138,7 @@ def test_a_second_edit_mid_start_replaces_the_first_and_a_hand_removed_start_is_
               120, every=0.5)
     live.wait("tiny-a healthy with the second edit", lambda: healthy(live, "tiny-a"), 600)
     assert "192" in engine_argv(live, "tiny-a")
+    assert live_mod.read_live_state(live.head.dashboard_url).apps["tiny-a"].config["args"]["start_timeout_s"] is None
     assert chat(live, "tiny-a")
 
 
