@@ -126,24 +126,16 @@ def schema(output: Path) -> None:
 
 
 def _register_ops() -> None:
-    """plan/apply/status/up/down live in cli_ops; keep `validate` usable even if they fail to import."""
-    try:
-        from .cli_daemon import daemon_cmd
-        from .cli_ops import COMMANDS
-        from .cli_pull import pull_cmd
-    except ImportError:
-        return
-    for cmd in [*COMMANDS, daemon_cmd, pull_cmd]:
-        main.add_command(cmd)
-    try:
-        from .cli_lifecycle import COMMANDS as LIFECYCLE_COMMANDS
-    except ImportError:
-        return
-    for cmd in LIFECYCLE_COMMANDS:
-        main.add_command(cmd)
+    """The other commands live in modules of their own. A broken import fails loudly here: a CLI
+    silently missing plan/apply would be worse than a traceback naming the broken module."""
+    from .cli_daemon import daemon_cmd
     from .cli_init import init_cmd
+    from .cli_lifecycle import COMMANDS as LIFECYCLE_COMMANDS
+    from .cli_ops import COMMANDS
+    from .cli_pull import pull_cmd
 
-    main.add_command(init_cmd)
+    for cmd in [*COMMANDS, daemon_cmd, pull_cmd, *LIFECYCLE_COMMANDS, init_cmd]:
+        main.add_command(cmd)
 
 
 _register_ops()
