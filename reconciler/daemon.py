@@ -284,6 +284,10 @@ class Daemon:
             "format_version": status_mod.FORMAT_VERSION, "serve_running": False, "in_sync": False,
             "health": "Unknown", "pending_changes": [], "models": [], "error": s.status_error}
         doc["daemon"] = s.section()
+        # the same shape as `fleetctl status --json`: the files' errors, and what the fleet holds to
+        doc["file_errors"] = list(s.spec_error)
+        doc["desired_from"] = (f"the last good files: {s.holding['describe']}" if s.holding else
+                               "the fleet files" if not s.spec_error else "no valid version of the files known")
         if self._last_good is not None:  # a running pull's progress, read now (a pass may be busy downloading)
             rows = [dict(r) for r in doc.get("models") or []]
             doc |= status_mod.with_downloads(rows, download.read_progress(self._last_good.placed.ray.dashboard_url))
