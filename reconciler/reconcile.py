@@ -245,7 +245,10 @@ def _step(ctx: _Ctx) -> Outcome:
     except download_mod.DownloadError as e:
         return done(Result.DOWNLOAD, f"{e}\nServe was not touched.", plan=plan, desired=desired, live=live,
                     requeue_after=30.0)
-    sent = _send(ctx, plan, live, hold=set(held))
+    try:
+        sent = _send(ctx, plan, live, hold=set(held))
+    except apply_mod.ApplyError as e:  # Serve refused the config (400): nothing was changed
+        return done(Result.FAILED, str(e), plan=plan, desired=desired, live=live, rollouts=seen.pending)
     if bad:
         return _failed(ctx, bad, plan, live, seen, sent=sent)
     applied = apply_mod.ApplyResult(tuple(c.model for c in sent.changes), 0.0, 1 if sent.changes else 0, live,
@@ -369,7 +372,10 @@ def _wait(ctx: _Ctx, first: Outcome, deadline: float | None) -> Outcome:
         plan = plan_for(ctx.desired, live)
         if not plan.has_changes or ctx.saved_plan is not None and not _held_in(first.plan, plan):
             break
-        sent = _send(ctx, plan, live, hold=set(_held_by_memory(ctx, plan, seen)))  # the held-back starts' turn
+        try:  # the held-back starts' turn
+            sent = _send(ctx, plan, live, hold=set(_held_by_memory(ctx, plan, seen)))
+        except apply_mod.ApplyError as e:
+            return ctx.done(Result.FAILED, str(e), plan=first.plan, desired=ctx.desired, live=live)
         if not sent.changes and not ctx.rollouts.pending():
             if {c.model for c in sent.held} <= set(_held_by_memory(ctx, plan, seen)):
                 break  # only what failed before is left: the CLI reports success for the rest
