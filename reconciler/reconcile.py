@@ -221,6 +221,9 @@ def _step(ctx: _Ctx) -> Outcome:
         except PlanFormatError as e:
             return done(Result.STALE_PLAN, str(e), plan=plan, desired=desired, live=live)
     bad = [v for v in seen.over if v.phase in _BAD]
+    for v in seen.over:
+        if v.phase in _MOVED:
+            ctx.report(f"{v.model}: {v.detail}")
     if not plan.has_changes:
         if bad:
             return _failed(ctx, bad, plan, live, seen)
@@ -262,8 +265,10 @@ def _step(ctx: _Ctx) -> Outcome:
 
 
 # Verdicts that end a start badly: reported once, for that model only.
-_BAD = (rollout_mod.Phase.FAILED, rollout_mod.Phase.UNSCHEDULABLE, rollout_mod.Phase.TIMED_OUT,
-        rollout_mod.Phase.GONE, rollout_mod.Phase.REPLACED)
+_BAD = (rollout_mod.Phase.FAILED, rollout_mod.Phase.UNSCHEDULABLE, rollout_mod.Phase.TIMED_OUT)
+# Someone else moved Serve under a start: the CLI's wait stops and says so; a daemon pass just
+# says so and sends the files' config again (it is drift like any other).
+_MOVED = (rollout_mod.Phase.GONE, rollout_mod.Phase.REPLACED)
 
 
 @dataclass(frozen=True)
@@ -356,7 +361,7 @@ def _wait(ctx: _Ctx, first: Outcome, deadline: float | None) -> Outcome:
         live = live_mod.read_live_state(dashboard, client=ctx.client)
         seen = _observe(ctx, live)
         starts |= {v.model: v.elapsed_s for v in seen.over if v.phase is rollout_mod.Phase.SETTLED}
-        bad = [v for v in seen.over if v.phase in _BAD]
+        bad = [v for v in seen.over if v.phase in _BAD + _MOVED]
         if bad:
             return _failed(ctx, bad, first.plan, live, seen)
         line = "; ".join(v.line() for v in seen.pending)

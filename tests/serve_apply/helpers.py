@@ -30,6 +30,9 @@ class Fleet:
     model_dir: Path
 
     def write(self, models: dict[str, dict[str, Any]], extra: str = "") -> None:
+        write_atomic(self.root / "fleet.yaml", self.text(models, extra))
+
+    def text(self, models: dict[str, dict[str, Any]], extra: str = "") -> str:
         lines = [
             "ray:", f"  dashboard_url: {self.dashboard_url}",
             "openai:", "  host: 127.0.0.1", f"  port: {self.port}",
@@ -41,7 +44,7 @@ class Fleet:
             lines.append(f"  {name}:")
             lines.append(f"    source: {self.model_dir}")
             lines += [f"    {k}: {v}" for k, v in fields.items()]
-        write_atomic(self.root / "fleet.yaml", "\n".join(lines) + "\n" + extra)
+        return "\n".join(lines) + "\n" + extra
 
     def fleetctl(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         return subprocess.run(fleetctl_argv(*args), cwd=self.root, env=self.env(), capture_output=True,
