@@ -1,9 +1,15 @@
-"""One reconcile step: lock → desired → live → plan → download → apply → Outcome. Everyone calls this.
+"""One reconcile step: lock → desired → live → judge starts → plan → download → send → Outcome. Everyone calls this.
 
 `fleetctl apply`, `fleetctl up`, the daemon and the benchmarks call `reconcile()`; it prints
 nothing and reports progress through a callback, as controller-runtime's ``Reconcile`` returns a
 ``Result`` that the caller's loop switches on. Level-triggered: every call reads the files and
 the live Serve afresh and trusts no remembered event.
+
+The step never waits on an engine: it sends what differs (reconciler.apply) and returns; the
+starts it sent are followed by reconciler.rollout, across the daemon's passes (``wait=False``,
+``requeue_after`` says when to look again). ``wait=True`` — the CLI's contract, as Terraform's
+apply — is the same step followed by a loop over the same observation until every change is up,
+one failed, or someone else moved Serve under it.
 
 Outcomes are of two kinds (kopf's rule): *terminal* ones — the files are invalid, the fleet cannot
 fit the cluster, a model failed to start — are not retried until something changes; *transient*
