@@ -222,8 +222,10 @@ def test_a_replica_ray_cannot_place_is_reported_with_serves_reason(live: Live, t
         row = live.wait("tiny-gpu unschedulable", lambda: (m := live.model("tiny-gpu"))
                         and m["state"] == "unschedulable" and m, 120)
         assert "fleet_gpu_0" in row["message"] and row["health"] == "Degraded"
-        last = live.status()["daemon"]["last_change"]
-        assert last["result"] == "failed" and "cannot be scheduled" in last["message"]
+        # the pass that judges the start reports it (the row may show it one pass earlier: it reads live)
+        last = live.wait("the start reported unschedulable", lambda: (c := live.status()["daemon"]["last_change"])
+                         and c["result"] == "failed" and c, 30)
+        assert "cannot be scheduled" in last["message"] and "tiny-gpu" in last["failed_models"]
         r = live.fleet.fleetctl("status")
         assert "unschedulable" in r.stdout and "fleet_gpu_0" in r.stdout
         write(live, {"tiny-a": {"idle_timeout": "40m"}})
