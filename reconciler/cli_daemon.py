@@ -21,6 +21,7 @@ from typing import Any
 import click
 import httpx
 
+from reconciler import last_good
 from reconciler import lock as lock_mod
 from reconciler.daemon import Daemon
 from reconciler.errors import SpecError
@@ -35,12 +36,17 @@ def daemon_state_path(dashboard_url: str) -> Path:
 
 
 def _settings(path: Path) -> tuple[DaemonSettings, str | None]:
-    """The daemon's settings from the files (defaults when they are invalid) and the dashboard URL."""
+    """The daemon's settings and the dashboard URL from the files; while they are invalid, from the
+    last good copy the daemon kept (so a restarted daemon serves where it did); else the defaults."""
     try:
         placed = desired_state(path).placed
-        return placed.daemon, placed.ray.dashboard_url
     except SpecError:
-        return DaemonSettings(), None
+        root = path.resolve() if path.is_dir() else path.resolve().parent
+        kept = last_good.desired(root)
+        if kept is None:
+            return DaemonSettings(), None
+        placed = kept[0].placed
+    return placed.daemon, placed.ray.dashboard_url
 
 
 @click.command("daemon")

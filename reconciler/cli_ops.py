@@ -266,11 +266,9 @@ def resolve_fleet(path: Path) -> Target:
     except SpecError as e:
         problems = tuple(e.problems)
     root = path.resolve() if path.is_dir() else path.resolve().parent
-    copy, state = last_good.load(root), None
-    if copy is not None:
-        with contextlib.suppress(SpecError):
-            state = desired_state(copy.folder / Path(copy.files[0]).name, root=copy.root)
-    if state is not None and copy is not None:
+    kept = last_good.desired(root)
+    if kept is not None:
+        state, copy = kept
         return Target(state.placed.ray.dashboard_url, state, problems, f"the last good files: {copy.describe()}")
     recorded = local_head.for_fleet(root)
     dashboard = recorded[0].head.dashboard_url if recorded else DEFAULT_DASHBOARD

@@ -228,17 +228,13 @@ class Daemon:
     def _fallback(self) -> tuple[DesiredState | None, dict[str, Any] | None]:
         """What to reconcile toward while the files are invalid: the last good version this daemon
         saw, else the copy kept on disk by an earlier run (a daemon started on broken files)."""
-        copy = last_good.load(self.root)
-        if self._last_good is None and copy is not None:
-            try:
-                self._last_good = desired_state(copy.folder / Path(copy.files[0]).name, root=copy.root)
-            except SpecError as e:
-                logger.error("the kept copy of the last good files is not valid either:\n%s", e)
-                return None, None
+        kept = last_good.desired(self.root)
+        if self._last_good is None and kept is not None:
+            self._last_good = kept[0]
         if self._last_good is None:
             return None, None
-        if copy is not None and copy.root == str(self.root):
-            return self._last_good, {**copy.as_dict(), "describe": copy.describe()}
+        if kept is not None:
+            return self._last_good, {**kept[1].as_dict(), "describe": kept[1].describe()}
         return self._last_good, {"files": list(self._last_good.loaded.files), "describe": "the last valid files"}
 
     def _record(self, reason: str, outcome: Outcome, spec_error: tuple[dict[str, Any], ...],

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import lock as lock_mod
+from reconciler.errors import SpecError
+from reconciler.pipeline import DesiredState, desired_state
 
 META = "last-good.json"
 
@@ -89,4 +91,16 @@ def load(root: Path) -> Copy | None:
         meta = json.loads((target / META).read_text())
         return Copy(target, str(meta["root"]), tuple(meta["files"]), float(meta["saved_at"]), meta.get("revision"))
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def desired(root: Path) -> tuple[DesiredState, Copy] | None:
+    """The desired state of the kept copy for the fleet at ``root`` (relative model paths resolved
+    against ``root`` as it was), or None when there is no valid copy."""
+    copy = load(root)
+    if copy is None:
+        return None
+    try:
+        return desired_state(copy.folder / Path(copy.files[0]).name, root=copy.root), copy
+    except SpecError:
         return None

@@ -44,8 +44,10 @@ class Phase(str, enum.Enum):
 
     @property
     def over(self) -> bool:
-        """No longer followed: the next plan (made from live) decides what, if anything, to send."""
-        return self is not Phase.STARTING and self is not Phase.UNSCHEDULABLE
+        """No longer followed: reported once; the next plan (made from live) decides what, if anything,
+        to send. An unschedulable replica stays pending in Serve and is placed if room appears;
+        `status` keeps showing Serve's reason meanwhile."""
+        return self is not Phase.STARTING
 
 
 @dataclass(frozen=True)
