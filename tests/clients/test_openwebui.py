@@ -47,6 +47,10 @@ def webui(client_fleet: ClientFleet, tmp_path_factory: pytest.TempPathFactory) -
         RAG_OPENAI_API_BASE_URL=client_fleet.endpoint + "/v1", RAG_OPENAI_API_KEY="unused",
         # the chunks of a tiny document fit the small model's 2048-token context
         CHUNK_SIZE="400", CHUNK_OVERLAP="50", RAG_TOP_K="2",
+        # OpenWebUI first asks the chat model to write search queries as JSON; the 135M model does not
+        # (seen: "all queries were None or empty", so nothing was retrieved and the answer ignored the
+        # memo). Off, it searches with the user's own question, as the README tells small-model users.
+        ENABLE_RETRIEVAL_QUERY_GENERATION="False",
     )
 
 
