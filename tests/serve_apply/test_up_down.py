@@ -8,7 +8,9 @@ the head it started, nor any vLLM under it, may be left.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -56,8 +58,6 @@ def _head(state: Path) -> cluster.Head:
 
 
 def _head_state(fleet: Fleet) -> Path:
-    import os
-
     old = os.environ.get("FLEET_LOCK_DIR")
     os.environ["FLEET_LOCK_DIR"] = str(fleet.lock_dir)
     try:
@@ -110,7 +110,14 @@ def test_up_chat_embed_down(default_fleet: Fleet) -> None:
     doc = json.loads(as_json.stdout)
     assert doc["file_errors"][0]["file"] == "fleet.yaml" and doc["file_errors"][0]["line"]
     assert {m["model"] for m in doc["models"]} >= {"smollm2-135m-instruct", "all-minilm-l6-v2"}
-    # ... and a daemon started by hand on the broken files is stopped by `down` too
+    # ... and a daemon started by hand on the broken files (after the one `up` started was stopped: one
+    # daemon per Serve, and the hand-started one finds that Serve from the last good files) is stopped
+    # by `down` too
+    os.kill(daemon_pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while alive(daemon_pid):
+        assert time.monotonic() < deadline, "the daemon did not stop on SIGTERM"
+        time.sleep(0.2)
     api = cluster.free_port()
     by_hand = subprocess.Popen(fleetctl_argv("daemon", str(default_fleet.root), "--port", str(api)),
                                cwd=default_fleet.root, env=default_fleet.env(), stdout=subprocess.DEVNULL,
