@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from reconciler import cluster
+from reconciler.cli_daemon import stop_watching
 from reconciler.cli_ops import head_state_path, kill_leftovers
 from serve_app.proctable import alive, cmdline, descendants, processes
 from tests.fixtures.default_fleet import copy_default_fleet
@@ -36,13 +37,16 @@ def default_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     dash, port = ports.dashboard, ports.openai
     fleet = Fleet(root, f"http://127.0.0.1:{dash}", port, tmp_path_factory.mktemp("locks"), root)
     yield fleet
-    # Whatever happened, leave nothing running.
+    # Whatever happened, leave nothing running: the daemons first (a daemon outliving its head starts
+    # it again, as it should), then the head and its engines, and the record of it.
+    stop_watching(root, print)
     state = _head_state(fleet)
     if state.exists():
         head = _head(state)
         ours = descendants(set(cluster.session_processes(head.pid)))
         cluster.stop_head(head)
         kill_leftovers(ours)
+        state.unlink()
 
 
 def _answers(url: str) -> bool:
