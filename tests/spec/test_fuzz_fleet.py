@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,11 +26,13 @@ TOKENS = [
     "defaults", "swap_group", "always_on", "idle_timeout", "15m", "-5m", "1TiB", "pkg://", "hf://", "file://", "/",
     "..",
 ]
+T = TypeVar("T")
 _PIECES = re.compile(r"\s+|\w+|[^\w\s]")
 
 
-def edit(pieces: list[str], ops: list[tuple[int, int, str]]) -> list[str]:
-    """Apply (where, what, token) edits: what 0 inserts TOKEN, 1 deletes, 2 replaces with TOKEN."""
+def edit(pieces: list[T], ops: list[tuple[int, int, T]]) -> list[T]:
+    """Apply (where, what, token) edits: what 0 inserts TOKEN, 1 deletes, 2 replaces with TOKEN
+    (tokens are YAML pieces, or bytes as ints)."""
     out = list(pieces)
     for where, what, token in ops:
         i = where % (len(out) + 1)
@@ -65,16 +68,7 @@ FUZZ = settings(max_examples=150, deadline=None, database=None,
 @given(ops=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 2), st.integers(0, 255)), min_size=1, max_size=8))
 def test_random_bytes_end_in_success_or_spec_error(fleet: tuple[Path, str], ops: list[tuple[int, int, int]]) -> None:
     root, text = fleet
-    data = bytearray(text.encode())
-    for where, what, byte in ops:
-        i = where % (len(data) + 1)
-        if what == 0 or i == len(data):
-            data.insert(i, byte)
-        elif what == 1:
-            del data[i]
-        else:
-            data[i] = byte
-    only_spec_errors(root, bytes(data))
+    only_spec_errors(root, bytes(edit(list(text.encode()), ops)))
 
 
 @FUZZ
