@@ -25,6 +25,7 @@ from reconciler import last_good
 from reconciler import lock as lock_mod
 from reconciler.daemon import Daemon
 from reconciler.errors import SpecError
+from reconciler.loader import fleet_root
 from reconciler.pipeline import desired_state
 from reconciler.spec import DaemonSettings
 from serve_app import proctable
@@ -41,8 +42,7 @@ def _settings(path: Path) -> tuple[DaemonSettings, str | None]:
     try:
         placed = desired_state(path).placed
     except SpecError:
-        root = path.resolve() if path.is_dir() else path.resolve().parent
-        kept = last_good.desired(root)
+        kept = last_good.desired(fleet_root(path))
         if kept is None:
             return DaemonSettings(), None
         placed = kept[0].placed
@@ -173,6 +173,12 @@ def _positionals(args: list[str]) -> list[str]:
 def stop_watching(root: Path, report: Any, wait_s: float = 20.0) -> list[int]:
     """SIGTERM every daemon watching the fleet at ``root`` (SIGKILL after wait_s); their pids."""
     pids = watching(root)
+    _terminate(pids, report, wait_s)
+    return pids
+
+
+def _terminate(pids: list[int], report: Any, wait_s: float) -> None:
+    """SIGTERM the daemons, wait for them (reaping our own children), SIGKILL what is left after wait_s."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -187,7 +193,6 @@ def stop_watching(root: Path, report: Any, wait_s: float = 20.0) -> list[int]:
             report(f"the daemon (pid {p}) did not stop in {wait_s:.0f} s; killing it")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-    return pids
 
 
 def running_daemon(dashboard_url: str) -> tuple[int, str] | None:
@@ -244,15 +249,6 @@ def stop_background(dashboard_url: str, report: Any, wait_s: float = 20.0) -> bo
     except (OSError, ValueError, KeyError, TypeError):
         return False
     if proctable.alive(pid) and "reconciler" in proctable.cmdline(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + wait_s
-        while proctable.alive(pid) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            time.sleep(0.2)
-        if proctable.alive(pid):
-            report(f"the daemon (pid {pid}) did not stop in {wait_s:.0f} s; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _terminate([pid], report, wait_s)
     path.unlink(missing_ok=True)
     return True

@@ -26,6 +26,7 @@ from reconciler import live as live_mod
 from reconciler import lock as lock_mod
 from reconciler import status as status_mod
 from reconciler.errors import Problem, SpecError
+from reconciler.loader import fleet_root
 from reconciler.pipeline import DesiredState, desired_state
 from reconciler.plan import Action, Plan, PlanFormatError, make_plan, plan_from_dict, plan_to_dict
 from reconciler.reconcile import Approve, Outcome, Result, plan_for, reconcile
@@ -265,7 +266,7 @@ def resolve_fleet(path: Path) -> Target:
         return Target(state.placed.ray.dashboard_url, state, (), "the fleet files")
     except SpecError as e:
         problems = tuple(e.problems)
-    root = path.resolve() if path.is_dir() else path.resolve().parent
+    root = fleet_root(path)
     kept = last_good.desired(root)
     if kept is not None:
         state, copy = kept
@@ -384,7 +385,7 @@ def down_cmd(path: Path) -> None:
     target = resolve_fleet(path)
     if target.problems:
         _echo_problems(target.problems, f"stopping what `fleetctl up` recorded ({target.dashboard_url})")
-    root = path.resolve() if path.is_dir() else path.resolve().parent
+    root = fleet_root(path)
     if cli_daemon.stop_background(target.dashboard_url, _progress):  # first: it would re-create the apps
         _progress("stopped the fleet daemon")
     for pid in cli_daemon.stop_watching(root, _progress):

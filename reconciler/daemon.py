@@ -145,7 +145,7 @@ class Daemon:
                 logger.exception("the pass failed unexpectedly; the next one runs in %.0f s", BACKOFF_MAX_S / 4)
                 outcome = Outcome(Result.UNREACHABLE, f"the pass failed unexpectedly: {type(e).__name__}: {e}",
                                   started_at=time.time(), requeue_after=BACKOFF_MAX_S / 4)
-                self._record(reason, outcome, ())
+                self._record(reason, outcome, (), revision=git_revision(self.root))
             if outcome is None:  # stopping
                 break
             self._start_following()
@@ -189,10 +189,11 @@ class Daemon:
         """One reconcile pass, recorded. None when the daemon was asked to stop mid-pass."""
         spec_error: tuple[dict[str, Any], ...] = ()
         holding: dict[str, Any] | None = None
+        revision = git_revision(self.root)  # once a pass: kept with a copy, and shown
         try:
             desired = desired_state(self.path)
             self._last_good = desired
-            if last_good.save(self.root, desired.loaded.files, git_revision(self.root)):
+            if last_good.save(self.root, desired.loaded.files, revision):
                 logger.info("kept a copy of the valid fleet files (%s)", ", ".join(desired.loaded.files))
         except SpecError as e:
             spec_error = tuple(p.as_dict() for p in e.problems)
@@ -208,7 +209,7 @@ class Daemon:
                                     lock_wait_s=1.0, lock_command="daemon", wait=False, rollouts=self._rollouts)
         except Stopping:
             return None
-        self._record(reason, outcome, spec_error, holding)
+        self._record(reason, outcome, spec_error, holding, revision)
         if outcome.result is Result.UNREACHABLE and desired is not None:
             self._restart_dead_head(desired.placed.ray.dashboard_url)
         return outcome
@@ -238,7 +239,7 @@ class Daemon:
         return self._last_good, {"files": list(self._last_good.loaded.files), "describe": "the last valid files"}
 
     def _record(self, reason: str, outcome: Outcome, spec_error: tuple[dict[str, Any], ...],
-                holding: dict[str, Any] | None = None) -> None:
+                holding: dict[str, Any] | None = None, revision: dict[str, Any] | None = None) -> None:
         s = self.snapshot()
         changed = outcome.result in (Result.APPLIED, Result.FAILED)
         drift = outcome.result is Result.APPLIED and reason not in ("edit", "start")
@@ -251,7 +252,7 @@ class Daemon:
             applies=s.applies + (1 if changed else 0),
             drift_corrections=s.drift_corrections + (1 if drift else 0),
             last=outcome, last_change=outcome if changed else s.last_change,
-            spec_error=spec_error, revision=git_revision(self.root), status=doc, status_error=err, holding=holding,
+            spec_error=spec_error, revision=revision, status=doc, status_error=err, holding=holding,
             progress="", triggers={**s.triggers, reason: s.triggers.get(reason, 0) + 1},
         )
         if self._on_pass:

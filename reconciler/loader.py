@@ -58,6 +58,12 @@ class RawFleet:
     root: Path  # the folder holding fleet.yaml; relative model paths are relative to it
 
 
+def fleet_root(path: Path) -> Path:
+    """The folder holding a fleet's files, given that folder or one of its fleet files."""
+    path = path.resolve()
+    return path if path.is_dir() else path.parent
+
+
 def fleet_files(path: Path, problems: list[Problem]) -> tuple[Path, list[Path]]:
     """The root folder and the files of a fleet: PATH/fleet.yaml (or PATH itself) then fleet.d/*.yaml by name.
 

@@ -60,6 +60,8 @@ def only_spec_errors(root: Path, data: bytes) -> None:
         assert e.problems and all("\n" not in str(p) for p in e.problems), e
 
 
+TOKEN_EDITS = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 2), st.sampled_from(TOKENS)),
+                       min_size=1, max_size=6)
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -72,8 +74,7 @@ def test_random_bytes_end_in_success_or_spec_error(fleet: tuple[Path, str], ops:
 
 
 @FUZZ
-@given(ops=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 2), st.sampled_from(TOKENS)),
-                    min_size=1, max_size=6))
+@given(ops=TOKEN_EDITS)
 def test_random_yaml_tokens_end_in_success_or_spec_error(fleet: tuple[Path, str],
                                                          ops: list[tuple[int, int, str]]) -> None:
     root, text = fleet
@@ -91,8 +92,7 @@ def gpu_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
 
 
 @FUZZ
-@given(ops=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 2), st.sampled_from(TOKENS)),
-                    min_size=1, max_size=6))
+@given(ops=TOKEN_EDITS)
 def test_random_tokens_in_a_gpu_fleet_end_in_success_or_spec_error(gpu_fleet: tuple[Path, str],
                                                                    ops: list[tuple[int, int, str]]) -> None:
     root, text = gpu_fleet
