@@ -75,7 +75,7 @@ class ClientFleet:
         found by its command line among the processes of this fleet's Ray head: other fleets on the
         box may serve a model of the same name. 0 while the model is unloaded (no vLLM): a vLLM that
         starts counts from 0 again."""
-        head = _head(self.dashboard_url, self.env)
+        head = recorded_head(self.dashboard_url, self.env)
         assert head is not None, "the client fleet's Ray head is not recorded"
         for pid in descendants(set(cluster.session_processes(head.pid))):
             argv = cmdline(pid).split()
@@ -122,14 +122,14 @@ def _stop_fleet(root: Path, dashboard: str, env: dict[str, str]) -> None:
     """`fleetctl down` (it stops the daemon too), then whatever of the head is left, by pid."""
     subprocess.run([sys.executable, "-c", "from reconciler.cli import main; main()", "down", str(root)],
                    cwd=root, env=env, capture_output=True, timeout=600, check=False)
-    head = _head(dashboard, env)
+    head = recorded_head(dashboard, env)
     if head is not None:
         ours = descendants(set(cluster.session_processes(head.pid)))
         cluster.stop_head(head)
         kill_leftovers(ours)
 
 
-def _head(dashboard: str, env: dict[str, str]) -> cluster.Head | None:
+def recorded_head(dashboard: str, env: dict[str, str]) -> cluster.Head | None:
     """The Ray head start.sh started for this dashboard, as its lock folder records it."""
     old = os.environ.get("FLEET_LOCK_DIR")
     os.environ["FLEET_LOCK_DIR"] = env["FLEET_LOCK_DIR"]
