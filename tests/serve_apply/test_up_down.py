@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from reconciler import cluster
-from reconciler.cli_daemon import stop_watching
-from reconciler.cli_ops import head_state_path, kill_leftovers
+from reconciler import state_files
+from reconciler.cli.daemon_cmd import stop_watching
+from reconciler.live import cluster
+from reconciler.live.local_head import kill_leftovers
 from serve_app.proctable import alive, cmdline, descendants, processes
 from tests.fixtures.default_fleet import copy_default_fleet
 
@@ -65,7 +66,7 @@ def _head_state(fleet: Fleet) -> Path:
     old = os.environ.get("FLEET_LOCK_DIR")
     os.environ["FLEET_LOCK_DIR"] = str(fleet.lock_dir)
     try:
-        return head_state_path(fleet.dashboard_url)
+        return state_files.head_record(fleet.dashboard_url)
     finally:
         if old is None:
             del os.environ["FLEET_LOCK_DIR"]
