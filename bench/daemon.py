@@ -29,8 +29,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reconciler import cluster  # noqa: E402
-from reconciler import live as live_mod  # noqa: E402
+from reconciler.live import cluster  # noqa: E402
+from reconciler.live import serve_state as live_mod  # noqa: E402
 
 RESYNC_S = 5
 

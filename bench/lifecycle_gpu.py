@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lifecycle import first_token_s, model_states
+from probe import BOUND_S, first_token_s, model_states
 from relay import build_tiny_llama, free_port
 
 from serve_app.engine import EVICT_QUIET_S
 
-BOUND_S = 900.0
 GIB = 1024**3
 
 
@@ -136,8 +135,8 @@ def swaps(fleet: Fleet, gpu: int, rounds: int, source: str) -> dict[str, Any]:
 
 
 def run(model: Path | None, gpu: int, rounds: int, engine: dict[str, Any], as_json: bool) -> int:
-    from reconciler import cluster
-    from reconciler.inventory import nvml_gpus
+    from reconciler.fleetfiles.inventory import nvml_gpus
+    from reconciler.live import cluster
 
     work = Path(tempfile.mkdtemp(prefix="bench-lifecycle-gpu-"))
     source = str(model or build_tiny_llama(work / "tiny-llama"))

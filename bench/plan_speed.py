@@ -25,9 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reconciler import live, render
-from reconciler.pipeline import desired_state
-from reconciler.plan import make_plan
+from reconciler.change import render
+from reconciler.change.plan import make_plan
+from reconciler.desired.pipeline import desired_state
+from reconciler.live import serve_state as live
 
 
 def write_fleet(root: Path, n: int) -> None:
@@ -110,13 +111,13 @@ def online(dashboard: str, fleet: str | None) -> dict[str, float]:
     t_get, state = timed(lambda: live.read_live_state(dashboard, client=client), repeat=20)
     out = {"live_apps": len(state.apps), "get_round_trip_s": t_get}
     if fleet:
-        cli = [sys.executable, "-c", "from reconciler.cli import main; main()"]
+        cli = [sys.executable, "-c", "from reconciler.cli.fleetctl import main; main()"]
         for name, args in (("cli_plan_s", ["plan", fleet]),
                            ("cli_noop_apply_s", ["apply", fleet, "--auto-approve"])):
             t, r = timed(lambda a=args: subprocess.run(cli + a, capture_output=True, text=True), repeat=3)
             assert r.returncode == 0 and "No changes" in r.stdout, r.stdout + r.stderr
             out[name] = t
-        from reconciler.reconcile import reconcile
+        from reconciler.loop.reconcile import reconcile
 
         out["inproc_noop_apply_s"], _ = timed(lambda: reconcile(Path(fleet), approve=lambda _plan: True))
         out["python_startup_and_imports_s"], _ = timed(lambda: subprocess.run(

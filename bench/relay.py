@@ -3,7 +3,7 @@
 One machine, one model, endpoints measured with the same load:
 
 * ``direct`` -- vLLM's OpenAI server started directly (the baseline);
-* ``fleet``  -- this project's endpoint: a Ray head started by ``reconciler.cluster.start_head``,
+* ``fleet``  -- this project's endpoint: a Ray head started by ``reconciler.live.cluster.start_head``,
   then a Serve config with the router app and one engine app PUT to the dashboard REST API, as
   ``compile_serve_config`` shapes it (Serve's proxy off, the router's own servers on the port);
 * ``rayllm`` -- Ray Serve LLM's ``ray.serve.llm:build_openai_app`` on a Ray head with Serve's
@@ -198,7 +198,7 @@ def own_cpu_s() -> float:
 
 def ray_worker_pids(session_id: int, titles: tuple[str, ...]) -> dict[str, int]:
     """Pids of our head's Ray workers whose process title starts with one of ``titles``."""
-    from reconciler import cluster
+    from reconciler.live import cluster
 
     found: dict[str, int] = {}
     for pid in cluster.session_processes(session_id):
@@ -218,7 +218,7 @@ def relay_cpu_s(target: Any) -> float:
     session = getattr(target, "session_id", 0)
     if not titles or not session:
         return 0.0
-    from reconciler import cluster
+    from reconciler.live import cluster
 
     members = set(cluster.session_processes(session))
     ticks = 0
@@ -417,7 +417,7 @@ class RayServeStack:
 
     def launch(self) -> None:
         """Start the head and PUT the config (``wait`` waits for the apps)."""
-        from reconciler import cluster
+        from reconciler.live import cluster
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
         env = self.head_env()
@@ -479,7 +479,7 @@ class RayServeStack:
     def stop(self) -> None:
         """Stop our Ray head and everything on it (its process group; never a global ``ray stop``)."""
         if self.head is not None:
-            from reconciler import cluster
+            from reconciler.live import cluster
 
             cluster.stop_head(self.head)
             shutil.rmtree(self.head.temp_dir, ignore_errors=True)

@@ -245,7 +245,7 @@ def _rss_kb(pid: int) -> int:
 def relay_rss(session: int) -> tuple[int, list[int]]:
     """(VmRSS in kB summed, pids) of our head's router replicas, found by Ray process title as
     relay.relay_cpu_s finds them: looked up at every reading, so a restarted replica shows."""
-    from reconciler import cluster
+    from reconciler.live import cluster
 
     titles = RELAY_TITLES["fleet"]
     pids = sorted(pid for pid in cluster.session_processes(session)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from lifecycle import BOUND_S, first_token_s, model_states
+from probe import BOUND_S, first_token_s, model_states
 from relay import CPU_ENGINE_ENV, free_port
 
 A, B = "swap-a", "swap-b"
@@ -54,8 +54,9 @@ def _wait_running(dashboard: str, names: set[str]) -> None:
 
 
 def run_swap_bench(model_dir: Path, work: Path, args: argparse.Namespace) -> int:
-    from reconciler import cluster, inventory
-    from reconciler.pipeline import desired_state
+    from reconciler.desired.pipeline import desired_state
+    from reconciler.fleetfiles import inventory
+    from reconciler.live import cluster
 
     gpus = len(inventory.nvml_gpus()) if args.gpus else 0
     head = cluster.start_head(num_cpus=4, resources=cluster.gpu_resources(gpus),

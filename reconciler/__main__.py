@@ -1,5 +1,5 @@
 """`python -m reconciler ...` is `fleetctl ...` (how `fleetctl up` starts the daemon)."""
 
-from reconciler.cli import main
+from reconciler.cli.fleetctl import main
 
 main()

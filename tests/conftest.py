@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.cluster import Head, free_port, gpu_resources, start_head, stop_head
+from reconciler.live.cluster import Head, free_port, gpu_resources, start_head, stop_head
 from tests.fixtures import serve_api
 from tests.fixtures.tiny_llama import build_tiny_llama
 

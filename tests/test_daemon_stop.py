@@ -18,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from reconciler import cluster
+from reconciler.live import cluster
 
 SLOW_READ = """
 import os, sys, time
-from reconciler import loader, validate
+from reconciler.fleetfiles import loader, validate
 real, calls = loader.read_fleet, []
 def slow(path):
     calls.append(path)
@@ -31,7 +31,7 @@ def slow(path):
         time.sleep(600)
     return real(path)
 loader.read_fleet = validate.read_fleet = slow
-from reconciler.cli import main
+from reconciler.cli.fleetctl import main
 sys.argv = ["fleetctl", *sys.argv[1:]]
 main()
 """

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from reconciler import diff
-from reconciler.diff import Effect, Kind
+from reconciler.change import diff
+from reconciler.change.diff import Action, Effect
 
 
 def engine_app(name: str = "a", **over: Any) -> dict[str, Any]:
@@ -48,39 +48,39 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
 
 
 CASES = [
-    # path, new value, expected app kind, expected effect
-    ("args.engine_argv", ["--max-model-len", "4096"], Kind.RESTART, Effect.REBUILD_APP),
-    ("args.env.VLLM_CPU_KVCACHE_SPACE", "2", Kind.RESTART, Effect.REBUILD_APP),
-    ("args.gpus", [1], Kind.RESTART, Effect.REBUILD_APP),
-    ("args.source", "/models/other", Kind.RESTART, Effect.REBUILD_APP),
-    ("import_path", "serve_app.engine:other", Kind.RESTART, Effect.REBUILD_APP),
-    ("runtime_env.env_vars.X", "1", Kind.RESTART, Effect.REBUILD_APP),
-    ("deployments.engine.ray_actor_options.num_cpus", 2, Kind.RESTART, Effect.RESTART_DEPLOYMENT),
-    ("deployments.engine.ray_actor_options.resources.fleet_gpu_0", 0.5, Kind.RESTART,
+    # path, new value, expected app action, expected effect
+    ("args.engine_argv", ["--max-model-len", "4096"], Action.RESTART, Effect.REBUILD_APP),
+    ("args.env.VLLM_CPU_KVCACHE_SPACE", "2", Action.RESTART, Effect.REBUILD_APP),
+    ("args.gpus", [1], Action.RESTART, Effect.REBUILD_APP),
+    ("args.source", "/models/other", Action.RESTART, Effect.REBUILD_APP),
+    ("import_path", "serve_app.engine:other", Action.RESTART, Effect.REBUILD_APP),
+    ("runtime_env.env_vars.X", "1", Action.RESTART, Effect.REBUILD_APP),
+    ("deployments.engine.ray_actor_options.num_cpus", 2, Action.RESTART, Effect.RESTART_DEPLOYMENT),
+    ("deployments.engine.ray_actor_options.resources.fleet_gpu_0", 0.5, Action.RESTART,
      Effect.RESTART_DEPLOYMENT),
-    ("deployments.engine.placement_group_bundles", [{"CPU": 1}], Kind.RESTART, Effect.RESTART_DEPLOYMENT),
-    ("deployments.engine.max_replicas_per_node", 1, Kind.RESTART, Effect.RESTART_DEPLOYMENT),
+    ("deployments.engine.placement_group_bundles", [{"CPU": 1}], Action.RESTART, Effect.RESTART_DEPLOYMENT),
+    ("deployments.engine.max_replicas_per_node", 1, Action.RESTART, Effect.RESTART_DEPLOYMENT),
     ("deployments.engine.request_router_config.request_routing_stats_period_s", 5,
-     Kind.RESTART, Effect.REBUILD_APP),
-    ("deployments.engine.autoscaling_config.policy.policy_function", "m:f", Kind.RESTART,
+     Action.RESTART, Effect.REBUILD_APP),
+    ("deployments.engine.autoscaling_config.policy.policy_function", "m:f", Action.RESTART,
      Effect.REBUILD_APP),
-    ("deployments.engine.user_config.idle_timeout_s", 1800.0, Kind.IN_PLACE, Effect.RECONFIGURE),
-    ("deployments.engine.user_config.always_on", True, Kind.IN_PLACE, Effect.RECONFIGURE),
-    ("deployments.engine.num_replicas", 2, Kind.IN_PLACE, Effect.SCALE),
-    ("deployments.engine.max_queued_requests", 10, Kind.IN_PLACE, Effect.SCALE),
-    ("deployments.engine.max_ongoing_requests", 10, Kind.IN_PLACE, Effect.RECONFIGURE),
-    ("deployments.engine.health_check_period_s", 5.0, Kind.IN_PLACE, Effect.RECONFIGURE),
-    ("deployments.engine.graceful_shutdown_timeout_s", 5.0, Kind.IN_PLACE, Effect.RECONFIGURE),
-    ("deployments.engine.autoscaling_config.max_replicas", 3, Kind.IN_PLACE, Effect.RECONFIGURE),
-    ("route_prefix", "/a", Kind.IN_PLACE, Effect.RECONFIGURE),
+    ("deployments.engine.user_config.idle_timeout_s", 1800.0, Action.UPDATE, Effect.RECONFIGURE),
+    ("deployments.engine.user_config.always_on", True, Action.UPDATE, Effect.RECONFIGURE),
+    ("deployments.engine.num_replicas", 2, Action.UPDATE, Effect.SCALE),
+    ("deployments.engine.max_queued_requests", 10, Action.UPDATE, Effect.SCALE),
+    ("deployments.engine.max_ongoing_requests", 10, Action.UPDATE, Effect.RECONFIGURE),
+    ("deployments.engine.health_check_period_s", 5.0, Action.UPDATE, Effect.RECONFIGURE),
+    ("deployments.engine.graceful_shutdown_timeout_s", 5.0, Action.UPDATE, Effect.RECONFIGURE),
+    ("deployments.engine.autoscaling_config.max_replicas", 3, Action.UPDATE, Effect.RECONFIGURE),
+    ("route_prefix", "/a", Action.UPDATE, Effect.RECONFIGURE),
 ]
 
 
-@pytest.mark.parametrize(("path", "value", "kind", "effect"), CASES, ids=[c[0] for c in CASES])
-def test_one_field_change_is_classified_as_serve_does(path: str, value: Any, kind: Kind,
+@pytest.mark.parametrize(("path", "value", "action", "effect"), CASES, ids=[c[0] for c in CASES])
+def test_one_field_change_is_classified_as_serve_does(path: str, value: Any, action: Action,
                                                       effect: Effect) -> None:
     d = diff.diff_app(with_change(path, value), engine_app())
-    assert d.kind is kind
+    assert d.action is action
     assert [(f.path, f.effect) for f in d.fields] == [(path, effect)]
     assert d.restart_fields == ((path,) if effect.restarts else ())
 
@@ -89,7 +89,7 @@ def test_restart_lists_every_changed_field_but_only_restarting_ones_as_forcing()
     desired = with_change("args.engine_argv", ["--x"])
     desired["deployments"][0]["user_config"]["idle_timeout_s"] = 60.0
     d = diff.diff_app(desired, engine_app())
-    assert d.kind is Kind.RESTART
+    assert d.action is Action.RESTART
     assert {f.path for f in d.fields} == {"args.engine_argv", "deployments.engine.user_config.idle_timeout_s"}
     assert d.restart_fields == ("args.engine_argv",)
 
@@ -112,7 +112,7 @@ def test_equivalent_forms_are_no_change(label: str, edits: dict[str, Any]) -> No
             live["runtime_env"] = value
         else:
             live = _set(live, path, value)
-    assert diff.diff_app(app, live).kind is Kind.NOOP
+    assert diff.diff_app(app, live).action is Action.NOOP
 
 
 def _set(app: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
@@ -126,46 +126,46 @@ def _set(app: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 def test_bool_is_not_a_number() -> None:
     d = diff.diff_app(with_change("deployments.engine.user_config.always_on", 1), engine_app())
-    assert d.kind is Kind.IN_PLACE
+    assert d.action is Action.UPDATE
 
 
 def test_ignored_fields_and_empty_actor_options() -> None:
     live = engine_app(host="0.0.0.0", port=8000)
-    assert diff.diff_app(engine_app(), live).kind is Kind.NOOP
+    assert diff.diff_app(engine_app(), live).action is Action.NOOP
     a, b = engine_app(), engine_app()
     a["deployments"][0]["ray_actor_options"] = {}
     del b["deployments"][0]["ray_actor_options"]
-    assert diff.diff_app(a, b).kind is Kind.NOOP
+    assert diff.diff_app(a, b).action is Action.NOOP
 
 
 def test_added_deployment_counts_as_a_code_change() -> None:
     desired = engine_app()
     desired["deployments"].append({"name": "extra"})
     d = diff.diff_app(desired, engine_app())
-    assert d.kind is Kind.RESTART and d.restart_fields == ("deployments.extra",)
+    assert d.action is Action.RESTART and d.restart_fields == ("deployments.extra",)
 
 
 def test_pairing() -> None:
     desired = [engine_app("a"), engine_app("b")]
     foreign = {"name": "x", "import_path": "myapp:app", "deployments": []}
     live = {"b": engine_app("b"), "c": engine_app("c"), "x": foreign, "y": None}
-    verdicts = {d.name: (d.kind, d.foreign) for d in diff.diff_pairs(diff.pair(desired, live))}
+    verdicts = {d.name: (d.action, d.foreign) for d in diff.diff_pairs(diff.pair(desired, live))}
     assert verdicts == {
-        "a": (Kind.CREATE, False),
-        "b": (Kind.NOOP, False),
-        "c": (Kind.DELETE, False),
-        "x": (Kind.DELETE, True),
-        "y": (Kind.DELETE, True),  # a serve.run app: no config, not ours
+        "a": (Action.CREATE, False),
+        "b": (Action.NOOP, False),
+        "c": (Action.DELETE, False),
+        "x": (Action.DELETE, True),
+        "y": (Action.DELETE, True),  # a serve.run app: no config, not ours
     }
 
 
 def test_desired_name_held_by_a_serve_run_app_is_taken_over() -> None:
     [d] = diff.diff_pairs(diff.pair([engine_app("a")], {"a": None}))
-    assert d.kind is Kind.RESTART
+    assert d.action is Action.RESTART
 
 
 def test_global_changes_are_reported() -> None:
-    desired = {"proxy_location": "Disabled"}  # what reconciler.compile always says
+    desired = {"proxy_location": "Disabled"}  # what reconciler.desired.compile always says
     assert diff.global_changes(desired, {"proxy_location": "EveryNode"}) == ["proxy_location"]
     assert diff.global_changes(desired, {"proxy_location": "Disabled"}) == []
     assert diff.global_changes(desired, {}) == []  # no Serve yet

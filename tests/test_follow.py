@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.follow import follow_once
-from reconciler.pipeline import desired_state
+from reconciler.desired.pipeline import desired_state
+from reconciler.loop.follow import follow_once
 
 
 def git(cwd: Path, *args: str) -> str:

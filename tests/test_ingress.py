@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from reconciler.cluster import free_port
+from reconciler.live.cluster import free_port
 from serve_app import router
 
 

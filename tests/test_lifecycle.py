@@ -109,7 +109,7 @@ def test_activity_sees_requests_between_two_looks() -> None:
 
 
 def test_every_lifecycle_state_is_in_the_fleet_vocabulary_with_a_health() -> None:
-    from reconciler.health import STATE_HEALTH
+    from reconciler.live.health import STATE_HEALTH
     from serve_app.contract import ModelState
 
     for state in State:

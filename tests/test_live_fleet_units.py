@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import capacity, engine_log, render
-from reconciler.health import Health, State, app_health
-from reconciler.live import AppLive, Cluster, DeploymentLive, LiveState, Node, Replica
-from reconciler.pipeline import desired_state
-from reconciler.plan import Action, make_plan
-from reconciler.reconcile import Failures
-from reconciler.watch import is_fleet_file
+from reconciler.change import capacity, render
+from reconciler.change.plan import Action, make_plan
+from reconciler.desired.pipeline import desired_state
+from reconciler.live import engine_log
+from reconciler.live.health import Health, app_health
+from reconciler.live.serve_state import AppLive, Cluster, DeploymentLive, LiveState, Node, Replica
+from reconciler.loop.reconcile import Failures
+from reconciler.loop.watch import is_fleet_file
+from serve_app.contract import ModelState
 
 UNSCHEDULABLE = ("Deployment 'engine' in application 'a' has 1 replicas that have taken more than 5s to be "
                  "scheduled. This may be due to waiting for the cluster to auto-scale or for a runtime environment "
@@ -31,20 +33,20 @@ def app(status: str, dep_status: str = "HEALTHY", message: str = "", running: in
 
 
 @pytest.mark.parametrize(("live", "state", "health"), [
-    (None, State.ABSENT, Health.MISSING),
-    (app("RUNNING"), State.READY, Health.HEALTHY),
-    (app("DEPLOYING", "UPDATING", running=0), State.STARTING, Health.PROGRESSING),
-    (app("DEPLOYING", "UPDATING", UNSCHEDULABLE, running=0), State.UNSCHEDULABLE, Health.DEGRADED),
+    (None, ModelState.ABSENT, Health.MISSING),
+    (app("RUNNING"), ModelState.READY, Health.HEALTHY),
+    (app("DEPLOYING", "UPDATING", running=0), ModelState.STARTING, Health.PROGRESSING),
+    (app("DEPLOYING", "UPDATING", UNSCHEDULABLE, running=0), ModelState.UNSCHEDULABLE, Health.DEGRADED),
     # slow to place on a busy box, but the resources are there: still starting
-    (app("DEPLOYING", "UPDATING", SLOW_ONLY, running=0), State.STARTING, Health.PROGRESSING),
-    (app("DEPLOY_FAILED", "DEPLOY_FAILED", running=0), State.FAILED, Health.DEGRADED),
-    (app("UNHEALTHY", "UNHEALTHY"), State.UNHEALTHY, Health.DEGRADED),
-    (app("DELETING"), State.STOPPING, Health.PROGRESSING),
+    (app("DEPLOYING", "UPDATING", SLOW_ONLY, running=0), ModelState.STARTING, Health.PROGRESSING),
+    (app("DEPLOY_FAILED", "DEPLOY_FAILED", running=0), ModelState.FAILED, Health.DEGRADED),
+    (app("UNHEALTHY", "UNHEALTHY"), ModelState.UNHEALTHY, Health.DEGRADED),
+    (app("DELETING"), ModelState.STOPPING, Health.PROGRESSING),
 ])
-def test_state_and_health_from_serve(live: AppLive | None, state: State, health: Health) -> None:
+def test_state_and_health_from_serve(live: AppLive | None, state: ModelState, health: Health) -> None:
     h = app_health(live)
     assert (h.state, h.health) == (state, health)
-    if state is State.UNSCHEDULABLE:
+    if state is ModelState.UNSCHEDULABLE:
         assert "fleet_gpu_0" in h.message
 
 

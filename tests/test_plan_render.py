@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from reconciler import apply as apply_mod
-from reconciler import lock, render, rollout
-from reconciler.live import AppLive, DeploymentLive, LiveState, Replica, parse_live_state
-from reconciler.plan import Action, Download, make_plan, plan_from_dict, plan_to_dict
+from reconciler.change import apply as apply_mod
+from reconciler.change import lock, render, rollout
+from reconciler.change.plan import Action, Download, make_plan, plan_from_dict, plan_to_dict
+from reconciler.live.serve_state import AppLive, DeploymentLive, LiveState, Replica, parse_live_state
 from tests.test_diff import engine_app
 
 
@@ -27,7 +27,7 @@ def router_app(models: dict[str, Any]) -> dict[str, Any]:
 
 
 def config(*apps: dict[str, Any]) -> dict[str, Any]:
-    """A config as reconciler.compile makes it: Serve's proxy off, no http_options."""
+    """A config as reconciler.desired.compile makes it: Serve's proxy off, no http_options."""
     return {"proxy_location": "Disabled", "applications": list(apps)}
 
 

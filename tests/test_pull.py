@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import download, status
+from reconciler.hub import download
+from reconciler.loop import status
 from tests.fixtures.hub import Repo, StandInHub
 
 REPO = "test-org/tiny"

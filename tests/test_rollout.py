@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from reconciler.live import AppLive, DeploymentLive, LiveState, Replica
-from reconciler.plan import Action, Change
-from reconciler.rollout import Phase, Rollouts, judge_rollout, rollout_for, start_bound
+from reconciler.change.plan import Action, Change
+from reconciler.change.rollout import Phase, Rollouts, judge_rollout, rollout_for, start_bound
+from reconciler.live.serve_state import AppLive, DeploymentLive, LiveState, Replica
 from tests.test_diff import engine_app
 
 

@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from reconciler import render
-from reconciler import status as status_mod
-from reconciler.cli import main
+from reconciler.change import render
+from reconciler.change.plan import make_plan, plan_from_dict, plan_to_dict
+from reconciler.cli.fleetctl import main
+from reconciler.desired.pipeline import desired_state
 from reconciler.errors import SpecError
-from reconciler.live import LiveState
-from reconciler.pipeline import desired_state
-from reconciler.plan import make_plan, plan_from_dict, plan_to_dict
-from reconciler.redact import fingerprint, redact_at, redact_config, scrub
-from reconciler.validate import load_fleet
+from reconciler.fleetfiles.redact import fingerprint, redact_at, redact_config, scrub
+from reconciler.fleetfiles.validate import load_fleet
+from reconciler.live.serve_state import LiveState
+from reconciler.loop import status as status_mod
 from tests.spec.test_bad_fleets import write_fleet
 from tests.test_plan_render import live_of
 
@@ -152,8 +152,8 @@ TOKEN = "t0ken-for-the-status-api-0123456789"
 ])
 def test_who_may_serve_the_status_api_without_a_token(host: str, token_env: str | None, environ: dict[str, str],
                                                       result: str | None) -> None:
-    from reconciler.spec import DaemonSettings
-    from reconciler.status_api import ExposureError, check_exposure
+    from reconciler.fleetfiles.spec import DaemonSettings
+    from reconciler.loop.status_api import ExposureError, check_exposure
 
     settings = DaemonSettings(host=host, token_env=token_env)
     if result is None or result == environ.get(token_env or ""):
@@ -174,8 +174,8 @@ def test_the_daemon_refuses_a_network_address_without_a_token(tmp_path: Path) ->
 def api(tmp_path: Path) -> Any:
     from fastapi.testclient import TestClient
 
-    from reconciler.daemon import Daemon
-    from reconciler.status_api import make_app
+    from reconciler.loop.daemon import Daemon
+    from reconciler.loop.status_api import make_app
 
     daemon = Daemon(env_fleet(tmp_path, KEY))
     daemon._last_good = desired_state(tmp_path)  # as after a pass; nothing runs
@@ -214,7 +214,7 @@ def test_the_daemons_log_lines_are_scrubbed(tmp_path: Path) -> None:
     import io
     import logging
 
-    from reconciler.redact import ScrubFilter
+    from reconciler.fleetfiles.redact import ScrubFilter
 
     out = io.StringIO()
     handler = logging.StreamHandler(out)
@@ -233,7 +233,7 @@ def test_the_daemons_log_lines_are_scrubbed(tmp_path: Path) -> None:
 
 
 def test_a_redacted_saved_plan_gets_its_values_back_only_from_matching_files(tmp_path: Path) -> None:
-    from reconciler.plan import PlanFormatError, with_values_of
+    from reconciler.change.plan import PlanFormatError, with_values_of
 
     plan = make_plan(desired_state(env_fleet(tmp_path / "a", KEY)).config, NO_LIVE)
     on_disk = json.dumps(plan_to_dict(plan, redact=True))

@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from reconciler.watch import watch
+from reconciler.loop.watch import watch
 
 
 def inotify_watches() -> int:

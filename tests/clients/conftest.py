@@ -25,8 +25,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from reconciler import cluster
-from reconciler.cli_ops import head_state_path, kill_leftovers
+from reconciler import state_files
+from reconciler.live import cluster
+from reconciler.live.local_head import kill_leftovers
 from serve_app.proctable import cmdline, descendants
 from tests.fixtures.default_fleet import copy_default_fleet
 
@@ -120,7 +121,7 @@ def client_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientFle
 
 def _stop_fleet(root: Path, dashboard: str, env: dict[str, str]) -> None:
     """`fleetctl down` (it stops the daemon too), then whatever of the head is left, by pid."""
-    subprocess.run([sys.executable, "-c", "from reconciler.cli import main; main()", "down", str(root)],
+    subprocess.run([sys.executable, "-c", "from reconciler.cli.fleetctl import main; main()", "down", str(root)],
                    cwd=root, env=env, capture_output=True, timeout=600, check=False)
     head = recorded_head(dashboard, env)
     if head is not None:
@@ -134,7 +135,7 @@ def recorded_head(dashboard: str, env: dict[str, str]) -> cluster.Head | None:
     old = os.environ.get("FLEET_LOCK_DIR")
     os.environ["FLEET_LOCK_DIR"] = env["FLEET_LOCK_DIR"]
     try:
-        state = head_state_path(dashboard)
+        state = state_files.head_record(dashboard)
     finally:
         if old is None:
             del os.environ["FLEET_LOCK_DIR"]

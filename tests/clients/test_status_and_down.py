@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from reconciler import cluster
+from reconciler.live import cluster
 from serve_app.proctable import alive, cmdline, descendants, processes
 
 from .conftest import CHAT, EMBED, ClientFleet, recorded_head

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler import cluster
+from reconciler.live import cluster
 from tests.serve_apply.helpers import Fleet
 
 # Not real secrets: values the tests look for in every output, to prove none is shown.

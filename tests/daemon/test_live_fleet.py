@@ -19,8 +19,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler import live as live_mod
-from reconciler import local_head
+from reconciler import state_files
+from reconciler.live import local_head
+from reconciler.live import serve_state as live_mod
 from serve_app.contract import engine_log_name
 from tests.serve_apply.helpers import fingerprint, write_atomic
 
@@ -300,7 +301,7 @@ def test_a_killed_ray_head_is_started_again_by_the_daemon(live: Live) -> None:
     old = os.environ.get("FLEET_LOCK_DIR")
     os.environ["FLEET_LOCK_DIR"] = str(live.fleet.lock_dir)
     try:
-        local_head.state_path(live.head.dashboard_url).write_text(local_head.Record(
+        state_files.head_record(live.head.dashboard_url).write_text(local_head.Record(
             live.head, 4, {"fleet_gpu_0": 1.0}, str(live.fleet.root), time.time(),
             object_store_bytes=256 * 1024**2).as_json())
         doomed = local_head.processes(local_head.Record(live.head, 4, {}, "", 0.0))

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler.cluster import Head, free_port, gpu_resources, start_head, stop_head
-from reconciler.inventory import nvml_gpus
+from reconciler.fleetfiles.inventory import nvml_gpus
+from reconciler.live.cluster import Head, free_port, gpu_resources, start_head, stop_head
 from serve_app.proctable import descendants
 from tests.fixtures import serve_api
 
@@ -36,7 +36,7 @@ def gpu_head() -> Iterator[Head]:
 
 
 def fleetctl(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "from reconciler.cli import main; main()", *args], cwd=root,
+    return subprocess.run([sys.executable, "-c", "from reconciler.cli.fleetctl import main; main()", *args], cwd=root,
                           capture_output=True, text=True, timeout=900)
 
 

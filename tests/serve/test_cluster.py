@@ -9,7 +9,7 @@ import sys
 import httpx
 import pytest
 
-from reconciler.cluster import gpu_resources, session_processes, start_head, stop_head
+from reconciler.live.cluster import gpu_resources, session_processes, start_head, stop_head
 
 pytestmark = pytest.mark.serve
 

@@ -25,7 +25,7 @@ time.sleep(600)
 
 
 def _session_size(sid: int) -> int:
-    from reconciler.cluster import session_processes
+    from reconciler.live.cluster import session_processes
 
     return len(session_processes(sid))
 

@@ -48,7 +48,7 @@ def _listed(fleet: Fleet) -> dict[str, dict[str, Any]]:
 
 
 def _fleetctl(ray_address: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "from reconciler.cli import main; main()", *args,
+    return subprocess.run([sys.executable, "-c", "from reconciler.cli.fleetctl import main; main()", *args,
                            "--address", ray_address], capture_output=True, text=True, timeout=BOUND_S)
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler import live, plan
+from reconciler.change import plan
+from reconciler.live import serve_state as live
 from serve_app.contract import SWAP_APP
 from serve_app.proctable import cmdline, processes
 from tests.fixtures import serve_api

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import cluster
+from reconciler.live import cluster
 
 from .helpers import Fleet
 

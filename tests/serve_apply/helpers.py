@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconciler import live
+from reconciler.live import serve_state as live
 from serve_app.proctable import cmdline, descendants
 
 ENGINE_DEFAULTS = "{dtype: float32, enforce_eager: true, max_model_len: 256}"
@@ -70,7 +70,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def fleetctl_argv(*args: str) -> list[str]:
     exe = shutil.which("fleetctl")
-    return [exe, *args] if exe else [sys.executable, "-c", "from reconciler.cli import main; main()", *args]
+    return [exe, *args] if exe else [sys.executable, "-c", "from reconciler.cli.fleetctl import main; main()", *args]
 
 
 def vllm_child_pids(replica_pid: int | None) -> set[int]:

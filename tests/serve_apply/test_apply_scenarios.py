@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler.plan import fingerprint_live
+from reconciler.change.plan import fingerprint_live
 
 from .helpers import Fleet, fingerprint
 

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler import cluster
+from reconciler.live import cluster
 from serve_app.contract import ENGINE_TOKEN_ENV, ENGINE_TOKEN_HEADER
 from serve_app.proctable import alive, cmdline, processes
 

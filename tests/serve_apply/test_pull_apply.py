@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from reconciler import cluster
-from reconciler.units import format_size
+from reconciler.fleetfiles.units import format_size
+from reconciler.live import cluster
 from tests.fixtures.hub import StandInHub
 
 from .helpers import ENGINE_DEFAULTS, fleetctl_argv

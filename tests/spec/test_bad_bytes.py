@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import loader
+from reconciler.desired.pipeline import desired_state
 from reconciler.errors import SpecError
-from reconciler.pipeline import desired_state
+from reconciler.fleetfiles import loader
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = "models:\n  chat:\n    source: hf://org/chat\n"

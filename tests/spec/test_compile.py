@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reconciler.compile import engine_argv
-from reconciler.pipeline import desired_state
+from reconciler.desired.compile import engine_argv
+from reconciler.desired.pipeline import desired_state
 
 from .test_bad_fleets import write_fleet
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reconciler.schema import fleet_schema_text
+from reconciler.fleetfiles.schema import fleet_schema_text
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from reconciler import inventory
-from reconciler.pipeline import desired_state
+from reconciler.desired.pipeline import desired_state
+from reconciler.fleetfiles import inventory
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler import estimate
+from reconciler.desired.pipeline import desired_state
 from reconciler.errors import SpecError
-from reconciler.pipeline import desired_state
+from reconciler.fleetfiles import estimate
 from tests.fixtures.default_fleet import REPO, copy_default_fleet
 
 TOKENS = [

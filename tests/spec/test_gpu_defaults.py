@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import estimate, inventory
-from reconciler.pipeline import desired_state
+from reconciler.desired.pipeline import desired_state
+from reconciler.fleetfiles import estimate, inventory
 
 REPO = Path(__file__).resolve().parents[2]
 GPU3 = "inventory:\n  gpus:\n" + "".join(f"    - {{index: {i}, memory: 24GiB}}\n" for i in range(3))

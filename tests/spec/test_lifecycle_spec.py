@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconciler import diff
-from reconciler.pipeline import desired_state
+from reconciler.change import diff
+from reconciler.desired.pipeline import desired_state
 
 from .test_bad_fleets import write_fleet
 from .test_placement import GPU3
@@ -44,7 +44,7 @@ def test_lifecycle_timeouts_change_in_place(tmp_path: Path) -> None:
     before = _apps(tmp_path, "models:\n  m: {source: hf://o/m}\n")["m"]
     after = _apps(tmp_path, "models:\n  m: {source: hf://o/m, idle_timeout: 5s, unload_after: 1m}\n")["m"]
     d = diff.diff_app(after, before)
-    assert d.kind is diff.Kind.IN_PLACE
+    assert d.action is diff.Action.UPDATE
     assert {f.path for f in d.fields} == {"deployments.engine.user_config.idle_timeout_s",
                                           "deployments.engine.user_config.unload_after_s"}
 
@@ -63,7 +63,7 @@ def test_disabled_model_is_validated_but_not_served(tmp_path: Path) -> None:
 
 
 def test_plan_shows_a_disabled_model_going_and_coming_back(tmp_path: Path) -> None:
-    from reconciler.plan import Action, make_plan
+    from reconciler.change.plan import Action, make_plan
     from tests.test_plan_render import live_of
 
     served = desired_state(tmp_path_with(tmp_path / "on", "")).config

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.desired.pipeline import desired_state
 from reconciler.errors import SpecError
-from reconciler.pipeline import desired_state
-from reconciler.units import parse_size
+from reconciler.fleetfiles.units import parse_size
 
 from .test_bad_fleets import write_fleet
 
@@ -134,7 +134,7 @@ def test_fleet_d_files_merge_in_sorted_order(tmp_path: Path) -> None:
 
 
 def test_units() -> None:
-    from reconciler.units import parse_duration
+    from reconciler.fleetfiles.units import parse_duration
 
     assert parse_duration("1h30m") == 5400
     assert parse_duration("90s") == 90

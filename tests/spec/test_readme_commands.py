@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from reconciler.cli import main
+from reconciler.cli.fleetctl import main
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from reconciler import diff, swap
-from reconciler.cli import main
+from reconciler.change import diff
+from reconciler.cli.fleetctl import main
+from reconciler.desired.pipeline import desired_state
 from reconciler.errors import SpecError
-from reconciler.pipeline import desired_state
-from reconciler.status import format_table
+from reconciler.fleetfiles import swap_groups
+from reconciler.loop.status import format_table
 from serve_app.contract import SWAP_APP
 
 from .test_bad_fleets import write_fleet
@@ -32,7 +33,7 @@ def _apps(tmp_path: Path, text: str) -> dict[str, dict]:  # type: ignore[type-ar
 def test_an_overbooked_group_fits_when_one_member_is_awake(tmp_path: Path) -> None:
     apps = _apps(tmp_path, PAIR)
     reserved = {n: apps[n]["deployments"][0]["ray_actor_options"]["resources"]["fleet_gpu_0"] for n in "abc"}
-    asleep = swap.ASLEEP_HOLDS_BYTES / (24 * 1024**3)
+    asleep = swap_groups.ASLEEP_HOLDS_BYTES / (24 * 1024**3)
     # the group needs its largest share plus what the sleeper keeps, split evenly so Ray can place both
     assert reserved["a"] == reserved["b"] == pytest.approx((0.6 + asleep) / 2, abs=1e-4)
     assert reserved["c"] == 0.3
@@ -97,8 +98,8 @@ def test_group_settings_change_in_place(tmp_path: Path) -> None:
     before = _apps(tmp_path, three)
     after = _apps(tmp_path, "swap_groups: {g: {awake: 2, queue_timeout: 1m}}\n" + three)
     change = diff.diff_app(after[SWAP_APP], before[SWAP_APP])
-    assert change.kind is diff.Kind.IN_PLACE
-    assert diff.diff_app(after["a"], before["a"]).kind is diff.Kind.NOOP
+    assert change.action is diff.Action.UPDATE
+    assert diff.diff_app(after["a"], before["a"]).action is diff.Action.NOOP
 
 
 def test_status_table_shows_the_group() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.pipeline import desired_state
-from reconciler.tool_parsers import tool_parser
+from reconciler.desired.pipeline import desired_state
+from reconciler.desired.tool_parsers import tool_parser
 
 from .test_bad_fleets import write_fleet
 
