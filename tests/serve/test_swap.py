@@ -112,15 +112,17 @@ def _ask(fleet: Fleet, model: str, stream: bool) -> Answered:
 def test_members_start_unloaded_and_alternating_requests_are_all_answered(fleet: Fleet, pair: Sampler) -> None:
     listed = _listed(fleet)
     assert listed[A]["swap_group"] == listed[B]["swap_group"] == "pair"
-    for i, (model, stream) in enumerate([(A, True), (B, False), (B, True), (A, False)]):
+    # Each member streamed and not; two turns (a turn is a vLLM cold start on the CPU). The way back,
+    # B swapped out for A, is the next test's first request.
+    for i, (model, stream) in enumerate([(A, True), (B, False), (B, True)]):
         assert _ask(fleet, model, stream) == ANSWERED, (i, model)
         assert _state(model)["state"] == "awake"
         other = B if model == A else A
         assert _state(other)["state"] in ("unloaded", "asleep"), (i, _state(other))
     assert pair.seen == {A, B} and pair.both == [], pair.both  # both ran, never together
-    assert _state(A)["counts"]["swapped_out"] >= 1 and _state(B)["counts"]["swapped_out"] >= 1
+    assert _state(A)["counts"]["swapped_out"] >= 1
     listed = _listed(fleet)
-    assert (listed[A]["state"], listed[B]["state"]) == ("awake", "unloaded")
+    assert (listed[A]["state"], listed[B]["state"]) == ("unloaded", "awake")
     # taking turns changed no Serve config: the plan against the live fleet is empty
     desired = serve_api.serve_config(serve_api.compile_apps(fleet.root, fleet.models, port=fleet.port,
                                                             load_timeout=f"{BOUND_S:.0f}s"))
@@ -128,7 +130,8 @@ def test_members_start_unloaded_and_alternating_requests_are_all_answered(fleet:
 
 
 def test_a_long_stream_is_not_cut_the_other_member_waits_for_it(fleet: Fleet, pair: Sampler) -> None:
-    assert _ask(fleet, A, stream=False) == ANSWERED  # A awake (it was the last one asked)
+    assert _ask(fleet, A, stream=False) == ANSWERED  # A's turn again: B swapped out, A awake
+    assert _state(B)["counts"]["swapped_out"] >= 1 and _state(B)["state"] in ("unloaded", "asleep")
     tokens = 600
     client = fleet.client(timeout=BOUND_S)
     stream = client.completions.create(model=A, prompt="a long story", max_tokens=tokens, stream=True,
