@@ -39,7 +39,7 @@ from relay import (
     stop_process_group,
 )
 
-from serve_app import engine, model_source
+from serve_app import model_source, vllm_child
 
 IDLE_S = 2.0
 BOUND_S = 900.0
@@ -73,12 +73,13 @@ def model_states(base_url: str) -> dict[str, str]:
 def direct_round(model_dir: Path, work: Path) -> dict[str, float]:
     """Start vLLM as the engine would; time /health and the first token."""
     port = free_port()
-    argv = engine.vllm_argv(MODEL_NAME, model_source.resolve(str(model_dir)), "generate", list(CPU_ENGINE.argv), port)
+    argv = vllm_child.vllm_argv(MODEL_NAME, model_source.resolve(str(model_dir)), "generate",
+                                list(CPU_ENGINE.argv), port)
     url = f"http://127.0.0.1:{port}"
     with open(work / "direct.log", "ab") as log:
         t0 = time.monotonic()
-        proc = subprocess.Popen(argv, env=engine.child_env(CPU_ENGINE.env, []), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, env=vllm_child.child_env(CPU_ENGINE.env, []), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while True:
             if proc.poll() is not None:
