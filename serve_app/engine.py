@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -31,8 +30,11 @@ from serve_app.contract import (
     ENGINE_START_ATTEMPTS,
     SWAP_APP,
     SWAP_DEPLOYMENT,
+    EngineArgs,
+    EngineUserConfig,
     engine_log_name,
 )
+from serve_app.contract import deadline as contract_deadline
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,33 +86,19 @@ class Engine:
     for by many requests at once is one shared task.
     """
 
-    async def __init__(
-        self,
-        model: str,
-        source: str,
-        task: str = "generate",
-        engine_argv: list[str] | None = None,
-        env: dict[str, str] | None = None,
-        gpus: list[int] | None = None,
-        start_timeout_s: float | None = 600.0,  # None: no bound (`start_timeout: never`)
-        swap_group: str | None = None,
-        replica_gpus: int | None = None,
-    ) -> None:
+    async def __init__(self, args: EngineArgs) -> None:
+        model = args.model
+        self._args = args
         self._model = model
-        self._source = source
-        self._task = task
-        self._engine_argv = list(engine_argv or [])
-        self._gpus = list(gpus or [])
+        self._gpus = list(args.gpus)
         self._gpu_claim = None  # with replica_gpus: the lock that holds this replica's own set of them
-        if replica_gpus and replica_gpus < len(self._gpus):
+        if args.replica_gpus and args.replica_gpus < len(self._gpus):
             self._gpus, self._gpu_claim = await gpu_turns.claim_gpus(
-                model, self._gpus, replica_gpus, _replica_rank(), self._waiting_for_gpu_set)
-        environ = vllm_child.child_env(env or {}, self._gpus)
-        # None travels as "no bound" (JSON has no infinity); here it is infinity, so deadlines just never come.
-        self._start_timeout_s = math.inf if start_timeout_s is None else float(start_timeout_s)
-        self._swap_group = swap_group
-        # vLLM's sleep mode is GPU-only and needs the flag at start (compile adds it for GPU models).
-        self._can_sleep = bool(gpus) and "--enable-sleep-mode" in self._engine_argv
+                model, self._gpus, args.replica_gpus, _replica_rank(), self._waiting_for_gpu_set)
+        environ = vllm_child.child_env(args.env, self._gpus)
+        self._start_timeout_s = args.start_timeout_s  # None: never (`start_timeout: never`)
+        self._swap_group = args.swap_group
+        self._can_sleep = args.sleep_mode
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._registered = False
         self._rules = lifecycle.Rules()
@@ -132,7 +120,7 @@ class Engine:
         self._child = vllm_child.Child(
             model, environ, vllm_child.log_dir() / engine_log_name(model, os.getpid()),
             await asyncio.to_thread(vllm_child.listen_host), await asyncio.to_thread(endpoints.engine_token))
-        if swap_group:
+        if args.swap_group:
             # A swap member starts unloaded: loading it here could break its group's limit. Its
             # first request (or `fleetctl load`) loads it, once the group's coordinator made room.
             self._set(lifecycle.State.UNLOADED)
@@ -158,12 +146,13 @@ class Engine:
         """Start vLLM and wait for its /health (caller holds the lock); state awake, or failed and raise."""
         self._set(lifecycle.State.LOADING)
         t0 = time.monotonic()
-        deadline = t0 + self._start_timeout_s
+        deadline = contract_deadline(t0, self._start_timeout_s)
         try:
-            resolved = await self._child.prepare(self._source, self._start_timeout_s)
-            argv = self._child.argv(resolved, self._task, self._engine_argv)
+            resolved = await self._child.prepare(self._args.source, self._start_timeout_s)
+            argv = self._child.argv(resolved, self._args.runner, self._args.engine_argv)
             async with gpu_turns.start_turn(self._gpus, self._waiting_for_gpu):
-                deadline = max(deadline, time.monotonic() + self._start_timeout_s)  # the wait is not its start
+                # the wait is not its start
+                deadline = max(deadline, contract_deadline(time.monotonic(), self._start_timeout_s))
                 self._child.start(argv)
                 await self._child.wait_ready(deadline)
         except BaseException as e:
@@ -282,7 +271,8 @@ class Engine:
             return None
         t0 = time.monotonic()
         # The lease frees the group when a member dies mid-load; with no start bound, a day.
-        lease_s = min(self._start_timeout_s, 86400.0) + 2 * vllm_child.STOP_GRACE_S + 30.0
+        bound = 86400.0 if self._start_timeout_s is None else min(self._start_timeout_s, 86400.0)
+        lease_s = bound + 2 * vllm_child.STOP_GRACE_S + 30.0
         try:
             token = str(await self._coordinator().acquire.remote(self._swap_group, self._model, lease_s))
         except Exception as e:  # GroupBusy (its message says why), or the coordinator is away
@@ -367,7 +357,7 @@ class Engine:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """In-place lifecycle settings: idle_timeout_s, unload_after_s, always_on."""
-        self._rules = lifecycle.Rules.from_user_config(user_config)
+        self._rules = lifecycle.Rules.from_user_config(EngineUserConfig.parse(user_config))
 
     async def check_health(self) -> None:
         """Unhealthy only when a child that should run died or fails /health: Serve then replaces us.
@@ -466,4 +456,4 @@ class Engine:
 
 def app(args: dict[str, Any]) -> Application:
     """Serve application builder: the contract's engine ``args`` become constructor args."""
-    return Engine.bind(**args)
+    return Engine.bind(EngineArgs.parse(args))

@@ -17,6 +17,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from serve_app.contract import EngineUserConfig
+
 # /metrics counters whose change means "a request passed": vLLM's finished requests (generate and
 # pooling) and the HTTP instrumentator's handled requests (it leaves out /metrics, /health, /load).
 ACTIVITY_COUNTERS = ("vllm:request_success_total", "http_requests_total")
@@ -68,12 +70,8 @@ class Rules:
     always_on: bool = False
 
     @classmethod
-    def from_user_config(cls, user_config: dict[str, object]) -> Rules:
-        def seconds(key: str) -> float | None:
-            value = user_config.get(key)
-            return None if value is None else float(value)  # type: ignore[arg-type]
-
-        return cls(seconds("idle_timeout_s"), seconds("unload_after_s"), bool(user_config.get("always_on", False)))
+    def from_user_config(cls, config: EngineUserConfig) -> Rules:
+        return cls(config.idle_timeout_s, config.unload_after_s, config.always_on)
 
 
 def next_step(state: State, rules: Rules, idle_s: float, in_flight: int, can_sleep: bool,

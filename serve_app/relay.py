@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import os
 import random
 import time
@@ -25,6 +26,7 @@ import aiohttp
 
 from serve_app.contract import (
     ENGINE_TOKEN_HEADER,
+    RouterUserConfig,
 )
 
 # vLLM's server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s). A pooled
@@ -54,15 +56,15 @@ class Settings:
 
 
 def settings_from(user_config: dict[str, Any]) -> Settings:
-    """Parse user_config; API keys are read from the named env vars of this replica."""
-    envs = list(user_config.get("api_key_envs") or [])
-    keys = frozenset(os.environ[name] for name in envs if os.environ.get(name))
-    timeout = user_config.get("load_timeout_s", 600.0)
+    """Parse user_config (the contract's RouterUserConfig); API keys come from the named env vars here."""
+    config = RouterUserConfig.parse(user_config)
+    keys = frozenset(os.environ[name] for name in config.api_key_envs if os.environ.get(name))
     return Settings(
-        models=dict(user_config.get("models") or {}),
+        models={name: model.wire() for name, model in config.models.items()},
         keys=keys,
-        require_key=bool(envs),
-        load_timeout_s=float("inf") if timeout is None else float(timeout),
+        require_key=bool(config.api_key_envs),
+        # never (None) is an unbounded wait: infinity compares and formats ("inf") where the wait is measured
+        load_timeout_s=math.inf if config.load_timeout_s is None else config.load_timeout_s,
     )
 
 

@@ -29,7 +29,9 @@ from serve_app.contract import (
     ENGINE_TOKEN_ENV,
     ENGINE_TOKEN_HEADER,
     HEAD_NODE_RESOURCE,
+    RUNNER_FLAG,
 )
+from serve_app.contract import deadline as contract_deadline
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,8 +46,6 @@ ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # A swap member's unload waits this long at most for vLLM's whole process tree to be gone, so the
 # member loading next finds the memory free.
 TREE_GONE_S = 15.0
-# Default runner per fleet task, added unless engine_argv names one (vLLM 0.32 has no --task).
-TASK_ARGV = {"generate": ["--runner", "generate"], "embed": ["--runner", "pooling"]}
 
 
 def _free_port(host: str = HOST) -> int:
@@ -135,11 +135,12 @@ def _expand(value: str) -> str:
     return os.environ.get(match.group(1), "") if match else value
 
 
-def vllm_argv(model: str, resolved: model_source.Resolved, task: str, engine_argv: list[str], port: int,
+def vllm_argv(model: str, resolved: model_source.Resolved, runner: str, engine_argv: list[str], port: int,
               host: str = HOST) -> list[str]:
     """The vLLM OpenAI server command line (an argv list; never a shell). Off loopback, every path
     needs the fleet's engine token (the middleware reads it from the environment, not argv)."""
-    task_argv = [] if "--runner" in engine_argv else TASK_ARGV.get(task, [])
+    # the runner comes with engine_argv when the reconciler compiled it; a hand-written argv may lack it
+    task_argv = [] if RUNNER_FLAG in engine_argv else [RUNNER_FLAG, runner]
     guard = [] if host == HOST else ["--middleware", ENGINE_MIDDLEWARE]
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -165,11 +166,11 @@ def _guarded(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess
         )
 
 
-async def _run_guarded(argv: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> int:
+async def _run_guarded(argv: list[str], env: dict[str, str], log_path: Path, timeout_s: float | None) -> int:
     """Run a helper command to completion under the guard; its exit code."""
     proc = _guarded(argv, env, log_path)
     try:
-        deadline = time.monotonic() + timeout_s
+        deadline = contract_deadline(time.monotonic(), timeout_s)
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{argv[3:]} did not finish in {timeout_s:.0f} s")
@@ -235,12 +236,12 @@ class Child:
             raise RuntimeError(f"preparing {source!r} failed (exit {code}):\n{log_tail(self.log_path)}")
         return model_source.resolve(source)
 
-    def argv(self, resolved: model_source.Resolved, task: str, engine_argv: list[str]) -> list[str]:
+    def argv(self, resolved: model_source.Resolved, runner: str, engine_argv: list[str]) -> list[str]:
         """The command line for a start now: the old port when still free (routers' cached URL stays good)."""
         if not _port_free(self.port, self.host):
             self.port = _free_port(self.host)
             self.url = base_url(self.host, self.port)
-        return vllm_argv(self.model, resolved, task, engine_argv, self.port, self.host)
+        return vllm_argv(self.model, resolved, runner, engine_argv, self.port, self.host)
 
     def start(self, argv: list[str]) -> None:
         logger.info("starting vLLM for %s: %s (log: %s)", self.model, argv, self.log_path)

@@ -57,9 +57,11 @@ def test_always_on_never_leaves_awake() -> None:
 
 
 def test_rules_from_user_config() -> None:
-    assert Rules.from_user_config({"idle_timeout_s": 900, "unload_after_s": None, "always_on": False}) == \
-        Rules(900.0, None, False)
-    assert Rules.from_user_config({}) == Rules(None, None, False)
+    from serve_app.contract import EngineUserConfig
+
+    parsed = EngineUserConfig.parse({"idle_timeout_s": 900, "unload_after_s": None, "always_on": False})
+    assert Rules.from_user_config(parsed) == Rules(900.0, None, False)
+    assert Rules.from_user_config(EngineUserConfig.parse({})) == Rules(None, None, False)
 
 
 def test_poll_interval_follows_the_timeout() -> None:
