@@ -32,6 +32,7 @@ from serve_app.contract import (
     SWAP_DEPLOYMENT,
     EngineArgs,
     EngineUserConfig,
+    ModelState,
     engine_log_name,
 )
 from serve_app.contract import deadline as contract_deadline
@@ -102,7 +103,7 @@ class Engine:
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._registered = False
         self._rules = lifecycle.Rules()
-        self._state = lifecycle.State.LOADING
+        self._state = ModelState.LOADING
         self._since = time.time()
         self._reason = ""
         self._activity = lifecycle.Activity(last_at=time.monotonic())
@@ -123,7 +124,7 @@ class Engine:
         if args.swap_group:
             # A swap member starts unloaded: loading it here could break its group's limit. Its
             # first request (or `fleetctl load`) loads it, once the group's coordinator made room.
-            self._set(lifecycle.State.UNLOADED)
+            self._set(ModelState.UNLOADED)
         else:
             async with self._lock:
                 await self._load()  # a model that cannot start at deploy time fails the deploy, as before
@@ -144,7 +145,7 @@ class Engine:
 
     async def _load(self) -> None:
         """Start vLLM and wait for its /health (caller holds the lock); state awake, or failed and raise."""
-        self._set(lifecycle.State.LOADING)
+        self._set(ModelState.LOADING)
         t0 = time.monotonic()
         deadline = contract_deadline(t0, self._start_timeout_s)
         try:
@@ -158,11 +159,11 @@ class Engine:
         except BaseException as e:
             self._stop_child()
             self._record("load_failed", t0)
-            self._set(lifecycle.State.FAILED, brief(str(e)))
+            self._set(ModelState.FAILED, brief(str(e)))
             raise
         self._record("load", t0)
         self._activity.restart(time.monotonic())
-        self._set(lifecycle.State.AWAKE)
+        self._set(ModelState.AWAKE)
         await self._register()  # the port may be new after an unload
         logger.info("vLLM for %s is ready at %s (guard pid %s)", self._model, self._child.url,
                     self._child.last_guard_pid)
@@ -181,17 +182,17 @@ class Engine:
 
     async def _unload(self) -> None:
         """Stop the child (caller holds the lock): memory freed, the replica stays."""
-        self._set(lifecycle.State.UNLOADING)
+        self._set(ModelState.UNLOADING)
         t0 = time.monotonic()
         await self._unregister()
         await asyncio.to_thread(self._stop_child)  # up to the guard's grace; keep the event loop free
         self._activity.in_flight = 0
         self._record("unload", t0)
-        self._set(lifecycle.State.UNLOADED)
+        self._set(ModelState.UNLOADED)
 
     async def _sleep(self) -> None:
         """vLLM sleep mode level 1 (caller holds the lock): weights to host RAM, GPU memory freed."""
-        self._set(lifecycle.State.SLEEPING)
+        self._set(ModelState.SLEEPING)
         t0 = time.monotonic()
         await self._unregister()  # a sleeping vLLM must get no requests
         try:
@@ -201,10 +202,10 @@ class Engine:
             await self._unload()
             return
         self._record("sleep", t0)
-        self._set(lifecycle.State.ASLEEP)
+        self._set(ModelState.ASLEEP)
 
     async def _wake(self) -> None:
-        self._set(lifecycle.State.WAKING)
+        self._set(ModelState.WAKING)
         t0 = time.monotonic()
         try:
             # a wake allocates the KV cache again: not while another engine on the GPU measures its start
@@ -217,7 +218,7 @@ class Engine:
             return
         self._record("wake", t0)
         self._activity.touch(time.monotonic())
-        self._set(lifecycle.State.AWAKE)
+        self._set(ModelState.AWAKE)
         await self._register()
 
     def _record(self, transition: str, t0: float) -> None:
@@ -227,7 +228,7 @@ class Engine:
         self._transitions.inc(tags=tags)
         self._durations.observe(seconds, tags=tags)
 
-    def _set(self, state: lifecycle.State, reason: str = "") -> None:
+    def _set(self, state: ModelState, reason: str = "") -> None:
         if state is not self._state:
             logger.info("model %s: %s -> %s", self._model, self._state.value, state.value)
             self._changed.set()
@@ -246,11 +247,11 @@ class Engine:
 
     async def _up_once(self) -> None:
         async with self._lock:
-            if self._state is lifecycle.State.AWAKE:
+            if self._state is ModelState.AWAKE:
                 return
             grant = await self._acquire_turn()
             try:
-                if self._state is lifecycle.State.ASLEEP:
+                if self._state is ModelState.ASLEEP:
                     await self._wake()
                 else:
                     await self._load()
@@ -291,8 +292,8 @@ class Engine:
         """The swap coordinator makes room: sleep (GPU) or unload now, unless requests are in flight
         (a busy member is never cut). True when this member holds nothing any more."""
         async with self._lock:
-            if self._state is not lifecycle.State.AWAKE:
-                return self._state in (lifecycle.State.ASLEEP, lifecycle.State.UNLOADED, lifecycle.State.FAILED)
+            if self._state is not ModelState.AWAKE:
+                return self._state in (ModelState.ASLEEP, ModelState.UNLOADED, ModelState.FAILED)
             await self._observe()
             if self._activity.in_flight or time.monotonic() - self._activity.last_at < EVICT_QUIET_S:
                 return False
@@ -326,17 +327,17 @@ class Engine:
             await asyncio.wait_for(self._changed.wait(), lifecycle.poll_interval(self._state, self._rules))
 
     def _step(self) -> lifecycle.Step:
-        if self._state in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP) and not self._child.running:
+        if self._state in (ModelState.AWAKE, ModelState.ASLEEP) and not self._child.running:
             return lifecycle.Step.NONE  # died on its own: check_health reports it and Serve replaces us
         idle_s = time.monotonic() - self._activity.last_at
         ram_short = False
-        if self._state is lifecycle.State.ASLEEP:
+        if self._state is ModelState.ASLEEP:
             ram_short = _host_ram_short()
         return lifecycle.next_step(self._state, self._rules, idle_s, self._activity.in_flight, self._can_sleep,
                                    ram_short)
 
     async def _observe(self) -> None:
-        if self._state not in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP) or not self._child.running:
+        if self._state not in (ModelState.AWAKE, ModelState.ASLEEP) or not self._child.running:
             return
         in_flight, finished = await self._child.activity()
         self._activity.observe(in_flight, finished, time.monotonic())
@@ -365,10 +366,10 @@ class Engine:
         Loading, unloaded and failed are states of the model, not of the replica, which stays healthy
         so the next request can load it again.
         """
-        if self._state not in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP):
+        if self._state not in (ModelState.AWAKE, ModelState.ASLEEP):
             return
         await self._child.check_health()
-        if self._state is lifecycle.State.AWAKE:
+        if self._state is ModelState.AWAKE:
             await self._register()  # the refresh that keeps the registration from going stale
 
     async def endpoint(self) -> str:
@@ -379,7 +380,7 @@ class Engine:
         Raises when the child died unexpectedly, or when the load failed (with vLLM's reason).
         """
         self._activity.touch(time.monotonic())
-        if self._state is not lifecycle.State.AWAKE:
+        if self._state is not ModelState.AWAKE:
             await self._bring_up()
         self._child.raise_if_exited("")
         return self._child.url
@@ -395,7 +396,7 @@ class Engine:
             raise ValueError(f"{self._model!r} is always_on: it stays loaded; set always_on: false in the fleet "
                              "files to let it unload")
         async with self._lock:
-            if self._state in (lifecycle.State.UNLOADED, lifecycle.State.FAILED):
+            if self._state in (ModelState.UNLOADED, ModelState.FAILED):
                 return await self.state()
             await self._observe()
             if self._activity.in_flight and not force:
