@@ -40,7 +40,7 @@ from relay import (
     stop_process_group,
 )
 
-from serve_app import engine, model_source
+from serve_app import model_source, vllm_child
 
 IDLE_S = 2.0
 CPU_ENGINE = EngineSetup(CPU_ENGINE_ARGV.split(), CPU_ENGINE_ENV, None)
@@ -49,12 +49,13 @@ CPU_ENGINE = EngineSetup(CPU_ENGINE_ARGV.split(), CPU_ENGINE_ENV, None)
 def direct_round(model_dir: Path, work: Path) -> dict[str, float]:
     """Start vLLM as the engine would; time /health and the first token."""
     port = free_port()
-    argv = engine.vllm_argv(MODEL_NAME, model_source.resolve(str(model_dir)), "generate", list(CPU_ENGINE.argv), port)
+    argv = vllm_child.vllm_argv(MODEL_NAME, model_source.resolve(str(model_dir)), "generate",
+                                list(CPU_ENGINE.argv), port)
     url = f"http://127.0.0.1:{port}"
     with open(work / "direct.log", "ab") as log:
         t0 = time.monotonic()
-        proc = subprocess.Popen(argv, env=engine.child_env(CPU_ENGINE.env, []), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, env=vllm_child.child_env(CPU_ENGINE.env, []), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while True:
             if proc.poll() is not None:

@@ -73,7 +73,7 @@ from relay import (  # noqa: E402
 
 from serve_app import lifecycle, proctable  # noqa: E402
 
-# How the engine replica starts vLLM (serve_app/engine.py vllm_argv); its guard's argv carries it too.
+# How the engine replica starts vLLM (serve_app/vllm_child.py vllm_argv); its guard's argv carries it too.
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 # Requests vLLM finished, by reason. vLLM 0.32 leaves aborted ones out of it (its abort path skips
 # the stats), so the vanishers it cut are told by those that it finished anyway.
@@ -257,7 +257,7 @@ def vllm_urls(head_pid: int) -> list[str]:
     """Base URLs of the vLLM servers under our head, from their command lines.
 
     The engine starts vLLM under a guard in a session of its own, so it is found among the head's
-    descendants, not its session. vLLM listens on loopback on the head (serve_app/engine.py), where
+    descendants, not its session. vLLM listens on loopback on the head (serve_app/vllm_child.py), where
     /metrics needs no engine token.
     """
     urls: set[str] = set()

@@ -4,15 +4,22 @@ Both sides import these names instead of spelling them: application and deployme
 paths, the shape of the engine's constructor ``args`` and of each deployment's ``user_config``, and
 where an engine replica writes vLLM's log. docs/contracts.md shows a whole config.
 
-Import-free on purpose (no Ray, no FastAPI; the standard library only): the reconciler imports it on every command.
+It is a two-sided codec: each shape is a pydantic model with ``parse`` (what serve_app reads, checked)
+and ``wire`` (what the reconciler writes, in a fixed key order, so the compiled config is stable byte for
+byte). "Never" (no bound) is ``None`` on the wire and in every model here; ``deadline`` turns it into a time.
+
+Light on purpose (pydantic and the standard library; no Ray, no FastAPI): the reconciler imports it on every command.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import math
 import re
-from typing import Any, NotRequired, TypedDict
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
 
 ROUTER_APP = "router"  # the router's application; no model may take this name
 ROUTER_DEPLOYMENT = "router"
@@ -54,10 +61,30 @@ def node_resource(ip: str) -> str:
 
 
 # What Serve (2.60, deployment_state.py) writes into a deployment's message when a replica waits
-# for Ray to place it: '... Resources required for each replica: {...}, total resources available:
-# {...}. ...'. A replica pinned to a node that is gone asks for a node:<ip> that nothing offers.
-_PENDING = re.compile(r"Resources required for each replica: (?P<required>\{.*?\}), "
+# for Ray to place it: '... has 1 replicas that have taken more than 5s to be scheduled. ...
+# Resources required for each replica: {"CPU": 1.0}, total resources available: {}. ...'; for a
+# placement group the required part is a list of bundles. A replica pinned to a node that is gone
+# asks for a node:<ip> that nothing offers.
+_PENDING = re.compile(r"Resources required for each replica: (?P<required>\{.*?\}|\[.*?\]), "
                       r"total resources available: (?P<available>\{.*?\})\.")
+
+
+def pending_resources(message: str) -> tuple[dict[str, float], dict[str, float]] | None:
+    """(required, available) from a waiting replica's message (bundles summed), or None."""
+    m = _PENDING.search(message or "")
+    if not m:
+        return None
+    try:
+        required, available = json.loads(m["required"]), json.loads(m["available"])
+    except ValueError:
+        return None
+    if isinstance(required, list):  # placement-group bundles: their sum
+        total: dict[str, float] = {}
+        for bundle in required:
+            for k, v in bundle.items():
+                total[k] = total.get(k, 0.0) + float(v)
+        required = total
+    return {k: float(v) for k, v in required.items()}, {k: float(v) for k, v in available.items()}
 
 
 def node_gone_message(ip: str) -> str:
@@ -68,13 +95,10 @@ def node_gone_message(ip: str) -> str:
 
 def missing_node(message: str) -> str | None:
     """The IP of the node a waiting replica is pinned to when the cluster lacks that node, else None."""
-    m = _PENDING.search(message or "")
-    if not m:
+    pending = pending_resources(message)
+    if pending is None:
         return None
-    try:
-        required, available = json.loads(m["required"]), json.loads(m["available"])
-    except ValueError:
-        return None
+    required, available = pending
     for name in required:
         if name.startswith("node:") and name != HEAD_NODE_RESOURCE and name not in available:
             return str(name).removeprefix("node:")
@@ -95,71 +119,164 @@ def engine_log_name(model: str, replica_pid: int) -> str:
     return f"vllm-{model}-{replica_pid}.log"
 
 
-class EngineArgs(TypedDict):
+def deadline(start: float, seconds: float | None) -> float:
+    """When a bound of ``seconds`` from ``start`` runs out; None ("never") never does."""
+    return math.inf if seconds is None else start + seconds
+
+
+# vLLM's --runner for each fleet task (vLLM 0.32 has no --task), and its sleep-mode flag: compile writes
+# them into ``engine_argv`` and ``EngineArgs.runner`` / ``.sleep_mode`` read them back, here only.
+TASK_RUNNER = {"generate": "generate", "embed": "pooling"}
+RUNNER_FLAG = "--runner"
+SLEEP_FLAG = "--enable-sleep-mode"
+
+
+class _Wire(BaseModel):
+    """One shape of the contract: ``parse`` a mapping (checked, unknown keys refused), ``wire`` it back."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Optional keys left out of the wire form when None, so configs without them stay as they were.
+    omit_none: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def parse(cls, data: Any) -> Any:
+        return cls.model_validate(dict(data or {}))
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None and name in self.omit_none:
+                continue
+            out[name] = value.wire() if isinstance(value, _Wire) else _plain(value)
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Wire):
+        return value.wire()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class EngineArgs(_Wire):
     """An engine application's ``args`` (its constructor arguments: any change restarts it)."""
 
+    omit_none: ClassVar[frozenset[str]] = frozenset({"swap_group", "replica_gpus"})
+
     model: str  # --served-model-name, and the OpenAI model id
-    source: str  # hf://org/name@rev | /abs/path | pkg://package/path
-    task: str  # generate | embed
-    engine_argv: list[str]  # vLLM flags, argv elements (never a shell string)
-    env: dict[str, str]
-    gpus: list[int]  # physical GPU indices on its node; [] = CPU
-    start_timeout_s: float | None  # None = no bound
+    source: str  # hf://org/name@rev | /abs/path | pkg://package/path (serve_app.source parses it)
+    task: str = "generate"  # generate | embed
+    engine_argv: list[str] = []  # vLLM flags, argv elements (never a shell string)
+    env: dict[str, str] = {}
+    gpus: list[int] = []  # physical GPU indices on its node; [] = CPU
+    start_timeout_s: float | None = 600.0  # None = never (no bound)
     # Only for a swap group's member (absent otherwise, so other engines' args never change):
     # it starts unloaded and loads only when the group's coordinator (SWAP_APP) has made room.
-    swap_group: NotRequired[str]
+    swap_group: str | None = None
     # Only when its replicas split ``gpus``: each replica claims its own this many of them on start
     # (serve_app.gpu_turns.claim_gpus), in order; absent = every replica on all of ``gpus``.
-    replica_gpus: NotRequired[int]
+    replica_gpus: int | None = None
+
+    @property
+    def runner(self) -> str:
+        """vLLM's runner: the last --runner in engine_argv (as vLLM's parser takes it), else the task's."""
+        argv = self.engine_argv
+        named = [argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag == RUNNER_FLAG]
+        return named[-1] if named else TASK_RUNNER.get(self.task, "generate")
+
+    @property
+    def sleep_mode(self) -> bool:
+        """vLLM's sleep mode is on (GPU only, and only when asked for at start: compile adds it for GPU models)."""
+        return bool(self.gpus) and SLEEP_FLAG in self.engine_argv
 
 
-class EngineUserConfig(TypedDict, total=False):
+class EngineUserConfig(_Wire):
     """An engine deployment's ``user_config``: changed in place, no restart."""
 
-    idle_timeout_s: float | None  # None = never idle out
-    unload_after_s: float | None  # asleep (GPU) → unloaded after this much more idle time; None = stays asleep
-    always_on: bool
+    idle_timeout_s: float | None = None  # None = never idle out
+    unload_after_s: float | None = None  # asleep (GPU) → unloaded after this much more idle time; None = stays asleep
+    always_on: bool = False
 
 
-class SwapGroupConfig(TypedDict):
+class SwapGroupConfig(_Wire):
     """One swap group as the coordinator sees it."""
 
-    awake: int  # at most this many members loaded (not asleep/unloaded) at once
-    members: list[str]  # model names (each its own engine application)
-    queue_timeout_s: float | None  # bound on waiting for busy members; None = no bound
+    awake: int = 1  # at most this many members loaded (not asleep/unloaded) at once
+    members: list[str] = []  # model names (each its own engine application)
+    queue_timeout_s: float | None = None  # bound on waiting for busy members; None = never (no bound)
 
 
-class SwapUserConfig(TypedDict):
+class SwapUserConfig(_Wire):
     """The swap coordinator's ``user_config``: every group, changed in place."""
 
-    groups: dict[str, SwapGroupConfig]
+    groups: dict[str, SwapGroupConfig] = {}
 
 
-class RouterArgs(TypedDict):
+class RouterArgs(_Wire):
     """The router application's ``args``: where its replicas serve HTTP (a change restarts them)."""
 
-    host: str  # openai.host
-    port: int  # openai.port; every replica on a node binds it with SO_REUSEPORT
+    host: str = "127.0.0.1"  # openai.host
+    port: int = 8000  # openai.port; every replica on a node binds it with SO_REUSEPORT
 
 
-class RouterModel(TypedDict, total=False):
-    task: str
-    always_on: bool
-    tool_parser: str  # present only when the engine takes tools (vLLM --tool-call-parser)
-    swap_group: str  # present only for members of a swap group
-    node: str  # present only when pinned: the node's IP; its model is unavailable while the node is gone
+class RouterModel(_Wire):
+    omit_none: ClassVar[frozenset[str]] = frozenset({"tool_parser", "swap_group", "node"})
+
+    task: str = "generate"
+    always_on: bool = False
+    tool_parser: str | None = None  # present only when the engine takes tools (vLLM --tool-call-parser)
+    swap_group: str | None = None  # present only for members of a swap group
+    node: str | None = None  # present only when pinned: the node's IP; its model is unavailable while the node is gone
 
 
-class RouterUserConfig(TypedDict, total=False):
+class RouterUserConfig(_Wire):
     """The router deployment's ``user_config``: the model list and keys, changed in place."""
 
-    models: dict[str, RouterModel]
-    api_key_envs: list[str]  # environment-variable NAMES, never keys
-    load_timeout_s: float | None
+    models: dict[str, RouterModel] = {}
+    api_key_envs: list[str] = []  # environment-variable NAMES, never keys
+    load_timeout_s: float | None = 600.0  # None = never (no bound)
 
 
-def is_fleet_app(app_config: dict[str, Any] | None) -> bool:
-    return bool(app_config) and str(app_config.get("import_path", "")).startswith(FLEET_IMPORT_PREFIX)
+class EngineState(_Wire):
+    """What an engine's ``state()`` answers (status, /v1/models, `fleetctl load/unload`, the swap coordinator)."""
+
+    state: str  # a ModelState value of the lifecycle group
+    since: float
+    reason: str = ""
+    in_flight: int = 0
+    last_request_at: float | None = None
+    idle_timeout_s: float | None = None
+    unload_after_s: float | None = None
+    always_on: bool = False
+    can_sleep: bool = False
+    gpus: list[int] = []  # this replica's own (a set of the model's when its replicas split them)
+    swap_group: str | None = None
+    load_seconds: float | None = None  # its last load's duration; the router holds requests longer when larger
+    counts: dict[str, int] = {}
+    last_seconds: dict[str, float] = {}
+    total_seconds: dict[str, float] = {}
+
+
+class ModelEntry(_Wire):
+    """One model of the router's ``/v1/models``: OpenAI's fields, then the fleet's extras."""
+
+    omit_none: ClassVar[frozenset[str]] = frozenset({"swap_group", "reason", "info"})
+
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "vllm-fleet"
+    task: str = "generate"
+    always_on: bool = False
+    swap_group: str | None = None
+    state: str = "absent"  # a ModelState value
+    since: float | None = None
+    reason: str | None = None
+    info: dict[str, Any] | None = None  # OpenWebUI's hints (hidden, capabilities)
 
 
 class ModelState(str, enum.Enum):

@@ -1,8 +1,8 @@
 """The model engine: one Serve deployment (``engine``) per model.
 
-Each replica runs vLLM's own OpenAI server as a child process (under ``serve_app.guard``, so no
-vLLM process outlives the replica, even a SIGKILLed one), waits for its ``/health``, reports the
-child's health to Serve, and hands the router the child's URL so requests go straight to vLLM.
+Each replica runs vLLM's own OpenAI server as a child process (``serve_app.vllm_child``; under
+``serve_app.guard``, so no vLLM process outlives the replica, even a SIGKILLed one), waits for its
+``/health``, reports the child's health to Serve, and hands the router the child's URL so requests go straight to vLLM.
 It serves no requests itself: the router relays them.
 
 The model's lifecycle (serve_app.lifecycle) lives here too: an idle model goes to sleep (GPU) or
@@ -16,56 +16,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 from ray import serve
 from ray.serve import Application, metrics
 
-from serve_app import endpoints, gpu_turns, lifecycle, model_source, proctable
+from serve_app import endpoints, gpu_turns, lifecycle, vllm_child
 from serve_app.contract import (
     ENGINE_DEPLOYMENT,
-    ENGINE_MIDDLEWARE,
     ENGINE_START_ATTEMPTS,
-    ENGINE_TOKEN_ENV,
-    ENGINE_TOKEN_HEADER,
-    HEAD_NODE_RESOURCE,
     SWAP_APP,
     SWAP_DEPLOYMENT,
+    EngineArgs,
+    EngineUserConfig,
+    ModelState,
     engine_log_name,
 )
+from serve_app.contract import deadline as contract_deadline
 
 logger = logging.getLogger("ray.serve")
 
-# On the head, where the routers run, vLLM binds loopback only. On any other node it binds the
-# node's address so the routers can reach it, and then requires the fleet's engine token on every
-# path (serve_app.engine_auth), since vLLM's own --api-key guards /v1 only.
-HOST = "127.0.0.1"
-LOG_TAIL_LINES = 40
 REASON_CHARS = 1800  # the router shows at most 2000 characters of an engine's error
-# The guard's SIGTERM grace for vLLM; below the contract's graceful_shutdown_timeout_s (20 s).
-STOP_GRACE_S = 10.0
-ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
-# A swap member's unload waits this long at most for vLLM's whole process tree to be gone, so the
-# member loading next finds the memory free.
-TREE_GONE_S = 15.0
 # A swap member is put away only after this long with nothing in flight and no request finished.
 # vLLM's in-flight signals (/load, the running gauge) both read 0 for an instant while requests
 # came and went back to back on a busy 2-core box, and a swap then cut three of them; requests
 # finishing move the counters, so a member in steady use never looks quiet this long.
 EVICT_QUIET_S = 1.0
-# Default runner per fleet task, added unless engine_argv names one (vLLM 0.32 has no --task).
-TASK_ARGV = {"generate": ["--runner", "generate"], "embed": ["--runner", "pooling"]}
 
 
 def _replica_rank() -> int:
@@ -73,70 +52,6 @@ def _replica_rank() -> int:
     rank = getattr(serve.get_replica_context(), "rank", None)
     return int(getattr(rank, "rank", rank) or 0)
 
-
-def _free_port(host: str = HOST) -> int:
-    with socket.socket(_family(host)) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_free(port: int, host: str = HOST) -> bool:
-    with socket.socket(_family(host)) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def base_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def listen_host() -> str:
-    """Where this replica's vLLM listens: loopback on the head (the routers' node), else the
-    address Ray knows this node by, which the routers on the head can reach."""
-    import ray
-
-    node_id = ray.get_runtime_context().get_node_id()
-    node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
-    if node is None or HEAD_NODE_RESOURCE in (node.get("Resources") or {}):
-        return HOST
-    return str(node.get("NodeManagerAddress") or ray.util.get_node_ip_address())
-
-
-def _log_dir() -> Path:
-    """Ray's log folder of this node, so the dashboard's log API serves vLLM's log to `fleetctl`
-    (apply's progress shows what a starting engine is doing). FLEET_LOG_DIR overrides it."""
-    explicit = os.environ.get("FLEET_LOG_DIR")
-    path = Path(explicit) if explicit else _ray_logs_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _ray_logs_dir() -> Path:
-    try:
-        from ray._private import worker  # no public API names the node's log folder
-
-        return Path(worker._global_node.get_logs_dir_path())
-    except Exception:  # outside a Ray worker (unit use): a temp folder does
-        return Path(tempfile.gettempdir()) / "vllm-fleet-logs"
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of a log file (vLLM's stdout+stderr), or a note when it is unreadable."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            text = f.read().decode(errors="replace")
-    except OSError as e:
-        return f"(no log: {e})"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def brief(message: str, limit: int = REASON_CHARS) -> str:
@@ -148,88 +63,6 @@ def brief(message: str, limit: int = REASON_CHARS) -> str:
     first = first[: limit // 2]
     return f"{first}\n...\n{rest[-(limit - len(first) - 5):]}"
 
-
-def child_env(env: dict[str, str], gpus: list[int]) -> dict[str, str]:
-    """The child's environment, pinned to exactly its GPUs.
-
-    Ray 2.60 no longer sets CUDA_VISIBLE_DEVICES for an actor that asks for no GPUs (num_gpus
-    0 or unset; see ray/_private/accelerators/accelerator.py and utils.set_visible_accelerator_ids,
-    ray issue #54868; RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1 restores the old "" override). Our
-    replicas ask for fleet_gpu_<i> custom resources with num_gpus 0, so they inherit the raylet's
-    environment and would see every GPU. We therefore always set it: the model's GPU indices,
-    or "" for a CPU model so it can never touch a GPU.
-    """
-    resolved = {k: _expand(v) for k, v in env.items()}
-    pci = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}  # CUDA numbers the cards as NVML (the placement) does
-    return {**os.environ, **pci, **resolved, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
-
-
-def _expand(value: str) -> str:
-    """``"${NAME}"`` (how fleet files pass secrets such as HF_TOKEN) takes NAME from this replica's
-    environment, which Ray workers inherit from their node; unset means empty, as in a shell."""
-    match = ENV_REF.match(value)
-    return os.environ.get(match.group(1), "") if match else value
-
-
-def vllm_argv(model: str, resolved: model_source.Resolved, task: str, engine_argv: list[str], port: int,
-              host: str = HOST) -> list[str]:
-    """The vLLM OpenAI server command line (an argv list; never a shell). Off loopback, every path
-    needs the fleet's engine token (the middleware reads it from the environment, not argv)."""
-    task_argv = [] if "--runner" in engine_argv else TASK_ARGV.get(task, [])
-    guard = [] if host == HOST else ["--middleware", ENGINE_MIDDLEWARE]
-    return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        *resolved.argv(),
-        "--served-model-name", model,
-        "--host", host,
-        "--port", str(port),
-        *guard,
-        "--enable-server-load-tracking",  # GET /load: requests in flight, which the idle rule reads
-        # the replica's own polls (vLLM >= 0.16); relayed requests are still logged
-        "--disable-access-log-for-endpoints", "/health,/load,/metrics",
-        *task_argv,
-        *engine_argv,
-    ]  # fmt: skip
-
-
-def _guarded(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    # A new session: the guard leads its own process group, which it kills wholesale.
-    cmd = [sys.executable, "-m", "serve_app.guard", "--grace-s", str(STOP_GRACE_S), "--", *argv]
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-async def _run_guarded(argv: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> int:
-    """Run a helper command to completion under the guard; its exit code."""
-    proc = _guarded(argv, env, log_path)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{argv[3:]} did not finish in {timeout_s:.0f} s")
-            await asyncio.sleep(0.5)
-        return proc.returncode
-    finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Ask the guard to stop its group; SIGKILL the group (it leads it) if that takes too long."""
-    if proc.poll() is not None:
-        return
-    try:
-        proc.terminate()  # the guard stops vLLM (SIGTERM, grace, then SIGKILL for the group)
-        proc.wait(STOP_GRACE_S + 5.0)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _host_ram_short() -> bool:
@@ -254,39 +87,23 @@ class Engine:
     for by many requests at once is one shared task.
     """
 
-    async def __init__(
-        self,
-        model: str,
-        source: str,
-        task: str = "generate",
-        engine_argv: list[str] | None = None,
-        env: dict[str, str] | None = None,
-        gpus: list[int] | None = None,
-        start_timeout_s: float | None = 600.0,  # None: no bound (`start_timeout: never`)
-        swap_group: str | None = None,
-        replica_gpus: int | None = None,
-    ) -> None:
+    async def __init__(self, args: EngineArgs) -> None:
+        model = args.model
+        self._args = args
         self._model = model
-        self._source = source
-        self._task = task
-        self._engine_argv = list(engine_argv or [])
-        self._gpus = list(gpus or [])
+        self._gpus = list(args.gpus)
         self._gpu_claim = None  # with replica_gpus: the lock that holds this replica's own set of them
-        if replica_gpus and replica_gpus < len(self._gpus):
+        if args.replica_gpus and args.replica_gpus < len(self._gpus):
             self._gpus, self._gpu_claim = await gpu_turns.claim_gpus(
-                model, self._gpus, replica_gpus, _replica_rank(), self._waiting_for_gpu_set)
-        self._environ = child_env(env or {}, self._gpus)
-        # None travels as "no bound" (JSON has no infinity); here it is infinity, so deadlines just never come.
-        self._start_timeout_s = math.inf if start_timeout_s is None else float(start_timeout_s)
-        self._swap_group = swap_group
-        # vLLM's sleep mode is GPU-only and needs the flag at start (compile adds it for GPU models).
-        self._can_sleep = bool(gpus) and "--enable-sleep-mode" in self._engine_argv
-        self._proc: subprocess.Popen[bytes] | None = None
+                model, self._gpus, args.replica_gpus, _replica_rank(), self._waiting_for_gpu_set)
+        environ = vllm_child.child_env(args.env, self._gpus)
+        self._start_timeout_s = args.start_timeout_s  # None: never (`start_timeout: never`)
+        self._swap_group = args.swap_group
+        self._can_sleep = args.sleep_mode
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._registered = False
-        self._last_guard_pid: int | None = None  # the latest child's, kept after it stops
         self._rules = lifecycle.Rules()
-        self._state = lifecycle.State.LOADING
+        self._state = ModelState.LOADING
         self._since = time.time()
         self._reason = ""
         self._activity = lifecycle.Activity(last_at=time.monotonic())
@@ -301,20 +118,13 @@ class Engine:
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()  # set on every change of state: the watch loop re-times itself
         self._up: asyncio.Task[None] | None = None
-        self._log_path = _log_dir() / engine_log_name(model, os.getpid())
-        self._host = await asyncio.to_thread(listen_host)
-        self._port = _free_port(self._host)
-        self._url = base_url(self._host, self._port)
-        # The token goes to vLLM by environment only when it listens on the network (not loopback).
-        token = await asyncio.to_thread(endpoints.engine_token)
-        if self._host != HOST:
-            self._environ[ENGINE_TOKEN_ENV] = token
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0),
-                                         headers={ENGINE_TOKEN_HEADER: token})
-        if swap_group:
+        self._child = vllm_child.Child(
+            model, environ, vllm_child.log_dir() / engine_log_name(model, os.getpid()),
+            await asyncio.to_thread(vllm_child.listen_host), await asyncio.to_thread(endpoints.engine_token))
+        if args.swap_group:
             # A swap member starts unloaded: loading it here could break its group's limit. Its
             # first request (or `fleetctl load`) loads it, once the group's coordinator made room.
-            self._set(lifecycle.State.UNLOADED)
+            self._set(ModelState.UNLOADED)
         else:
             async with self._lock:
                 await self._load()  # a model that cannot start at deploy time fails the deploy, as before
@@ -324,7 +134,7 @@ class Engine:
 
     async def _register(self) -> None:
         """Tell the routers where this replica's vLLM listens (and that it still does)."""
-        await asyncio.to_thread(endpoints.register, self._model, self._replica, self._url)
+        await asyncio.to_thread(endpoints.register, self._model, self._replica, self._child.url)
         self._registered = True
 
     async def _unregister(self) -> None:
@@ -333,60 +143,30 @@ class Engine:
             self._registered = False
             await asyncio.to_thread(endpoints.unregister, self._model, self._replica)
 
-    async def _resolve(self, source: str, environ: dict[str, str], timeout_s: float) -> model_source.Resolved:
-        try:
-            return model_source.resolve(source)
-        except model_source.NotPrepared:
-            pass
-        # The conversion imports torch/transformers: keep that out of the replica's memory.
-        argv = [sys.executable, "-m", "serve_app.model_source", source]
-        code = await _run_guarded(argv, environ, self._log_path, timeout_s)
-        if code != 0:
-            raise RuntimeError(f"preparing {source!r} failed (exit {code}):\n{log_tail(self._log_path)}")
-        return model_source.resolve(source)
-
     async def _load(self) -> None:
         """Start vLLM and wait for its /health (caller holds the lock); state awake, or failed and raise."""
-        self._set(lifecycle.State.LOADING)
+        self._set(ModelState.LOADING)
         t0 = time.monotonic()
-        deadline = t0 + self._start_timeout_s
+        deadline = contract_deadline(t0, self._start_timeout_s)
         try:
-            resolved = await self._resolve(self._source, self._environ, self._start_timeout_s)
-            if not _port_free(self._port, self._host):  # keep the old port when free: routers' cached URL stays good
-                self._port = _free_port(self._host)
-                self._url = base_url(self._host, self._port)
-            argv = vllm_argv(self._model, resolved, self._task, self._engine_argv, self._port, self._host)
+            resolved = await self._child.prepare(self._args.source, self._start_timeout_s)
+            argv = self._child.argv(resolved, self._args.runner, self._args.engine_argv)
             async with gpu_turns.start_turn(self._gpus, self._waiting_for_gpu):
-                deadline = max(deadline, time.monotonic() + self._start_timeout_s)  # the wait is not its start
-                logger.info("starting vLLM for %s: %s (log: %s)", self._model, argv, self._log_path)
-                self._proc = _guarded(argv, self._environ, self._log_path)
-                self._last_guard_pid = self._proc.pid
-                await self._wait_ready(deadline)
+                # the wait is not its start
+                deadline = max(deadline, contract_deadline(time.monotonic(), self._start_timeout_s))
+                self._child.start(argv)
+                await self._child.wait_ready(deadline)
         except BaseException as e:
             self._stop_child()
             self._record("load_failed", t0)
-            self._set(lifecycle.State.FAILED, brief(str(e)))
+            self._set(ModelState.FAILED, brief(str(e)))
             raise
         self._record("load", t0)
         self._activity.restart(time.monotonic())
-        self._set(lifecycle.State.AWAKE)
+        self._set(ModelState.AWAKE)
         await self._register()  # the port may be new after an unload
-        logger.info("vLLM for %s is ready at %s (guard pid %d)", self._model, self._url, self._proc.pid)
-
-    async def _wait_ready(self, deadline: float) -> None:
-        while True:
-            self._raise_if_exited("while starting")
-            try:
-                if (await self._client.get(self._url + "/health")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"vLLM for {self._model!r} was not healthy within start_timeout_s; "
-                    f"last lines of its log ({self._log_path}):\n{log_tail(self._log_path)}"
-                )
-            await asyncio.sleep(0.5)
+        logger.info("vLLM for %s is ready at %s (guard pid %s)", self._model, self._child.url,
+                    self._child.last_guard_pid)
 
     def _waiting_for_gpu_set(self, gpus: list[int]) -> None:
         logger.info("%s waits for a set of its GPUs %s: other replicas of it hold every set (an old one "
@@ -396,58 +176,41 @@ class Engine:
         logger.info("%s waits for GPU %d: another engine is starting there (vLLM sizes its cache from free memory)",
                     self._model, gpu)
 
-    def _raise_if_exited(self, when: str) -> None:
-        code = self._proc.poll() if self._proc else -1
-        if code is not None:
-            raise RuntimeError(
-                f"vLLM for {self._model!r} exited with code {code} {when}; "
-                f"last lines of its log ({self._log_path}):\n{log_tail(self._log_path)}"
-            )
-
     def _stop_child(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            _stop(proc)
-            if self._swap_group:  # the next member must find the memory free: wait out the whole tree
-                deadline = time.monotonic() + TREE_GONE_S
-                while proctable.session_members(proc.pid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
+        # a swap member: the next member must find the memory free, so wait out the whole tree
+        self._child.stop(wait_tree=bool(self._swap_group))
 
     async def _unload(self) -> None:
         """Stop the child (caller holds the lock): memory freed, the replica stays."""
-        self._set(lifecycle.State.UNLOADING)
+        self._set(ModelState.UNLOADING)
         t0 = time.monotonic()
         await self._unregister()
         await asyncio.to_thread(self._stop_child)  # up to the guard's grace; keep the event loop free
         self._activity.in_flight = 0
         self._record("unload", t0)
-        self._set(lifecycle.State.UNLOADED)
+        self._set(ModelState.UNLOADED)
 
     async def _sleep(self) -> None:
         """vLLM sleep mode level 1 (caller holds the lock): weights to host RAM, GPU memory freed."""
-        self._set(lifecycle.State.SLEEPING)
+        self._set(ModelState.SLEEPING)
         t0 = time.monotonic()
         await self._unregister()  # a sleeping vLLM must get no requests
         try:
-            # mode=wait: a request that slipped in since the last look finishes first (newer vLLM; older ignore it)
-            response = await self._client.post(self._url + "/sleep", params={"level": 1, "mode": "wait"},
-                                               timeout=120.0)
-            response.raise_for_status()
+            await self._child.sleep()
         except httpx.HTTPError as e:
             logger.warning("vLLM for %s did not go to sleep (%r); unloading it instead", self._model, e)
             await self._unload()
             return
         self._record("sleep", t0)
-        self._set(lifecycle.State.ASLEEP)
+        self._set(ModelState.ASLEEP)
 
     async def _wake(self) -> None:
-        self._set(lifecycle.State.WAKING)
+        self._set(ModelState.WAKING)
         t0 = time.monotonic()
         try:
             # a wake allocates the KV cache again: not while another engine on the GPU measures its start
             async with gpu_turns.start_turn(self._gpus, self._waiting_for_gpu):
-                response = await self._client.post(self._url + "/wake_up", timeout=120.0)
-            response.raise_for_status()
+                await self._child.wake()
         except httpx.HTTPError as e:  # a broken sleeper: start afresh
             logger.warning("vLLM for %s did not wake (%r); reloading it", self._model, e)
             self._stop_child()
@@ -455,7 +218,7 @@ class Engine:
             return
         self._record("wake", t0)
         self._activity.touch(time.monotonic())
-        self._set(lifecycle.State.AWAKE)
+        self._set(ModelState.AWAKE)
         await self._register()
 
     def _record(self, transition: str, t0: float) -> None:
@@ -465,7 +228,7 @@ class Engine:
         self._transitions.inc(tags=tags)
         self._durations.observe(seconds, tags=tags)
 
-    def _set(self, state: lifecycle.State, reason: str = "") -> None:
+    def _set(self, state: ModelState, reason: str = "") -> None:
         if state is not self._state:
             logger.info("model %s: %s -> %s", self._model, self._state.value, state.value)
             self._changed.set()
@@ -484,11 +247,11 @@ class Engine:
 
     async def _up_once(self) -> None:
         async with self._lock:
-            if self._state is lifecycle.State.AWAKE:
+            if self._state is ModelState.AWAKE:
                 return
             grant = await self._acquire_turn()
             try:
-                if self._state is lifecycle.State.ASLEEP:
+                if self._state is ModelState.ASLEEP:
                     await self._wake()
                 else:
                     await self._load()
@@ -509,7 +272,8 @@ class Engine:
             return None
         t0 = time.monotonic()
         # The lease frees the group when a member dies mid-load; with no start bound, a day.
-        lease_s = min(self._start_timeout_s, 86400.0) + 2 * STOP_GRACE_S + 30.0
+        bound = 86400.0 if self._start_timeout_s is None else min(self._start_timeout_s, 86400.0)
+        lease_s = bound + 2 * vllm_child.STOP_GRACE_S + 30.0
         try:
             token = str(await self._coordinator().acquire.remote(self._swap_group, self._model, lease_s))
         except Exception as e:  # GroupBusy (its message says why), or the coordinator is away
@@ -528,8 +292,8 @@ class Engine:
         """The swap coordinator makes room: sleep (GPU) or unload now, unless requests are in flight
         (a busy member is never cut). True when this member holds nothing any more."""
         async with self._lock:
-            if self._state is not lifecycle.State.AWAKE:
-                return self._state in (lifecycle.State.ASLEEP, lifecycle.State.UNLOADED, lifecycle.State.FAILED)
+            if self._state is not ModelState.AWAKE:
+                return self._state in (ModelState.ASLEEP, ModelState.UNLOADED, ModelState.FAILED)
             await self._observe()
             if self._activity.in_flight or time.monotonic() - self._activity.last_at < EVICT_QUIET_S:
                 return False
@@ -563,24 +327,20 @@ class Engine:
             await asyncio.wait_for(self._changed.wait(), lifecycle.poll_interval(self._state, self._rules))
 
     def _step(self) -> lifecycle.Step:
-        if self._state in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP) and not self._child_running():
+        if self._state in (ModelState.AWAKE, ModelState.ASLEEP) and not self._child.running:
             return lifecycle.Step.NONE  # died on its own: check_health reports it and Serve replaces us
         idle_s = time.monotonic() - self._activity.last_at
         ram_short = False
-        if self._state is lifecycle.State.ASLEEP:
+        if self._state is ModelState.ASLEEP:
             ram_short = _host_ram_short()
         return lifecycle.next_step(self._state, self._rules, idle_s, self._activity.in_flight, self._can_sleep,
                                    ram_short)
 
     async def _observe(self) -> None:
-        if self._state not in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP) or not self._child_running():
+        if self._state not in (ModelState.AWAKE, ModelState.ASLEEP) or not self._child.running:
             return
-        load = await self._client.get(self._url + "/load")
-        metrics = await self._client.get(self._url + "/metrics")
-        served = int(load.json().get("server_load", 0)) if load.status_code == 200 else 0
-        running = lifecycle.counter_total(metrics.text, lifecycle.BUSY_GAUGES) if metrics.status_code == 200 else 0
-        finished = lifecycle.counter_total(metrics.text) if metrics.status_code == 200 else math.nan
-        self._activity.observe(max(served, int(running)), finished, time.monotonic())
+        in_flight, finished = await self._child.activity()
+        self._activity.observe(in_flight, finished, time.monotonic())
 
     async def _apply_step(self, step: lifecycle.Step) -> None:
         async with self._lock:
@@ -594,14 +354,11 @@ class Engine:
         if step in (lifecycle.Step.WAKE, lifecycle.Step.LOAD):
             await self._bring_up()
 
-    def _child_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     # ---- what Serve, the router and operators call ----
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """In-place lifecycle settings: idle_timeout_s, unload_after_s, always_on."""
-        self._rules = lifecycle.Rules.from_user_config(user_config)
+        self._rules = lifecycle.Rules.from_user_config(EngineUserConfig.parse(user_config))
 
     async def check_health(self) -> None:
         """Unhealthy only when a child that should run died or fails /health: Serve then replaces us.
@@ -609,13 +366,10 @@ class Engine:
         Loading, unloaded and failed are states of the model, not of the replica, which stays healthy
         so the next request can load it again.
         """
-        if self._state not in (lifecycle.State.AWAKE, lifecycle.State.ASLEEP):
+        if self._state not in (ModelState.AWAKE, ModelState.ASLEEP):
             return
-        self._raise_if_exited("")
-        response = await self._client.get(self._url + "/health")
-        if response.status_code != 200:
-            raise RuntimeError(f"vLLM /health answered {response.status_code}: {response.text[:200]}")
-        if self._state is lifecycle.State.AWAKE:
+        await self._child.check_health()
+        if self._state is ModelState.AWAKE:
             await self._register()  # the refresh that keeps the registration from going stale
 
     async def endpoint(self) -> str:
@@ -626,10 +380,10 @@ class Engine:
         Raises when the child died unexpectedly, or when the load failed (with vLLM's reason).
         """
         self._activity.touch(time.monotonic())
-        if self._state is not lifecycle.State.AWAKE:
+        if self._state is not ModelState.AWAKE:
             await self._bring_up()
-        self._raise_if_exited("")
-        return self._url
+        self._child.raise_if_exited("")
+        return self._child.url
 
     async def load(self) -> dict[str, Any]:
         """Bring the model up now (`fleetctl load`); the idle rule applies again from now."""
@@ -642,7 +396,7 @@ class Engine:
             raise ValueError(f"{self._model!r} is always_on: it stays loaded; set always_on: false in the fleet "
                              "files to let it unload")
         async with self._lock:
-            if self._state in (lifecycle.State.UNLOADED, lifecycle.State.FAILED):
+            if self._state in (ModelState.UNLOADED, ModelState.FAILED):
                 return await self.state()
             await self._observe()
             if self._activity.in_flight and not force:
@@ -673,12 +427,12 @@ class Engine:
     async def info(self) -> dict[str, Any]:
         """What operators and tests look at: URL, pids, log file, in-place settings, lifecycle state."""
         return {
-            "url": self._url,
+            "url": self._child.url,
             "replica_pid": os.getpid(),
-            "guard_pid": self._proc.pid if self._proc else None,
-            "last_guard_pid": self._last_guard_pid,
-            "alive": self._child_running(),
-            "log_path": str(self._log_path),
+            "guard_pid": self._child.proc.pid if self._child.proc else None,
+            "last_guard_pid": self._child.last_guard_pid,
+            "alive": self._child.running,
+            "log_path": str(self._child.log_path),
             "idle_timeout_s": self._rules.idle_timeout_s,
             "always_on": self._rules.always_on,
             "lifecycle": await self.state(),
@@ -692,9 +446,9 @@ class Engine:
         watcher = getattr(self, "_watcher", None)  # __del__ may run on a half-built instance
         if watcher is not None:
             watcher.cancel()
-        proc = getattr(self, "_proc", None)
-        if proc is not None:
-            _stop(proc)
+        child = getattr(self, "_child", None)
+        if child is not None:
+            child.stop()
 
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown; the guard covers every other way to die.
@@ -703,4 +457,4 @@ class Engine:
 
 def app(args: dict[str, Any]) -> Application:
     """Serve application builder: the contract's engine ``args`` become constructor args."""
-    return Engine.bind(**args)
+    return Engine.bind(EngineArgs.parse(args))

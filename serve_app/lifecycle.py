@@ -17,6 +17,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from serve_app.contract import EngineUserConfig, ModelState
+
 # /metrics counters whose change means "a request passed": vLLM's finished requests (generate and
 # pooling) and the HTTP instrumentator's handled requests (it leaves out /metrics, /health, /load).
 ACTIVITY_COUNTERS = ("vllm:request_success_total", "http_requests_total")
@@ -38,17 +40,6 @@ def host_ram_short(available: int, total: int, fraction: float = HOST_RAM_LOW_FR
     return total > 0 and available < fraction * total
 
 
-class State(str, enum.Enum):
-    LOADING = "loading"
-    AWAKE = "awake"
-    SLEEPING = "sleeping"
-    ASLEEP = "asleep"
-    WAKING = "waking"
-    UNLOADING = "unloading"
-    UNLOADED = "unloaded"
-    FAILED = "failed"
-
-
 class Step(str, enum.Enum):
     """What the idle rule asks the replica to do next."""
 
@@ -68,22 +59,18 @@ class Rules:
     always_on: bool = False
 
     @classmethod
-    def from_user_config(cls, user_config: dict[str, object]) -> Rules:
-        def seconds(key: str) -> float | None:
-            value = user_config.get(key)
-            return None if value is None else float(value)  # type: ignore[arg-type]
-
-        return cls(seconds("idle_timeout_s"), seconds("unload_after_s"), bool(user_config.get("always_on", False)))
+    def from_user_config(cls, config: EngineUserConfig) -> Rules:
+        return cls(config.idle_timeout_s, config.unload_after_s, config.always_on)
 
 
-def next_step(state: State, rules: Rules, idle_s: float, in_flight: int, can_sleep: bool,
+def next_step(state: ModelState, rules: Rules, idle_s: float, in_flight: int, can_sleep: bool,
               ram_short: bool = False) -> Step:
     """The idle rule: what a replica in ``state``, idle for ``idle_s`` with ``in_flight`` requests, does now.
 
     ``ram_short``: the host is short of RAM (``host_ram_short``), so an asleep model unloads now."""
     if rules.always_on:  # never leaves awake; brought back if it was down when always_on was turned on
-        return {State.ASLEEP: Step.WAKE, State.UNLOADED: Step.LOAD}.get(state, Step.NONE)
-    if state is State.ASLEEP:
+        return {ModelState.ASLEEP: Step.WAKE, ModelState.UNLOADED: Step.LOAD}.get(state, Step.NONE)
+    if state is ModelState.ASLEEP:
         if in_flight:  # a request reached the sleeping vLLM, which holds it until woken
             return Step.WAKE
         if ram_short:  # its weights sit in host RAM: free them before the OOM killer picks someone
@@ -92,14 +79,15 @@ def next_step(state: State, rules: Rules, idle_s: float, in_flight: int, can_sle
                 idle_s >= rules.idle_timeout_s + rules.unload_after_s:
             return Step.UNLOAD
         return Step.NONE
-    if state is State.AWAKE and not in_flight and rules.idle_timeout_s is not None and idle_s >= rules.idle_timeout_s:
+    idle_out = rules.idle_timeout_s is not None and idle_s >= rules.idle_timeout_s
+    if state is ModelState.AWAKE and not in_flight and idle_out:
         return Step.SLEEP if can_sleep else Step.UNLOAD
     return Step.NONE
 
 
-def poll_interval(state: State, rules: Rules) -> float:
+def poll_interval(state: ModelState, rules: Rules) -> float:
     """Seconds between two looks at the child: a fifth of the idle timeout, within bounds."""
-    if state is State.ASLEEP:
+    if state is ModelState.ASLEEP:
         return ASLEEP_POLL_S
     if rules.idle_timeout_s is None:
         return MAX_POLL_S

@@ -29,7 +29,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application, metrics
 
-from serve_app.contract import ENGINE_DEPLOYMENT, SWAP_DEPLOYMENT
+from serve_app.contract import ENGINE_DEPLOYMENT, SWAP_DEPLOYMENT, SwapGroupConfig, SwapUserConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,8 +55,8 @@ class Group:
     waiting: int = 0
 
 
-def _group(config: dict[str, Any], old: Group | None) -> Group:
-    group = Group(int(config.get("awake", 1)), list(config.get("members") or []), config.get("queue_timeout_s"))
+def _group(config: SwapGroupConfig, old: Group | None) -> Group:
+    group = Group(config.awake, list(config.members), config.queue_timeout_s)
     if old is not None:  # keep the queue and the lease across an in-place change
         group.lock, group.holder, group.swaps, group.waiting = old.lock, old.holder, old.swaps, old.waiting
     return group
@@ -88,7 +88,7 @@ class SwapGroups:
             boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600], tag_keys=("group",))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        groups = user_config.get("groups") or {}
+        groups = SwapUserConfig.parse(user_config).groups
         self._groups = {name: _group(cfg, self._groups.get(name)) for name, cfg in groups.items()}
 
     async def acquire(self, group_name: str, model: str, lease_s: float) -> str:

@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from reconciler.live.cluster import free_port
-from serve_app import router
+from serve_app import ingress, router
+from serve_app import relay as relay_mod
 
 
 @dataclass
@@ -97,23 +98,23 @@ class Engine:
 
 @dataclass
 class Front:
-    server: router.Server
+    server: ingress.Server
     base: str
 
 
 def _front(engines: list[Engine], *, keys: frozenset[str] = frozenset(), engine_token: str = "") -> Front:
-    settings = router.Settings(models={"m": {"task": "generate"}}, keys=keys, require_key=bool(keys),
+    settings = relay_mod.Settings(models={"m": {"task": "generate"}}, keys=keys, require_key=bool(keys),
                                load_timeout_s=5.0)
 
     async def discover(model: str) -> str:
-        raise router.Unavailable(f"The model `{model}` has no engine in this test")
+        raise relay_mod.Unavailable(f"The model `{model}` has no engine in this test")
 
     async def app_states() -> dict[str, tuple[str, str]]:
         return {"m": ("ready", "")}
 
     port = free_port()
-    relay = router.Relay(settings, discover, app_states, engine_token=engine_token)
-    server = router.Server(router.listen_socket("127.0.0.1", port), relay)
+    relay = relay_mod.Relay(settings, discover, app_states, engine_token=engine_token)
+    server = ingress.Server(ingress.listen_socket("127.0.0.1", port), relay, router.web_app(relay))
     server.wait_started(10)
     server.call(relay.set_registered, {"m": [e.url for e in engines]})
     return Front(server, f"http://127.0.0.1:{port}")

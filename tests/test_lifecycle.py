@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from serve_app.contract import ModelState
 from serve_app.lifecycle import (
     BUSY_GAUGES,
     Activity,
     Rules,
-    State,
     Step,
     counter_total,
     host_ram_short,
@@ -20,31 +20,31 @@ IDLE_5S = Rules(idle_timeout_s=5.0, unload_after_s=60.0)
 
 
 @pytest.mark.parametrize(("state", "rules", "idle_s", "in_flight", "can_sleep", "step"), [
-    (State.AWAKE, IDLE_5S, 4.9, 0, False, Step.NONE),           # not idle long enough
-    (State.AWAKE, IDLE_5S, 5.0, 0, False, Step.UNLOAD),         # CPU: straight to unloaded
-    (State.AWAKE, IDLE_5S, 5.0, 0, True, Step.SLEEP),           # GPU: to sleep first
-    (State.AWAKE, IDLE_5S, 500.0, 1, True, Step.NONE),          # a request in flight holds it
-    (State.ASLEEP, IDLE_5S, 64.9, 0, True, Step.NONE),
-    (State.ASLEEP, IDLE_5S, 65.0, 0, True, Step.UNLOAD),        # idle_timeout + unload_after
-    (State.ASLEEP, Rules(5.0, None), 1e9, 0, True, Step.NONE),  # unload_after: never
-    (State.ASLEEP, IDLE_5S, 10.0, 1, True, Step.WAKE),          # a request waits in the sleeping vLLM
-    (State.AWAKE, Rules(None, 60.0), 1e9, 0, True, Step.NONE),  # idle_timeout: never
-    (State.AWAKE, Rules(5.0, 60.0, always_on=True), 1e9, 0, True, Step.NONE),
-    (State.ASLEEP, Rules(5.0, 60.0, always_on=True), 0.0, 0, True, Step.WAKE),    # always_on turned on
-    (State.UNLOADED, Rules(5.0, 60.0, always_on=True), 0.0, 0, False, Step.LOAD),
-    (State.UNLOADED, IDLE_5S, 1e9, 0, False, Step.NONE),        # the next request loads it, not the rule
-    (State.FAILED, IDLE_5S, 1e9, 0, False, Step.NONE),
-    (State.LOADING, IDLE_5S, 1e9, 0, False, Step.NONE),
+    (ModelState.AWAKE, IDLE_5S, 4.9, 0, False, Step.NONE),           # not idle long enough
+    (ModelState.AWAKE, IDLE_5S, 5.0, 0, False, Step.UNLOAD),         # CPU: straight to unloaded
+    (ModelState.AWAKE, IDLE_5S, 5.0, 0, True, Step.SLEEP),           # GPU: to sleep first
+    (ModelState.AWAKE, IDLE_5S, 500.0, 1, True, Step.NONE),          # a request in flight holds it
+    (ModelState.ASLEEP, IDLE_5S, 64.9, 0, True, Step.NONE),
+    (ModelState.ASLEEP, IDLE_5S, 65.0, 0, True, Step.UNLOAD),        # idle_timeout + unload_after
+    (ModelState.ASLEEP, Rules(5.0, None), 1e9, 0, True, Step.NONE),  # unload_after: never
+    (ModelState.ASLEEP, IDLE_5S, 10.0, 1, True, Step.WAKE),          # a request waits in the sleeping vLLM
+    (ModelState.AWAKE, Rules(None, 60.0), 1e9, 0, True, Step.NONE),  # idle_timeout: never
+    (ModelState.AWAKE, Rules(5.0, 60.0, always_on=True), 1e9, 0, True, Step.NONE),
+    (ModelState.ASLEEP, Rules(5.0, 60.0, always_on=True), 0.0, 0, True, Step.WAKE),    # always_on turned on
+    (ModelState.UNLOADED, Rules(5.0, 60.0, always_on=True), 0.0, 0, False, Step.LOAD),
+    (ModelState.UNLOADED, IDLE_5S, 1e9, 0, False, Step.NONE),        # the next request loads it, not the rule
+    (ModelState.FAILED, IDLE_5S, 1e9, 0, False, Step.NONE),
+    (ModelState.LOADING, IDLE_5S, 1e9, 0, False, Step.NONE),
 ])
-def test_idle_rule(state: State, rules: Rules, idle_s: float, in_flight: int, can_sleep: bool, step: Step) -> None:
+def test_idle_rule(state: ModelState, rules: Rules, idle_s: float, in_flight: int, can_sleep: bool, step: Step) -> None:
     assert next_step(state, rules, idle_s, in_flight, can_sleep) is step
 
 
 def test_an_asleep_model_unloads_when_host_ram_is_short() -> None:
     never = Rules(5.0, None)  # unload_after: never, yet RAM short wins
-    assert next_step(State.ASLEEP, never, 6.0, 0, True, ram_short=True) is Step.UNLOAD
-    assert next_step(State.ASLEEP, never, 6.0, 1, True, ram_short=True) is Step.WAKE  # a waiting request first
-    assert next_step(State.AWAKE, IDLE_5S, 1.0, 0, True, ram_short=True) is Step.NONE  # awake ones are not touched
+    assert next_step(ModelState.ASLEEP, never, 6.0, 0, True, ram_short=True) is Step.UNLOAD
+    assert next_step(ModelState.ASLEEP, never, 6.0, 1, True, ram_short=True) is Step.WAKE  # a waiting request first
+    assert next_step(ModelState.AWAKE, IDLE_5S, 1.0, 0, True, ram_short=True) is Step.NONE  # awake ones are not touched
     assert host_ram_short(available=1 * 2**30, total=24 * 2**30)
     assert not host_ram_short(available=8 * 2**30, total=24 * 2**30)
 
@@ -52,21 +52,23 @@ def test_an_asleep_model_unloads_when_host_ram_is_short() -> None:
 def test_always_on_never_leaves_awake() -> None:
     rules = Rules(idle_timeout_s=0.0, unload_after_s=0.0, always_on=True)
     for idle_s in (0.0, 1.0, 1e12):
-        assert next_step(State.AWAKE, rules, idle_s, 0, True) is Step.NONE
-        assert next_step(State.AWAKE, rules, idle_s, 0, False) is Step.NONE
+        assert next_step(ModelState.AWAKE, rules, idle_s, 0, True) is Step.NONE
+        assert next_step(ModelState.AWAKE, rules, idle_s, 0, False) is Step.NONE
 
 
 def test_rules_from_user_config() -> None:
-    assert Rules.from_user_config({"idle_timeout_s": 900, "unload_after_s": None, "always_on": False}) == \
-        Rules(900.0, None, False)
-    assert Rules.from_user_config({}) == Rules(None, None, False)
+    from serve_app.contract import EngineUserConfig
+
+    parsed = EngineUserConfig.parse({"idle_timeout_s": 900, "unload_after_s": None, "always_on": False})
+    assert Rules.from_user_config(parsed) == Rules(900.0, None, False)
+    assert Rules.from_user_config(EngineUserConfig.parse({})) == Rules(None, None, False)
 
 
 def test_poll_interval_follows_the_timeout() -> None:
-    assert poll_interval(State.AWAKE, Rules(5.0)) == 1.0
-    assert poll_interval(State.AWAKE, Rules(900.0)) == 5.0
-    assert poll_interval(State.AWAKE, Rules(None)) == 5.0
-    assert poll_interval(State.ASLEEP, Rules(900.0)) == 0.25
+    assert poll_interval(ModelState.AWAKE, Rules(5.0)) == 1.0
+    assert poll_interval(ModelState.AWAKE, Rules(900.0)) == 5.0
+    assert poll_interval(ModelState.AWAKE, Rules(None)) == 5.0
+    assert poll_interval(ModelState.ASLEEP, Rules(900.0)) == 0.25
 
 
 METRICS = """\
@@ -108,12 +110,11 @@ def test_activity_sees_requests_between_two_looks() -> None:
     assert activity.last_at == 6.0
 
 
-def test_every_lifecycle_state_is_in_the_fleet_vocabulary_with_a_health() -> None:
+def test_every_model_state_has_a_health() -> None:
     from reconciler.live.health import STATE_HEALTH
-    from serve_app.contract import ModelState
 
-    for state in State:
-        assert STATE_HEALTH[ModelState(state.value)] is not None
+    for state in ModelState:  # the lifecycle's states are the fleet's one vocabulary (contract.ModelState)
+        assert STATE_HEALTH[state] is not None
 
 
 def test_a_long_load_error_keeps_what_failed_and_vllms_last_words() -> None:

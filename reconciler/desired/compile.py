@@ -25,9 +25,12 @@ from serve_app.contract import (
     ROUTER_APP,
     ROUTER_DEPLOYMENT,
     ROUTER_IMPORT,
+    RUNNER_FLAG,
+    SLEEP_FLAG,
     SWAP_APP,
     SWAP_DEPLOYMENT,
     SWAP_IMPORT,
+    TASK_RUNNER,
     EngineArgs,
     EngineUserConfig,
     RouterArgs,
@@ -40,7 +43,6 @@ from serve_app.contract import (
 )
 
 SLEEP_ENV = "VLLM_SERVER_DEV_MODE"  # vLLM serves /sleep and /wake_up only in its dev mode
-TASK_RUNNER = {"generate": "generate", "embed": "pooling"}  # vLLM's --runner for each task
 
 
 def engine_argv(engine: Mapping[str, Any]) -> list[str]:
@@ -78,13 +80,13 @@ def model_argv(model: PlacedModel) -> list[str]:
     The source (and an hf:// revision) is turned into --model/--revision by the engine replica,
     which alone can resolve pkg:// paths and convert GGUF files on its node.
     """
-    argv = ["--runner", TASK_RUNNER[model.task]]
+    argv = [RUNNER_FLAG, TASK_RUNNER[model.task]]
     if model.tensor_parallel > 1:
         argv += ["--tensor-parallel-size", str(model.tensor_parallel)]
     if model.gpu_memory is not None:
         argv += ["--gpu-memory-utilization", f"{model.gpu_memory:g}"]
     if model.sleep:
-        argv.append("--enable-sleep-mode")
+        argv.append(SLEEP_FLAG)
     if model.tool_parser and "tool_call_parser" not in model.engine:
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_parser]
     return argv + engine_argv(model.engine)
@@ -130,29 +132,19 @@ def split_gpus(model: PlacedModel) -> bool:
 
 
 def model_app(model: PlacedModel, multi_node: bool = False) -> dict[str, Any]:
-    args: EngineArgs = {
-        "model": model.name,
-        "source": model.source,
-        "task": model.task,
-        "engine_argv": model_argv(model),
-        "env": model_env(model),
-        "gpus": list(model.gpus),
-        "start_timeout_s": _finite(model.start_timeout_s),
-    }
-    if model.swap_group:  # only then, so no other engine's args (and so no other engine) change
-        args["swap_group"] = model.swap_group
-    if split_gpus(model):  # likewise
-        args["replica_gpus"] = model.tensor_parallel
-    user_config: EngineUserConfig = {
-        "idle_timeout_s": model.idle_timeout_s,
-        "unload_after_s": model.unload_after_s,
-        "always_on": model.always_on,
-    }
+    args = EngineArgs(
+        model=model.name, source=model.source, task=model.task, engine_argv=model_argv(model),
+        env=model_env(model), gpus=list(model.gpus), start_timeout_s=_finite(model.start_timeout_s),
+        # only when set, so no other engine's args (and so no other engine) change
+        swap_group=model.swap_group or None, replica_gpus=model.tensor_parallel if split_gpus(model) else None,
+    )
+    user_config = EngineUserConfig(idle_timeout_s=model.idle_timeout_s, unload_after_s=model.unload_after_s,
+                                   always_on=model.always_on)
     return {
         "name": model.name,
         "route_prefix": None,
         "import_path": ENGINE_IMPORT,
-        "args": dict(args),
+        "args": args.wire(),
         "deployments": [{
             "name": ENGINE_DEPLOYMENT,
             "num_replicas": model.replicas,
@@ -161,44 +153,36 @@ def model_app(model: PlacedModel, multi_node: bool = False) -> dict[str, Any]:
             "health_check_timeout_s": 30.0,
             "graceful_shutdown_timeout_s": 20.0,
             "ray_actor_options": actor_options(model, multi_node),
-            "user_config": dict(user_config),
+            "user_config": user_config.wire(),
         }],
     }
 
 
 def _router_model(model: PlacedModel) -> RouterModel:
     # tool_parser only when set, so fleets without one keep the router config they had
-    entry: RouterModel = {"task": model.task, "always_on": model.always_on}
-    if model.tool_parser:
-        entry["tool_parser"] = model.tool_parser
-    if model.swap_group:
-        entry["swap_group"] = model.swap_group
-    if model.node:
-        entry["node"] = model.node
-    return entry
+    return RouterModel(task=model.task, always_on=model.always_on, tool_parser=model.tool_parser or None,
+                       swap_group=model.swap_group or None, node=model.node or None)
 
 
 def router_app(fleet: PlacedFleet) -> dict[str, Any]:
     """The fleet ingress: each replica serves the OpenAI port itself (SO_REUSEPORT), so host and
     port are constructor args (a change restarts it on the new port)."""
-    user_config: RouterUserConfig = {
-        "models": {m.name: _router_model(m) for m in fleet.models},
-        "api_key_envs": list(fleet.openai.api_keys),
-        "load_timeout_s": _finite(fleet.openai.load_timeout),
-    }
-    args: RouterArgs = {"host": fleet.openai.host, "port": fleet.openai.port}
+    user_config = RouterUserConfig(models={m.name: _router_model(m) for m in fleet.models},
+                                   api_key_envs=list(fleet.openai.api_keys),
+                                   load_timeout_s=_finite(fleet.openai.load_timeout))
+    args = RouterArgs(host=fleet.openai.host, port=fleet.openai.port)
     return {
         "name": ROUTER_APP,
         "route_prefix": None,  # Serve's HTTP proxy is off: the router's own servers take the port
         "import_path": ROUTER_IMPORT,
-        "args": dict(args),
+        "args": args.wire(),
         "deployments": [{
             "name": ROUTER_DEPLOYMENT,
             "num_replicas": fleet.openai.workers,
             "max_ongoing_requests": 1000,
             # The OpenAI port is the head's: its replicas stay there when other nodes join.
             "ray_actor_options": {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: NODE_PIN}},
-            "user_config": dict(user_config),
+            "user_config": user_config.wire(),
         }],
     }
 
@@ -208,12 +192,12 @@ def swap_app(fleet: PlacedFleet) -> dict[str, Any] | None:
     replica, groups as user_config (changed in place)."""
     if not fleet.swap_groups:
         return None
-    groups: dict[str, SwapGroupConfig] = {
-        name: {"awake": group.awake, "members": [m.name for m in fleet.models if m.swap_group == name],
-               "queue_timeout_s": _finite(group.queue_timeout)}
+    groups = {
+        name: SwapGroupConfig(awake=group.awake, members=[m.name for m in fleet.models if m.swap_group == name],
+                              queue_timeout_s=_finite(group.queue_timeout))
         for name, group in sorted(fleet.swap_groups.items())
     }
-    user_config: SwapUserConfig = {"groups": groups}
+    user_config = SwapUserConfig(groups=groups)
     return {
         "name": SWAP_APP,
         "route_prefix": None,
@@ -225,7 +209,7 @@ def swap_app(fleet: PlacedFleet) -> dict[str, Any] | None:
             "max_ongoing_requests": 1000,  # every waiting request is one call
             # on the head with the routers: a node that leaves must not take the coordinator along
             "ray_actor_options": {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: NODE_PIN}},
-            "user_config": dict(user_config),
+            "user_config": user_config.wire(),
         }],
     }
 

@@ -11,12 +11,10 @@ Pure: reads live-state data, does no I/O.
 from __future__ import annotations
 
 import enum
-import json
-import re
 from dataclasses import dataclass
 
 from reconciler.live.serve_state import AppLive
-from serve_app.contract import SERVE_APP_STATE, ModelState, missing_node, node_gone_message
+from serve_app.contract import SERVE_APP_STATE, ModelState, missing_node, node_gone_message, pending_resources
 
 
 class Health(str, enum.Enum):
@@ -62,29 +60,14 @@ STATE_HEALTH = {
     ModelState.ABSENT: Health.MISSING,
 }
 
-# What Serve (2.60, deployment_state.py) writes into a deployment's message when a replica waits
-# for Ray to place it: '... has 1 replicas that have taken more than 5s to be scheduled. ...
-# Resources required for each replica: {"CPU": 1.0}, total resources available: {}. ...'. A busy box
-# can be merely slow to start a worker; only a resource below what is required means "cannot".
-_PENDING = re.compile(r"Resources required for each replica: (?P<required>\{.*?\}|\[.*?\]), "
-                      r"total resources available: (?P<available>\{.*?\})\.")
-
-
 def _short_of(message: str) -> bool:
-    m = _PENDING.search(message)
-    if not m:
+    """A replica waits for resources Ray does not have (Serve's message, parsed by the contract). A busy
+    box can be merely slow to start a worker; only a resource below what is required means "cannot"."""
+    pending = pending_resources(message)
+    if pending is None:
         return False
-    try:
-        required, available = json.loads(m["required"]), json.loads(m["available"])
-    except ValueError:
-        return False
-    if isinstance(required, list):  # placement-group bundles: judge the sum
-        total: dict[str, float] = {}
-        for bundle in required:
-            for k, v in bundle.items():
-                total[k] = total.get(k, 0.0) + float(v)
-        required = total
-    return any(float(available.get(k, 0.0)) + 1e-9 < float(v) for k, v in required.items())
+    required, available = pending
+    return any(available.get(k, 0.0) + 1e-9 < v for k, v in required.items())
 
 
 @dataclass(frozen=True)

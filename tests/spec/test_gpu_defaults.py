@@ -88,7 +88,7 @@ def test_a_declared_inventory_ignored_for_nvml_gpus_is_a_warning(tmp_path: Path,
 
 
 def test_engines_number_gpus_in_pci_bus_order_as_nvml_does() -> None:
-    from serve_app.engine import child_env
+    from serve_app.vllm_child import child_env
 
     env = child_env({}, [2])
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CUDA_VISIBLE_DEVICES"] == "2"

@@ -1,0 +1,87 @@
+"""The OpenAI routes the router answers itself (not relayed): ``GET /v1/models``.
+
+Each model with its task, always-on, swap group, live state (the engine's lifecycle state for a
+running app) and the hints OpenWebUI reads. The relay reaches the routes as ``request.app.state.relay``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from serve_app.contract import (
+    ModelState,
+)
+from serve_app.relay import Relay, authorized
+
+
+def error(status: int, message: str, type_: str, code: str) -> JSONResponse:
+    """An OpenAI-style error response (for FastAPI routes)."""
+    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status_code=status)
+
+
+
+def _model_state(app_state: str, message: str, lifecycle: dict[str, Any] | None) -> dict[str, Any]:
+    """A running app shows its model's lifecycle state and since when; others the app's own state
+    (with the reason when it is unavailable: its node is gone)."""
+    if app_state == ModelState.UNAVAILABLE.value:
+        return {"state": app_state, "since": None, "reason": message}
+    if app_state != "ready" or lifecycle is None:
+        return {"state": app_state, "since": None}
+    out = {"state": lifecycle["state"], "since": lifecycle["since"]}
+    if lifecycle.get("reason"):
+        out["reason"] = lifecycle["reason"]
+    return out
+
+
+
+def _chat_first(item: tuple[str, dict[str, Any]]) -> tuple[bool, str]:
+    # Chat UIs (OpenWebUI among them) preselect the first model listed: never an embedding model.
+    return (item[1].get("task") == "embed", item[0])
+
+
+def _ui_hints(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fields OpenWebUI reads from a listed model (other clients ignore them).
+
+    ``hidden`` keeps an embedding model out of its chat model picker (RAG still uses it by name);
+    ``builtin_tools: false`` stops it from sending its built-in tools to a model whose engine has
+    no tool-call parser: vLLM refuses any request with tools then ("auto" tool choice requires
+    --enable-auto-tool-choice), so the chat failed on its first message.
+    """
+    meta: dict[str, Any] = {}
+    if spec.get("task") == "embed":
+        meta["hidden"] = True
+    elif not spec.get("tool_parser"):
+        meta["capabilities"] = {"builtin_tools": False}
+    return {"info": {"meta": meta}} if meta else {}
+
+
+async def list_models(request: Request) -> Response:
+    relay: Relay = request.app.state.relay
+    settings = relay.settings
+    if not authorized(settings, request.headers.get("authorization")):
+        return error(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
+    states = await relay.app_states()
+    running = [name for name in settings.models if states.get(name, ("absent", ""))[0] == "ready"]
+    lifecycles = await relay.lifecycles(running) if relay.lifecycles and running else {}
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "vllm-fleet",
+            "task": spec.get("task", "generate"),
+            "always_on": bool(spec.get("always_on", False)),
+            **({"swap_group": spec["swap_group"]} if spec.get("swap_group") else {}),
+            **_model_state(*states.get(name, ("absent", "")), lifecycles.get(name)),
+            **_ui_hints(spec),
+        }
+        for name, spec in sorted(settings.models.items(), key=_chat_first)
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+def add_routes(api: FastAPI) -> None:
+    api.add_api_route("/v1/models", list_models, methods=["GET"])

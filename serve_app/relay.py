@@ -1,0 +1,270 @@
+"""The relay: sends a request to one of its model's engine replicas and streams the answer back.
+
+Runs in the ingress server's loop (serve_app/ingress.py). It knows every engine replica's URL
+(``serve_app.endpoints``, refreshed by the Router deployment) and sends each request to the one
+of its model with the fewest requests in flight from this process. When it knows no URL, or the
+known ones refuse, it asks ``discover`` (the Router, in Serve's loop), which loads or wakes the
+model through the engine's ``endpoint()``. ``settings`` is the router's user_config, parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import os
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from serve_app.contract import (
+    ENGINE_TOKEN_HEADER,
+    RouterUserConfig,
+)
+
+# vLLM's server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s). A pooled
+# connection kept exactly as long races that close: the request goes out as the server hangs
+# up and fails with a reset (the "ReadError('')" of a healthy engine). Drop ours well before.
+UPSTREAM_KEEPALIVE_S = 2.0
+# Tries per request: another replica (or a fresh connection) when nothing came back yet.
+ATTEMPTS = 3
+# A replica that refused a connection is skipped this long; Serve replaces it if it is dead.
+DOWN_S = 3.0
+
+
+class Unavailable(Exception):
+    """The model's engine cannot take the request now; the message says why."""
+
+
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The router's in-place settings (its user_config), replaced wholesale on reconfigure."""
+
+    models: dict[str, dict[str, Any]]
+    keys: frozenset[str]
+    require_key: bool
+    load_timeout_s: float
+
+
+def settings_from(user_config: dict[str, Any]) -> Settings:
+    """Parse user_config (the contract's RouterUserConfig); API keys come from the named env vars here."""
+    config = RouterUserConfig.parse(user_config)
+    keys = frozenset(os.environ[name] for name in config.api_key_envs if os.environ.get(name))
+    return Settings(
+        models={name: model.wire() for name, model in config.models.items()},
+        keys=keys,
+        require_key=bool(config.api_key_envs),
+        # never (None) is an unbounded wait: infinity compares and formats ("inf") where the wait is measured
+        load_timeout_s=math.inf if config.load_timeout_s is None else config.load_timeout_s,
+    )
+
+
+def error_body(message: str, type_: str, code: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
+
+
+
+def authorized(settings: Settings, header: str | None) -> bool:
+    if not settings.require_key:
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    # Fail closed: key env names configured but none set means nobody gets in.
+    return any(hmac.compare_digest(token.encode(), key.encode()) for key in settings.keys)
+
+
+def model_of(body: bytes) -> str | None:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) else None
+
+
+@dataclass(eq=False)
+class Backend:
+    """One engine replica's vLLM server, as this process sees it."""
+
+    url: str
+    inflight: int = 0
+    down_until: float = 0.0
+
+
+@dataclass(eq=False)
+class Upstream:
+    """An engine's answer whose headers have arrived; ``finish`` must follow (``Relay.request`` does it)."""
+
+    response: aiohttp.ClientResponse
+    backend: Backend
+    complete: bool = field(default=False, init=False)
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def content_type(self) -> str | None:
+        return self.response.headers.get("content-type")
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; what piled up since the last read comes as one chunk."""
+        async for chunk in self.response.content.iter_any():
+            yield chunk
+        self.complete = True
+
+    async def read(self) -> bytes:
+        content = await self.response.read()
+        self.complete = True
+        return content
+
+    def abort(self) -> None:
+        """Close the connection: vLLM sees the client gone and aborts the request."""
+        self.response.close()
+
+    def finish(self) -> None:
+        """Back to the pool when read to the end, else closed (which aborts it in vLLM)."""
+        self.backend.inflight -= 1
+        if self.complete:
+            self.response.release()
+        else:
+            self.response.close()
+
+
+class Relay:
+    """Sends requests to engine replicas, least requests in flight first; lives in the server's loop.
+
+    ``discover`` and ``app_states`` run in Serve's loop (they need Serve); the router passes them
+    in already bridged to this loop.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        discover: Callable[[str], Awaitable[str]],
+        app_states: Callable[[], Awaitable[dict[str, tuple[str, str]]]],
+        lifecycles: Callable[[list[str]], Awaitable[dict[str, dict[str, Any] | None]]] | None = None,
+        engine_token: str = "",
+    ) -> None:
+        self.settings = settings
+        # engines on other nodes require it on every request (serve_app.engine_auth); loopback ones ignore it
+        self._engine_headers = {ENGINE_TOKEN_HEADER: engine_token} if engine_token else {}
+        self.app_states = app_states
+        self.lifecycles = lifecycles
+        self._discover = discover
+        self._backends: dict[str, list[Backend]] = {}
+        self._pending: dict[str, asyncio.Future[str]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def start(self) -> None:
+        """Open the upstream connection pool (must run in the server's loop)."""
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
+            # generation may run long; connecting may not
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def authorized(self, header: str | None) -> bool:
+        return authorized(self.settings, header)
+
+    def set_registered(self, registered: dict[str, list[str]]) -> None:
+        """The registry's URLs per model; a model it lists nothing for keeps what discovery found."""
+        for model in set(self._backends) - set(self.settings.models):
+            del self._backends[model]
+        for model, urls in registered.items():
+            if model not in self.settings.models or not urls:
+                continue
+            known = {b.url: b for b in self._backends.get(model, [])}
+            self._backends[model] = [known.get(url) or Backend(url) for url in sorted(set(urls))]
+
+    async def ensure(self, model: str) -> None:
+        """Wait (bounded) until the model has an engine to send to: loads or wakes it if need be."""
+        if self._pick(model, set()) is None:
+            await self._found(model)
+
+    def backends(self, model: str) -> list[Backend]:
+        return list(self._backends.get(model, []))
+
+    def _pick(self, model: str, tried: set[str]) -> Backend | None:
+        now = time.monotonic()
+        ready = [b for b in self._backends.get(model, []) if b.down_until <= now and b.url not in tried]
+        if not ready:
+            return None
+        fewest = min(b.inflight for b in ready)
+        return random.choice([b for b in ready if b.inflight == fewest])
+
+    async def _found(self, model: str) -> Backend:
+        """Wait for the model's engine (bounded); concurrent waiters share one discovery."""
+        task = self._pending.get(model)
+        if task is None:
+            task = asyncio.ensure_future(self._discover(model))
+            self._pending[model] = task
+            task.add_done_callback(lambda _: self._pending.pop(model, None))
+        url = await asyncio.shield(task)  # one waiter leaving must not cancel the others' wait
+        backends = self._backends.setdefault(model, [])
+        for backend in backends:
+            if backend.url == url:
+                backend.down_until = 0.0  # the engine itself just answered with it
+                return backend
+        backend = Backend(url)
+        backends.append(backend)
+        return backend
+
+    async def open(self, model: str, path: str, body: bytes, request_id: str) -> Upstream:
+        """POST to one of the model's engines; raises Unavailable (the message says why)."""
+        headers = {"content-type": "application/json", "x-request-id": request_id, **self._engine_headers}
+        session = self._session
+        assert session is not None, "Relay.start() was not called"
+        tried: set[str] = set()
+        failure = ""
+        for _ in range(ATTEMPTS):
+            backend = self._pick(model, tried) or await self._found(model)
+            backend.inflight += 1
+            try:
+                response = await session.post(backend.url + path, data=body, headers=headers)
+                return Upstream(response, backend)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                # Refused, or not connected within sock_connect (a box too busy, a port that hangs):
+                # nothing was sent, so another replica, or the engine's endpoint(), may take it.
+                backend.inflight -= 1
+                backend.down_until = time.monotonic() + DOWN_S
+                tried.add(backend.url)
+                failure = f"The engine of `{model}` cannot be reached: {e}"
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # Closed before any answer: a kept-alive connection the server had just dropped,
+                # or an engine that died. Nothing was generated, so a new try is safe.
+                backend.inflight -= 1
+                failure = f"The engine of `{model}` failed mid-request: {e!r}"
+            except BaseException:
+                backend.inflight -= 1
+                raise
+        raise Unavailable(failure)
+
+    @contextlib.asynccontextmanager
+    async def request(self, model: str, path: str, body: bytes, request_id: str | None = None
+                      ) -> AsyncIterator[Upstream]:
+        """``async with relay.request(model, "/v1/chat/completions", body) as up:`` read
+        ``up.chunks()`` or ``up.read()``; leaving early closes the connection (vLLM aborts)."""
+        upstream = await self.open(model, path, body, request_id or uuid.uuid4().hex)
+        try:
+            yield upstream
+        finally:
+            upstream.finish()
+
