@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 import re
 from typing import Any, ClassVar
 
@@ -41,7 +42,18 @@ ENGINE_NUM_CPUS = 0
 # Serve's default is 20 tries; an engine that failed 3 times will fail again. Then the app is
 # DEPLOY_FAILED with vLLM's error, and nothing retries until its config changes. Set in code: the
 # REST config (Ray 2.60's DeploymentSchema) has no such field and drops it silently.
-ENGINE_START_ATTEMPTS = 3
+ENGINE_START_ATTEMPTS_ENV = "FLEET_ENGINE_START_ATTEMPTS"
+
+
+def engine_start_attempts() -> int:
+    """How many times Serve starts an engine before it gives up: 3, or FLEET_ENGINE_START_ATTEMPTS in the
+    environment of the Ray node that builds the app (e.g. 1 where a start is minutes of a large model's
+    load, or in a test of a model that cannot start)."""
+    raw = os.environ.get(ENGINE_START_ATTEMPTS_ENV, "3")
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        return 3
 
 
 def gpu_resource(index: int) -> str:

@@ -27,13 +27,13 @@ from ray.serve import Application, metrics
 from serve_app import endpoints, gpu_turns, lifecycle, vllm_child
 from serve_app.contract import (
     ENGINE_DEPLOYMENT,
-    ENGINE_START_ATTEMPTS,
     SWAP_APP,
     SWAP_DEPLOYMENT,
     EngineArgs,
     EngineUserConfig,
     ModelState,
     engine_log_name,
+    engine_start_attempts,
 )
 from serve_app.contract import deadline as contract_deadline
 
@@ -78,7 +78,7 @@ class LoadFailed(RuntimeError):
     """A load on demand failed; the message is the engine's own reason (the tail of vLLM's log)."""
 
 
-@serve.deployment(name=ENGINE_DEPLOYMENT, max_constructor_retry_count=ENGINE_START_ATTEMPTS)
+@serve.deployment(name=ENGINE_DEPLOYMENT, max_constructor_retry_count=engine_start_attempts())
 class Engine:
     """One vLLM OpenAI server, as a guarded child process of this replica, with its lifecycle.
 

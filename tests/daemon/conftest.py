@@ -21,12 +21,17 @@ import httpx
 import pytest
 
 from reconciler.live import cluster
+from serve_app.contract import ENGINE_START_ATTEMPTS_ENV
 from tests.serve_apply.helpers import Fleet
 
 # Not real secrets: values the tests look for in every output, to prove none is shown.
 SECRETS = {"FLEET_TEST_SECRET_KEY": "sk-fleet-test-0123456789abcdef", "HF_TOKEN": "hf_testtoken0123456789abcdef"}
 RESYNC_S = 8
-HEAD_ENV = SECRETS  # the router reads the API key from its node's environment, the engine HF_TOKEN
+# Engine starts Serve tries before it gives up (3 by default): 2 still shows a bound (not 1 start,
+# not a loop) and spares a failed vLLM start in the test of a model that cannot load.
+START_ATTEMPTS = 2
+# the router reads the API key from its node's environment, the engine HF_TOKEN
+HEAD_ENV = {**SECRETS, ENGINE_START_ATTEMPTS_ENV: str(START_ATTEMPTS)}
 
 
 @dataclass

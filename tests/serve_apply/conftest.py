@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.live import cluster
+from serve_app.contract import ENGINE_START_ATTEMPTS_ENV
 
 from .helpers import Fleet
 
@@ -21,7 +22,9 @@ from .helpers import Fleet
 def apply_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Head]:
     logs = tmp_path_factory.mktemp("vllm-logs")
     head = cluster.start_head(num_cpus=8, resources={}, object_store_bytes=256 * 1024**2,
-                              env={"FLEET_LOG_DIR": str(logs)})
+                              # one start per engine (3 by default): the broken engine's test waits for
+                              # every failed start, each a vLLM import on the CPU
+                              env={"FLEET_LOG_DIR": str(logs), ENGINE_START_ATTEMPTS_ENV: "1"})
     try:
         yield head
     finally:
