@@ -29,12 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-HF_PREFIX = "hf://"
-PKG_PREFIX = "pkg://"
-
-
-class SourceError(ValueError):
-    """The source string is malformed or points at nothing."""
+from serve_app import source as sources
+from serve_app.source import SourceError
 
 
 class NotPrepared(RuntimeError):
@@ -77,35 +73,27 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "vllm-fleet" / "models"
 
 
-def _parse_hf(source: str) -> Resolved:
-    repo, _, rev = source[len(HF_PREFIX) :].partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise SourceError(f"{source!r}: expected hf://org/name[@revision]")
-    return Resolved(repo, rev or None)
-
-
-def _pkg_path(source: str) -> Path:
-    package, _, subpath = source[len(PKG_PREFIX) :].partition("/")
-    if not package or not subpath:
-        raise SourceError(f"{source!r}: expected pkg://<import_package>/<path inside it>")
+def _pkg_path(source: str, pkg: sources.Package) -> Path:
     # find_spec on a top-level name locates the package without running its __init__.
-    spec = importlib.util.find_spec(package)
+    spec = importlib.util.find_spec(pkg.package)
     if spec is None or not spec.submodule_search_locations:
-        raise SourceError(f"{source!r}: no installed Python package named {package!r}")
+        raise SourceError(f"{source!r}: no installed Python package named {pkg.package!r}")
     for base in spec.submodule_search_locations:
-        candidate = Path(base) / subpath
+        candidate = Path(base) / pkg.path
         if candidate.exists():
             return candidate
-    raise SourceError(f"{source!r}: package {package!r} has no {subpath!r}")
+    raise SourceError(f"{source!r}: package {pkg.package!r} has no {pkg.path!r}")
 
 
 def local_path(source: str) -> Path:
-    """The file or folder on this machine for a path or pkg:// source."""
-    if source.startswith(PKG_PREFIX):
-        return _pkg_path(source)
+    """The file or folder on this machine for a path or pkg:// source (a path is absolute here:
+    compile made a fleet file's relative path absolute)."""
+    parsed = sources.parse(source) if source.startswith(("pkg://", "hf://")) else sources.Local(source)
+    if isinstance(parsed, sources.Package):
+        return _pkg_path(source, parsed)
     path = Path(source)
-    if not path.is_absolute():
-        raise SourceError(f"{source!r}: expected hf://org/name, an absolute path, or pkg://pkg/path")
+    if isinstance(parsed, sources.Hub) or not path.is_absolute():
+        raise SourceError(f"{source!r}: expected an absolute path or pkg://pkg/path")
     if not path.exists():
         raise SourceError(f"{source!r}: no such file or folder")
     return path
@@ -120,8 +108,8 @@ def converted_dir(gguf: Path) -> Path:
 
 def resolve(source: str) -> Resolved:
     """What to pass to vLLM for ``source``; fast, never converts or downloads."""
-    if source.startswith(HF_PREFIX):
-        return _parse_hf(source)
+    if hub := sources.hub(source):
+        return Resolved(hub.repo, hub.revision)
     path = local_path(source)
     if path.suffix != ".gguf":
         return Resolved(str(path))
@@ -138,8 +126,8 @@ def prepare(source: str) -> Path | str:
     (tqdm progress on stderr);
     a GGUF file is converted (once, under a lock); anything else is returned as is.
     """
-    if source.startswith(HF_PREFIX):
-        resolved = _parse_hf(source)
+    if hub := sources.hub(source):
+        resolved = Resolved(hub.repo, hub.revision)
         from huggingface_hub import list_repo_files, snapshot_download
 
         files = vllm_files(list_repo_files(resolved.model, revision=resolved.revision))

@@ -11,7 +11,7 @@ import json
 import struct
 from pathlib import Path
 
-from reconciler.fleetfiles.spec import HF_SOURCE
+from serve_app import source as sources
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -100,13 +100,13 @@ def gguf_bytes(path: Path) -> int | None:
 
 def hub_bytes(source: str) -> int | None:
     """Weights size from the Hub's safetensors metadata; None when offline or unknown."""
-    m = HF_SOURCE.match(source)
-    if not m:
+    hub = sources.hub(source)
+    if hub is None:
         return None
     try:
         from huggingface_hub import get_safetensors_metadata
 
-        meta = get_safetensors_metadata(m["repo"], revision=m["revision"])
+        meta = get_safetensors_metadata(hub.repo, revision=hub.revision)
     except Exception:  # offline, gated, no safetensors: the size stays unknown
         return None
     return sum(count * _DTYPE_BYTES.get(dtype, 2) for dtype, count in meta.parameter_count.items())
@@ -114,28 +114,32 @@ def hub_bytes(source: str) -> int | None:
 
 def local_folder(source: str, root: Path) -> Path | None:
     """The folder of a local-path or pkg:// source (local paths resolved against the fleet's folder)."""
-    if source.startswith("pkg://"):
+    try:
+        parsed = sources.parse(source)
+    except sources.SourceError:
+        return None
+    if isinstance(parsed, sources.Hub):
+        return None
+    if isinstance(parsed, sources.Package):
         from serve_app.model_source import SourceError, local_path
 
         try:
             return local_path(source)
         except SourceError:
             return None
-    if source.startswith("hf://"):
-        return None
-    path = Path(source).expanduser()
+    path = Path(parsed.path).expanduser()
     return path if path.is_absolute() else (root / path).resolve()
 
 
 def hub_config(source: str) -> dict | None:
     """config.json of an hf:// model when it is in the local Hub cache (never downloads)."""
-    m = HF_SOURCE.match(source)
-    if not m:
+    hub = sources.hub(source)
+    if hub is None:
         return None
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        path = try_to_load_from_cache(m["repo"], "config.json", revision=m["revision"])
+        path = try_to_load_from_cache(hub.repo, "config.json", revision=hub.revision)
     except Exception:
         return None
     return _read_json(Path(path)) if isinstance(path, str) else None

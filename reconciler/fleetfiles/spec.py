@@ -17,14 +17,13 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from reconciler.fleetfiles.redact import ENV_REF
 from reconciler.fleetfiles.units import parse_duration, parse_size
+from serve_app import source as sources
 from serve_app.contract import ROUTER_APP, SWAP_APP
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 GROUP_NAME = MODEL_NAME
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENGINE_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
-HF_SOURCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
-PKG_SOURCE = re.compile(r"^pkg://(?P<package>[A-Za-z_]\w*)(?:/(?P<path>.+))?$")
 SECRET_ENV = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY)$", re.IGNORECASE)
 
 # Engine args the fleet sets itself, and the field that says it instead.
@@ -83,17 +82,8 @@ NodeAddress = Annotated[str, AfterValidator(_node)]
 
 
 def _source(value: str) -> str:
-    if HF_SOURCE.match(value) or PKG_SOURCE.match(value) or value.startswith(("/", "./", "../", "~/")):
-        return value
-    scheme = value.split("://", 1)[0] if "://" in value else None
-    if scheme:
-        raise ValueError(f"unsupported source scheme {scheme!r}; use hf://org/name[@revision], "
-                         "pkg://package/path, or a local path (/abs or ./relative)")
-    if re.match(r"^[\w.-]+/[\w.-]+$", value):
-        raise ValueError(f"{value!r} is ambiguous; write hf://{value} for the Hugging Face Hub "
-                         f"or ./{value} for a local folder")
-    raise ValueError(f"{value!r} is not a source; use hf://org/name[@revision], pkg://package/path, "
-                     "or a local path (/abs or ./relative)")
+    sources.parse(value)  # SourceError is a ValueError: pydantic reports it at the field's line
+    return value
 
 
 def _env_var_name(example: str) -> Callable[[str], str]:

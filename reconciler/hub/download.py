@@ -44,8 +44,8 @@ from reconciler import state_files
 from reconciler.change.plan import Action, Download, Plan
 from reconciler.desired.placement import PlacedFleet, PlacedModel
 from reconciler.errors import FleetError
-from reconciler.fleetfiles.spec import HF_SOURCE
 from reconciler.fleetfiles.units import format_size as format_bytes
+from serve_app import source as sources
 from serve_app.model_source import vllm_files
 
 PARTIAL_SUFFIX = ".fleet-partial"
@@ -129,7 +129,7 @@ OnProgress = Callable[[Progress], None]
 
 
 def is_hub_source(source: str) -> bool:
-    return HF_SOURCE.match(source) is not None
+    return sources.hub(source) is not None
 
 
 # ---- where, and who ------------------------------------------------------------------------
@@ -171,10 +171,10 @@ def scrub(text: str, env: Mapping[str, str] | None = None) -> str:
 
 
 def parse(source: str) -> tuple[str, str | None]:
-    m = HF_SOURCE.match(source)
-    if not m:
+    hub = sources.hub(source)
+    if hub is None:
         raise DownloadError(f"{source!r} is not an hf://org/name[@revision] source")
-    return m["repo"], m["revision"]
+    return hub.repo, hub.revision
 
 
 # ---- measure --------------------------------------------------------------------------------
