@@ -29,6 +29,7 @@ from serve_app.contract import (
     SWAP_IMPORT,
     EngineArgs,
     EngineUserConfig,
+    KeyScope,
     RouterArgs,
     RouterModel,
     RouterUserConfig,
@@ -39,6 +40,7 @@ from serve_app.contract import (
 )
 
 from .placement import PlacedFleet, PlacedModel
+from .spec import ApiKey
 
 SLEEP_ENV = "VLLM_SERVER_DEV_MODE"  # vLLM serves /sleep and /wake_up only in its dev mode
 TASK_RUNNER = {"generate": "generate", "embed": "pooling"}  # vLLM's --runner for each task
@@ -179,14 +181,30 @@ def _router_model(model: PlacedModel) -> RouterModel:
     return entry
 
 
+def _key_scopes(keys: list[ApiKey]) -> dict[str, KeyScope]:
+    scopes: dict[str, KeyScope] = {}
+    for key in keys:
+        if key.scoped:
+            scope: KeyScope = {}
+            if key.models is not None:
+                scope["models"] = list(key.models)
+            if key.rpm is not None:
+                scope["rpm"] = key.rpm
+            scopes[key.env] = scope
+    return scopes
+
+
 def router_app(fleet: PlacedFleet) -> dict[str, Any]:
     """The fleet ingress: each replica serves the OpenAI port itself (SO_REUSEPORT), so host and
     port are constructor args (a change restarts it on the new port)."""
     user_config: RouterUserConfig = {
         "models": {m.name: _router_model(m) for m in fleet.models},
-        "api_key_envs": list(fleet.openai.api_keys),
+        "api_key_envs": [key.env for key in fleet.openai.api_key_entries()],
         "load_timeout_s": _finite(fleet.openai.load_timeout),
     }
+    # absent without scoped keys: such fleets' router config stays as it was
+    if scopes := _key_scopes(fleet.openai.api_key_entries()):
+        user_config["key_scopes"] = scopes
     args: RouterArgs = {"host": fleet.openai.host, "port": fleet.openai.port}
     return {
         "name": ROUTER_APP,

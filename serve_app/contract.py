@@ -150,11 +150,19 @@ class RouterModel(TypedDict, total=False):
     node: str  # present only when pinned: the node's IP; its model is unavailable while the node is gone
 
 
+class KeyScope(TypedDict, total=False):
+    """What one API key may do (serve_app.keys); a key without an entry may use every model, unlimited."""
+
+    models: list[str]  # fnmatch patterns on model names; absent = every model
+    rpm: int  # requests per minute per router replica; absent = no limit
+
+
 class RouterUserConfig(TypedDict, total=False):
     """The router deployment's ``user_config``: the model list and keys, changed in place."""
 
     models: dict[str, RouterModel]
     api_key_envs: list[str]  # environment-variable NAMES, never keys
+    key_scopes: dict[str, KeyScope]  # by env NAME; present only when a key is scoped
     load_timeout_s: float | None
 
 

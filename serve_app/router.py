@@ -19,7 +19,8 @@ Inside a replica:
   handle, which also wakes it), the applications' states, and refreshing the URL registry.
 
 Errors have OpenAI's shape ``{"error": {"message", "type", "code"}}``: unknown model → 404,
-engine unavailable → 503 with the reason, missing/wrong API key → 401. A model its engine unloaded
+engine unavailable → 503 with the reason, missing/wrong API key → 401, a model outside the key's scope →
+403, past its requests per minute → 429 with Retry-After (serve_app.keys). A model its engine unloaded
 or put to sleep is brought back by the engine's ``endpoint()``, which the relay reaches when it
 knows no URL or the known ones refuse; /v1/models shows each model's lifecycle state from the
 engine's ``state()``. Only the OpenAI paths below are relayed: vLLM's dev endpoints (/sleep,
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -56,7 +56,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from serve_app import endpoints, ollama
+from serve_app import endpoints, key_gate, keys, ollama
 from serve_app.contract import (
     ENGINE_DEPLOYMENT,
     ENGINE_TOKEN_HEADER,
@@ -120,20 +120,16 @@ class Settings:
     """The router's in-place settings (its user_config), replaced wholesale on reconfigure."""
 
     models: dict[str, dict[str, Any]]
-    keys: frozenset[str]
-    require_key: bool
+    keyring: keys.KeyRing  # the accepted keys and each one's scope (serve_app.keys)
     load_timeout_s: float
 
 
 def settings_from(user_config: dict[str, Any]) -> Settings:
     """Parse user_config; API keys are read from the named env vars of this replica."""
-    envs = list(user_config.get("api_key_envs") or [])
-    keys = frozenset(os.environ[name] for name in envs if os.environ.get(name))
     timeout = user_config.get("load_timeout_s", 600.0)
     return Settings(
         models=dict(user_config.get("models") or {}),
-        keys=keys,
-        require_key=bool(envs),
+        keyring=keys.KeyRing.from_config(user_config, os.environ),
         load_timeout_s=float("inf") if timeout is None else float(timeout),
     )
 
@@ -148,13 +144,8 @@ def error(status: int, message: str, type_: str, code: str) -> JSONResponse:
 
 
 def authorized(settings: Settings, header: str | None) -> bool:
-    if not settings.require_key:
-        return True
-    scheme, _, token = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
     # Fail closed: key env names configured but none set means nobody gets in.
-    return any(hmac.compare_digest(token.encode(), key.encode()) for key in settings.keys)
+    return settings.keyring.caller(header) is not None
 
 
 def model_of(body: bytes) -> str | None:
@@ -305,6 +296,7 @@ class Relay:
         self._backends: dict[str, list[Backend]] = {}
         self._pending: dict[str, asyncio.Future[str]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self.limiter = keys.RateLimiter()  # kept across reconfigures: a key's window outlives an edit
 
     def start(self) -> None:
         """Open the upstream connection pool (must run in the server's loop)."""
@@ -432,10 +424,10 @@ async def _read_body(receive: Callable[[], Awaitable[dict[str, Any]]]) -> bytes 
 
 
 async def _send_json(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, body: bytes,
-                     request_id: str) -> None:
+                     request_id: str, extra: dict[str, str] | None = None) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", request_id.encode()),
+        (b"x-request-id", request_id.encode()), *((k.encode(), v.encode()) for k, v in (extra or {}).items()),
     ]})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -457,7 +449,8 @@ class Ingress:
         # One id through our answer and vLLM's logs (vLLM takes it as its request id).
         request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
         settings = self.relay.settings
-        if not authorized(settings, _header(scope, b"authorization")):
+        caller = settings.keyring.caller(_header(scope, b"authorization"))
+        if caller is None:
             body = error_body("Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
             return await _send_json(send, 401, body, request_id)
         body = await _read_body(receive)
@@ -468,10 +461,13 @@ class Ingress:
             message = error_body("The JSON body must name a `model`.", "invalid_request_error", "invalid_body")
             return await _send_json(send, 400, message, request_id)
         if model not in settings.models:
-            known = ", ".join(sorted(settings.models)) or "(none)"
+            known = ", ".join(sorted(caller.scope.visible(settings.models))) or "(none)"
             message = error_body(f"The model `{model}` does not exist. Models: {known}.",
                                  "invalid_request_error", "model_not_found")
             return await _send_json(send, 404, message, request_id)
+        if denial := keys.admit(caller, model, settings.models, self.relay.limiter):  # 403 or 429
+            return await _send_json(send, denial.status, json.dumps(denial.openai_error()).encode(), request_id,
+                                    denial.headers())
         wrong = wrong_task(model, settings.models[model], scope["path"])
         if wrong:
             return await _send_json(send, 400, error_body(wrong, "invalid_request_error", "model_not_supported"),
@@ -534,10 +530,12 @@ async def _read_until_disconnect(receive: Any) -> None:
 async def list_models(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     settings = relay.settings
-    if not authorized(settings, request.headers.get("authorization")):
+    caller = settings.keyring.caller(request.headers.get("authorization"))
+    if caller is None:
         return error(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
+    models = caller.scope.visible(settings.models)  # a scoped key sees only its models
     states = await relay.app_states()
-    running = [name for name in settings.models if states.get(name, ("absent", ""))[0] == "ready"]
+    running = [name for name in models if states.get(name, ("absent", ""))[0] == "ready"]
     lifecycles = await relay.lifecycles(running) if relay.lifecycles and running else {}
     data = [
         {
@@ -551,7 +549,7 @@ async def list_models(request: Request) -> Response:
             **_model_state(*states.get(name, ("absent", "")), lifecycles.get(name)),
             **_ui_hints(spec),
         }
-        for name, spec in sorted(settings.models.items(), key=_chat_first)
+        for name, spec in sorted(models.items(), key=_chat_first)
     ]
     return JSONResponse({"object": "list", "data": data})
 
@@ -589,9 +587,10 @@ class _OllamaResponse:
 class _OllamaUpstream:
     """The relay as serve_app.ollama sees it (ollama.Upstream)."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, caller: keys.Caller | None) -> None:
         self._relay = relay
-        self.models = relay.settings.models
+        # a scoped key lists and finds only its models (a model outside gets key_gate's 403 first)
+        self.models = caller.scope.visible(relay.settings.models) if caller else relay.settings.models
 
     def authorized(self, header: str | None) -> bool:
         return self._relay.authorized(header)
@@ -616,7 +615,11 @@ class _OllamaUpstream:
 @api.api_route("/api/{name}", methods=["GET", "POST", "HEAD", "DELETE"])
 async def ollama_api(request: Request) -> Response:
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    return await ollama.handle(request, _OllamaUpstream(request.app.state.relay), request_id)
+    relay: Relay = request.app.state.relay
+    caller = relay.settings.keyring.caller(request.headers.get("authorization"))
+    if denial := await key_gate.ollama_denial(request, caller, relay.settings.models, relay.limiter):
+        return denial  # 403 or 429
+    return await ollama.handle(request, _OllamaUpstream(relay, caller), request_id)
 
 
 # ---- the HTTP server ----

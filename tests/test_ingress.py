@@ -16,12 +16,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
 
 from reconciler.cluster import free_port
 from serve_app import router
+from serve_app.keys import KeyRing
 
 
 @dataclass
@@ -101,21 +103,23 @@ class Front:
     base: str
 
 
-def _front(engines: list[Engine], *, keys: frozenset[str] = frozenset(), engine_token: str = "") -> Front:
-    settings = router.Settings(models={"m": {"task": "generate"}}, keys=keys, require_key=bool(keys),
-                               load_timeout_s=5.0)
+def _front(engines: list[Engine], *, keyring: KeyRing | None = None, engine_token: str = "",
+           models: dict[str, dict[str, Any]] | None = None) -> Front:
+    """A router front on loopback; every model in ``models`` (default: one, ``m``) goes to ``engines``."""
+    models = models or {"m": {"task": "generate"}}
+    settings = router.Settings(models=models, keyring=keyring or KeyRing(), load_timeout_s=5.0)
 
     async def discover(model: str) -> str:
         raise router.Unavailable(f"The model `{model}` has no engine in this test")
 
     async def app_states() -> dict[str, tuple[str, str]]:
-        return {"m": ("ready", "")}
+        return {name: ("ready", "") for name in models}
 
     port = free_port()
     relay = router.Relay(settings, discover, app_states, engine_token=engine_token)
     server = router.Server(router.listen_socket("127.0.0.1", port), relay)
     server.wait_started(10)
-    server.call(relay.set_registered, {"m": [e.url for e in engines]})
+    server.call(relay.set_registered, {name: [e.url for e in engines] for name in models})
     return Front(server, f"http://127.0.0.1:{port}")
 
 
@@ -158,7 +162,7 @@ def test_errors_have_openai_shape(front: Front) -> None:
 
 
 def test_api_key_on_every_route(engines: list[Engine]) -> None:
-    front = _front(engines, keys=frozenset({"k1"}))
+    front = _front(engines, keyring=KeyRing.of({"FLEET_KEY": "k1"}))
     try:
         for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models")):
             answer = httpx.request(method, front.base + path, json={"model": "m"})
