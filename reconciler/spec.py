@@ -342,6 +342,9 @@ class Model(Strict):
     swap_group: GroupName | None = Field(None, description=(
         "a swap group (swap_groups: at the top level; undeclared means awake: 1): its members may "
         "together declare more GPU memory than the card has, and take turns being loaded"))
+    adapters: dict[ModelName, Source] = Field(default_factory=dict, description=(
+        "LoRA adapters on this model, by the model name each is served as: {name: source} (sources as for "
+        "models); each adapter's rank must fit the engine's max_lora_rank (vLLM's default 16)"))
     tool_parser: str | None = Field(
         None, description="vLLM --tool-call-parser for tool calls; default: known from the model's name "
                           "(e.g. Qwen2.5 → hermes, Llama-3.1 → llama3_json); none = no tool calls")

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from . import api_keys
+from . import adapters, api_keys
 from .errors import Problem, SpecError, field_path
 from .loader import Origins, read_fleet
 from .spec import Fleet
@@ -37,7 +37,7 @@ def load_fleet(path: str | os.PathLike[str] = ".") -> LoadedFleet:
         spec = Fleet.model_validate(raw.data)
     except ValidationError as e:
         raise SpecError([_problem(err, raw.origins, raw.data) for err in e.errors()]) from None
-    if problems := api_keys.problems(spec, raw.origins):
+    if problems := api_keys.problems(spec, raw.origins) + adapters.problems(spec, raw.origins, raw.root):
         raise SpecError(problems)
     return LoadedFleet(spec, raw.origins, raw.root, tuple(raw.files))
 
