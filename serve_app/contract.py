@@ -245,11 +245,23 @@ class RouterModel(_Wire):
     node: str | None = None  # present only when pinned: the node's IP; its model is unavailable while the node is gone
 
 
+class KeyScope(_Wire):
+    """What one API key may do (serve_app.keys); a key without an entry may use every model, unlimited."""
+
+    omit_none: ClassVar[frozenset[str]] = frozenset({"models", "rpm"})
+
+    models: list[str] | None = None  # fnmatch patterns on model names; absent = every model
+    rpm: int | None = None  # requests per minute per router replica; absent = no limit
+
+
 class RouterUserConfig(_Wire):
     """The router deployment's ``user_config``: the model list and keys, changed in place."""
 
+    omit_none: ClassVar[frozenset[str]] = frozenset({"key_scopes"})
+
     models: dict[str, RouterModel] = {}
     api_key_envs: list[str] = []  # environment-variable NAMES, never keys
+    key_scopes: dict[str, KeyScope] | None = None  # by env NAME; present only when a key is scoped
     load_timeout_s: float | None = 600.0  # None = never (no bound)
 
 

@@ -10,6 +10,7 @@ whatever else arrives goes to the ASGI app it is given (the FastAPI app of /v1/m
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -21,7 +22,8 @@ from typing import Any
 import aiohttp
 import uvicorn
 
-from serve_app.relay import Relay, Unavailable, Upstream, authorized, error_body, model_of
+from serve_app import keys
+from serve_app.relay import Relay, Unavailable, Upstream, error_body, model_of
 
 logger = logging.getLogger("ray.serve")
 
@@ -75,10 +77,10 @@ async def _read_body(receive: Callable[[], Awaitable[dict[str, Any]]]) -> bytes 
 
 
 async def _send_json(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, body: bytes,
-                     request_id: str) -> None:
+                     request_id: str, extra: dict[str, str] | None = None) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", request_id.encode()),
+        (b"x-request-id", request_id.encode()), *((k.encode(), v.encode()) for k, v in (extra or {}).items()),
     ]})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -100,7 +102,8 @@ class Ingress:
         # One id through our answer and vLLM's logs (vLLM takes it as its request id).
         request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
         settings = self.relay.settings
-        if not authorized(settings, _header(scope, b"authorization")):
+        caller = settings.keyring.caller(_header(scope, b"authorization"))
+        if caller is None:
             body = error_body("Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
             return await _send_json(send, 401, body, request_id)
         body = await _read_body(receive)
@@ -111,10 +114,13 @@ class Ingress:
             message = error_body("The JSON body must name a `model`.", "invalid_request_error", "invalid_body")
             return await _send_json(send, 400, message, request_id)
         if model not in settings.models:
-            known = ", ".join(sorted(settings.models)) or "(none)"
+            known = ", ".join(sorted(caller.scope.visible(settings.models))) or "(none)"
             message = error_body(f"The model `{model}` does not exist. Models: {known}.",
                                  "invalid_request_error", "model_not_found")
             return await _send_json(send, 404, message, request_id)
+        if denial := keys.admit(caller, model, settings.models, self.relay.limiter):  # 403 or 429
+            return await _send_json(send, denial.status, json.dumps(denial.openai_error()).encode(), request_id,
+                                    denial.headers())
         wrong = wrong_task(model, settings.models[model], scope["path"])
         if wrong:
             return await _send_json(send, 400, error_body(wrong, "invalid_request_error", "model_not_supported"),

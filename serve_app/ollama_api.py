@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from serve_app import ollama
+from serve_app import key_gate, keys, ollama
 from serve_app.relay import Relay, Unavailable, Upstream
 
 
@@ -48,9 +48,10 @@ class _OllamaResponse:
 class _OllamaUpstream:
     """The relay as serve_app.ollama sees it (ollama.Upstream)."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, caller: keys.Caller | None) -> None:
         self._relay = relay
-        self.models = relay.settings.models
+        # a scoped key lists and finds only its models (a model outside gets key_gate's 403 first)
+        self.models = caller.scope.visible(relay.settings.models) if caller else relay.settings.models
 
     def authorized(self, header: str | None) -> bool:
         return self._relay.authorized(header)
@@ -74,7 +75,11 @@ class _OllamaUpstream:
 
 async def ollama_api(request: Request) -> Response:
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    return await ollama.handle(request, _OllamaUpstream(request.app.state.relay), request_id)
+    relay: Relay = request.app.state.relay
+    caller = relay.settings.keyring.caller(request.headers.get("authorization"))
+    if denial := await key_gate.ollama_denial(request, caller, relay.settings.models, relay.limiter):
+        return denial  # 403 or 429
+    return await ollama.handle(request, _OllamaUpstream(relay, caller), request_id)
 
 
 def add_routes(api: FastAPI) -> None:

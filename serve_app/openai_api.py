@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from serve_app.contract import (
     ModelState,
 )
-from serve_app.relay import Relay, authorized
+from serve_app.relay import Relay
 
 
 def error(status: int, message: str, type_: str, code: str) -> JSONResponse:
@@ -61,10 +61,12 @@ def _ui_hints(spec: dict[str, Any]) -> dict[str, Any]:
 async def list_models(request: Request) -> Response:
     relay: Relay = request.app.state.relay
     settings = relay.settings
-    if not authorized(settings, request.headers.get("authorization")):
+    caller = settings.keyring.caller(request.headers.get("authorization"))
+    if caller is None:
         return error(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
+    models = caller.scope.visible(settings.models)  # a scoped key sees only its models
     states = await relay.app_states()
-    running = [name for name in settings.models if states.get(name, ("absent", ""))[0] == "ready"]
+    running = [name for name in models if states.get(name, ("absent", ""))[0] == "ready"]
     lifecycles = await relay.lifecycles(running) if relay.lifecycles and running else {}
     data = [
         {
@@ -78,7 +80,7 @@ async def list_models(request: Request) -> Response:
             **_model_state(*states.get(name, ("absent", "")), lifecycles.get(name)),
             **_ui_hints(spec),
         }
-        for name, spec in sorted(settings.models.items(), key=_chat_first)
+        for name, spec in sorted(models.items(), key=_chat_first)
     ]
     return JSONResponse({"object": "list", "data": data})
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from serve_app import keys
 from serve_app.contract import (
     ENGINE_TOKEN_HEADER,
     RouterUserConfig,
@@ -50,19 +50,16 @@ class Settings:
     """The router's in-place settings (its user_config), replaced wholesale on reconfigure."""
 
     models: dict[str, dict[str, Any]]
-    keys: frozenset[str]
-    require_key: bool
+    keyring: keys.KeyRing  # the accepted keys and each one's scope (serve_app.keys)
     load_timeout_s: float
 
 
 def settings_from(user_config: dict[str, Any]) -> Settings:
     """Parse user_config (the contract's RouterUserConfig); API keys come from the named env vars here."""
     config = RouterUserConfig.parse(user_config)
-    keys = frozenset(os.environ[name] for name in config.api_key_envs if os.environ.get(name))
     return Settings(
         models={name: model.wire() for name, model in config.models.items()},
-        keys=keys,
-        require_key=bool(config.api_key_envs),
+        keyring=keys.KeyRing.from_config(config.wire(), os.environ),
         # never (None) is an unbounded wait: infinity compares and formats ("inf") where the wait is measured
         load_timeout_s=math.inf if config.load_timeout_s is None else config.load_timeout_s,
     )
@@ -74,13 +71,8 @@ def error_body(message: str, type_: str, code: str) -> bytes:
 
 
 def authorized(settings: Settings, header: str | None) -> bool:
-    if not settings.require_key:
-        return True
-    scheme, _, token = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
     # Fail closed: key env names configured but none set means nobody gets in.
-    return any(hmac.compare_digest(token.encode(), key.encode()) for key in settings.keys)
+    return settings.keyring.caller(header) is not None
 
 
 def model_of(body: bytes) -> str | None:
@@ -165,6 +157,7 @@ class Relay:
         self._backends: dict[str, list[Backend]] = {}
         self._pending: dict[str, asyncio.Future[str]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self.limiter = keys.RateLimiter()  # kept across reconfigures: a key's window outlives an edit
 
     def start(self) -> None:
         """Open the upstream connection pool (must run in the server's loop)."""

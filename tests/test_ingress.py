@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ import pytest
 from reconciler.live.cluster import free_port
 from serve_app import ingress, router
 from serve_app import relay as relay_mod
+from serve_app.keys import KeyRing
 
 
 @dataclass
@@ -102,21 +104,23 @@ class Front:
     base: str
 
 
-def _front(engines: list[Engine], *, keys: frozenset[str] = frozenset(), engine_token: str = "") -> Front:
-    settings = relay_mod.Settings(models={"m": {"task": "generate"}}, keys=keys, require_key=bool(keys),
-                               load_timeout_s=5.0)
+def _front(engines: list[Engine], *, keyring: KeyRing | None = None, engine_token: str = "",
+           models: dict[str, dict[str, Any]] | None = None) -> Front:
+    """A router front on loopback; every model in ``models`` (default: one, ``m``) goes to ``engines``."""
+    models = models or {"m": {"task": "generate"}}
+    settings = relay_mod.Settings(models=models, keyring=keyring or KeyRing(), load_timeout_s=5.0)
 
     async def discover(model: str) -> str:
         raise relay_mod.Unavailable(f"The model `{model}` has no engine in this test")
 
     async def app_states() -> dict[str, tuple[str, str]]:
-        return {"m": ("ready", "")}
+        return {name: ("ready", "") for name in models}
 
     port = free_port()
     relay = relay_mod.Relay(settings, discover, app_states, engine_token=engine_token)
     server = ingress.Server(ingress.listen_socket("127.0.0.1", port), relay, router.web_app(relay))
     server.wait_started(10)
-    server.call(relay.set_registered, {"m": [e.url for e in engines]})
+    server.call(relay.set_registered, {name: [e.url for e in engines] for name in models})
     return Front(server, f"http://127.0.0.1:{port}")
 
 
@@ -159,7 +163,7 @@ def test_errors_have_openai_shape(front: Front) -> None:
 
 
 def test_api_key_on_every_route(engines: list[Engine]) -> None:
-    front = _front(engines, keys=frozenset({"k1"}))
+    front = _front(engines, keyring=KeyRing.of({"FLEET_KEY": "k1"}))
     try:
         for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models")):
             answer = httpx.request(method, front.base + path, json={"model": "m"})

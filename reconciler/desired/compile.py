@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from reconciler.desired.placement import PlacedFleet, PlacedModel
+from reconciler.fleetfiles.spec import ApiKey
 from serve_app.contract import (
     ENGINE_DEPLOYMENT,
     ENGINE_IMPORT,
@@ -33,6 +34,7 @@ from serve_app.contract import (
     TASK_RUNNER,
     EngineArgs,
     EngineUserConfig,
+    KeyScope,
     RouterArgs,
     RouterModel,
     RouterUserConfig,
@@ -164,11 +166,19 @@ def _router_model(model: PlacedModel) -> RouterModel:
                        swap_group=model.swap_group or None, node=model.node or None)
 
 
+def _key_scopes(keys: list[ApiKey]) -> dict[str, KeyScope]:
+    return {key.env: KeyScope(models=list(key.models) if key.models is not None else None, rpm=key.rpm)
+            for key in keys if key.scoped}
+
+
 def router_app(fleet: PlacedFleet) -> dict[str, Any]:
     """The fleet ingress: each replica serves the OpenAI port itself (SO_REUSEPORT), so host and
     port are constructor args (a change restarts it on the new port)."""
+    keys = fleet.openai.api_key_entries()
     user_config = RouterUserConfig(models={m.name: _router_model(m) for m in fleet.models},
-                                   api_key_envs=list(fleet.openai.api_keys),
+                                   api_key_envs=[key.env for key in keys],
+                                   # absent without scoped keys: such fleets' router config stays as it was
+                                   key_scopes=_key_scopes(keys) or None,
                                    load_timeout_s=_finite(fleet.openai.load_timeout))
     args = RouterArgs(host=fleet.openai.host, port=fleet.openai.port)
     return {

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from reconciler.fleetfiles.redact import ENV_REF
 from reconciler.fleetfiles.units import parse_duration, parse_size
@@ -24,6 +24,8 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 GROUP_NAME = MODEL_NAME
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENGINE_KEY = re.compile(r"^[a-z][a-z0-9_-]*$")
+# A model name with shell-style wildcards (fnmatch: * ? [abc] [!abc]), as an API key's scope lists them.
+MODEL_PATTERN = re.compile(r"^[A-Za-z0-9._*?\[\]!-]{1,64}$")
 SECRET_ENV = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY)$", re.IGNORECASE)
 
 # Engine args the fleet sets itself, and the field that says it instead.
@@ -40,6 +42,7 @@ FLEET_OWNED_ARGS = {
     "enable_sleep_mode": "sleep: (GPU models get sleep mode unless sleep: false)",
 }
 SECRET_ARGS = {"api_key", "hf_token", "token"}
+RPM_MAX = 100_000  # the router keeps one timestamp per request in the window
 
 
 def _duration(value: object) -> float:
@@ -155,6 +158,42 @@ Env = Annotated[dict[str, str], AfterValidator(_check_env), Field(
     description="environment for the engine process; secrets as \"${NAME}\" references")]
 
 
+def _model_patterns(patterns: list[str]) -> list[str]:
+    if not patterns:
+        raise ValueError("an empty list lets the key use no model; list model names or patterns "
+                         "(e.g. [qwen2.5-*]), or leave models out for every model")
+    for pattern in patterns:  # the value is not echoed: a key pasted here by mistake must not show
+        if not MODEL_PATTERN.match(pattern):
+            raise ValueError(f"an entry ({len(pattern)} characters) is not a model name or pattern: use model "
+                             "names with shell-style wildcards (* ? [abc]), e.g. qwen2.5-*")
+    return patterns
+
+
+class ApiKey(Strict):
+    """An API key with a scope: the models it may use and how many requests a minute it may send."""
+
+    env: ApiKeyEnv = Field(description="name of the environment variable holding the key")
+    models: Annotated[list[str], AfterValidator(_model_patterns)] | None = Field(None, description=(
+        "model names or shell-style patterns (qwen2.5-*, *-embed) this key may use; other models answer 403 "
+        "and are not listed to it. Omit for every model"), json_schema_extra={"minItems": 1})
+    rpm: int | None = Field(None, ge=1, le=RPM_MAX, strict=True, description=(
+        "requests per minute (sliding window, per router process) before 429 with Retry-After; omit for no limit"))
+
+    @property
+    def scoped(self) -> bool:
+        return self.models is not None or self.rpm is not None
+
+
+def _api_key_form(value: object) -> str:
+    return "dict" if isinstance(value, dict | ApiKey) else "str"
+
+
+# A bare name (every model, no limit) or a scoped entry. The tags are names validate.py drops from
+# error locations, so a problem reads openai.api_keys[1].rpm, not openai.api_keys[1].dict.rpm.
+ApiKeyEntry = Annotated[
+    Annotated[ApiKeyEnv, Tag("str")] | Annotated[ApiKey, Tag("dict")], Discriminator(_api_key_form)]
+
+
 class RaySettings(Strict):
     address: str = Field("auto", description="the Ray cluster to use; `fleetctl up` starts one when none runs")
     dashboard_url: str = Field("http://127.0.0.1:8265", pattern=r"^https?://",
@@ -164,11 +203,17 @@ class RaySettings(Strict):
 class OpenAISettings(Strict):
     host: str = Field("127.0.0.1", description="address the OpenAI endpoint binds; 0.0.0.0 for all")
     port: int = Field(8000, ge=1, le=65535)
-    api_keys: list[ApiKeyEnv] = Field(
-        default_factory=list, description="names of environment variables holding accepted API keys")
+    api_keys: list[ApiKeyEntry] = Field(default_factory=list, description=(
+        "accepted API keys: names of environment variables holding them, or {env, models, rpm} entries "
+        "for a key limited to some models and/or a request rate"))
     load_timeout: Duration = Field(600.0, description="how long a request waits for its model to come up")
     workers: int = Field(1, ge=1, le=64, description=(
         "router processes per node sharing the OpenAI port; one carries ~10k streamed tokens/s"))
+
+
+    def api_key_entries(self) -> list[ApiKey]:
+        """Every API key entry as an ApiKey (a bare name: every model, no limit), in file order."""
+        return [ApiKey(env=k) if isinstance(k, str) else k for k in self.api_keys]
 
 
 class Follow(Strict):
@@ -286,6 +331,9 @@ class Model(Strict):
     swap_group: GroupName | None = Field(None, description=(
         "a swap group (swap_groups: at the top level; undeclared means awake: 1): its members may "
         "together declare more GPU memory than the card has, and take turns being loaded"))
+    adapters: dict[ModelName, Source] = Field(default_factory=dict, description=(
+        "LoRA adapters on this model, by the model name each is served as: {name: source} (sources as for "
+        "models); each adapter's rank must fit the engine's max_lora_rank (vLLM's default 16)"))
     tool_parser: str | None = Field(
         None, description="vLLM --tool-call-parser for tool calls; default: known from the model's name "
                           "(e.g. Qwen2.5 → hermes, Llama-3.1 → llama3_json); none = no tool calls")

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from reconciler.errors import Problem, SpecError, field_path
+from reconciler.fleetfiles import adapters, api_keys
 from reconciler.fleetfiles.loader import Origins, read_fleet
 from reconciler.fleetfiles.spec import Fleet
 
@@ -36,6 +37,8 @@ def load_fleet(path: str | os.PathLike[str] = ".") -> LoadedFleet:
         spec = Fleet.model_validate(raw.data)
     except ValidationError as e:
         raise SpecError([_problem(err, raw.origins, raw.data) for err in e.errors()]) from None
+    if problems := api_keys.problems(spec, raw.origins) + adapters.problems(spec, raw.origins, raw.root):
+        raise SpecError(problems)
     return LoadedFleet(spec, raw.origins, raw.root, tuple(raw.files))
 
 
@@ -72,6 +75,8 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[str | int, ...]:
 
 # Fields whose values may be secrets: a wrong value there is described, never echoed.
 SECRET_FIELDS = frozenset({"env", "api_keys", "token_env", "engine"})
+# ... except an API key entry's scope, which names models and a rate, never a key.
+KEY_SCOPE_FIELDS = frozenset({"models", "rpm"})
 
 
 def _message(err: Any) -> str:
@@ -81,7 +86,8 @@ def _message(err: Any) -> str:
             msg = msg[len(prefix):]
     got = err.get("input")
     if err["type"] not in ("value_error",) and not isinstance(got, dict | list) and got is not None:
-        if SECRET_FIELDS.isdisjoint(p for p in err["loc"] if isinstance(p, str)):
+        names = [p for p in err["loc"] if isinstance(p, str)]
+        if SECRET_FIELDS.isdisjoint(names) or ("api_keys" in names and names[-1] in KEY_SCOPE_FIELDS):
             msg = f"{msg} (got {got!r})"
         else:
             msg = f"{msg} (the value is not shown: this field may hold a secret)"
@@ -130,8 +136,9 @@ def _unwrap(tp: Any) -> Any:
             tp = typing.get_args(tp)[0]
         elif origin in (typing.Union, types.UnionType):
             rest = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(rest) != 1:
-                return tp
+            if len(rest) != 1:  # e.g. a bare name or a mapping: the mapping's keys are the ones to list
+                models = [a for a in map(_unwrap, rest) if isinstance(a, type) and issubclass(a, BaseModel)]
+                return models[0] if len(models) == 1 else tp
             tp = rest[0]
         else:
             return tp

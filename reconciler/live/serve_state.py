@@ -221,7 +221,9 @@ def read_model_states(openai: Any) -> dict[str, dict[str, Any]]:
     """Each model's lifecycle state (awake, unloaded, ...) as the fleet's endpoint (``openai``: the
     fleet's openai settings) lists it in /v1/models; {} when it does not answer (status then shows
     Serve's view alone). The key, if the fleet wants one, comes from the first env var it names."""
-    key = next((os.environ[n] for n in openai.api_keys if os.environ.get(n)), None)
+    # a key scoped to some models would see only those: an unscoped one first
+    envs = [k.env for k in sorted(openai.api_key_entries(), key=lambda k: k.models is not None)]
+    key = next((os.environ[n] for n in envs if os.environ.get(n)), None)
     host = "127.0.0.1" if openai.host in ("0.0.0.0", "::", "") else openai.host
     port = openai.port
     try:

@@ -124,3 +124,43 @@ def test_api_key_is_required_when_configured(fleet: Fleet, api_key: str) -> None
         deadline = time.monotonic() + 60
         while httpx.get(fleet.base_url + "/models").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.5)
+
+
+def test_scoped_keys_forbid_other_models_filter_the_lists_and_limit_the_rate(fleet: Fleet, api_key: str) -> None:
+    """One key scoped to the chat model with rpm 3, applied in place: the embedding model is 403 (OpenAI's and
+    Ollama's shapes) and unlisted, and the 4th request to a model in a minute is 429 with Retry-After."""
+    from tests.conftest import TEST_API_KEY_ENV
+    from tests.fixtures.serve_api import replicas, wait_running
+
+    router_before = {r["replica_id"] for r in replicas(fleet.dashboard, "router", "router")}
+    fleet.apply(api_keys=[{"env": TEST_API_KEY_ENV, "models": [GEN], "rpm": 3}])
+    headers = {"Authorization": f"Bearer {api_key}"}
+    root = fleet.base_url.removesuffix("/v1")
+    try:
+        deadline = time.monotonic() + 60  # the PUT returns before the router is reconfigured
+        while time.monotonic() < deadline:
+            listed = httpx.get(fleet.base_url + "/models", headers=headers)
+            if listed.status_code == 200 and {m["id"] for m in listed.json()["data"]} == {GEN}:
+                break
+            time.sleep(0.5)
+        assert {m.id for m in fleet.client(api_key).models.list()} == {GEN}
+        assert [m["name"] for m in httpx.get(root + "/api/tags", headers=headers).json()["models"]] == [f"{GEN}:latest"]
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            fleet.client(api_key).embeddings.create(model=EMB, input="hi")
+        assert caught.value.response.json()["error"]["code"] == "model_not_allowed"
+        ollama_denied = httpx.post(root + "/api/embed", json={"model": EMB, "input": "hi"}, headers=headers)
+        assert ollama_denied.status_code == 403 and GEN in ollama_denied.json()["error"]
+        for _ in range(3):  # the denied requests above did not count
+            reply = fleet.client(api_key).completions.create(model=GEN, prompt="Hello", max_tokens=2)
+            assert reply.choices[0].text is not None
+        with pytest.raises(openai.RateLimitError) as limited:
+            fleet.client(api_key).completions.create(model=GEN, prompt="Hello", max_tokens=2)
+        assert 1 <= int(limited.value.response.headers["retry-after"]) <= 60
+        assert limited.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+        wait_running(fleet.dashboard, ["router"])  # in place: the same router replica
+        assert {r["replica_id"] for r in replicas(fleet.dashboard, "router", "router")} == router_before
+    finally:
+        fleet.apply()
+        deadline = time.monotonic() + 60
+        while httpx.get(fleet.base_url + "/models").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
