@@ -64,6 +64,8 @@ def admits(view: View) -> bool:
 def closable(holder: View, waiter: View, max_wait_s: float, now: float, grace_s: float = TURN_GRACE_S) -> bool:
     """Does ``holder``'s turn end for ``waiter``: it waited max_wait since the turn began, or the holder is idle."""
     assert holder.turn_since is not None and waiter.waiting_since is not None
+    if not holder.ready or holder.waiting_since is not None:
+        return False  # a turn serves its member's whole queue first (with max_wait 0 turns would pass unserved)
     if now - max(waiter.waiting_since, holder.turn_since) >= max_wait_s:
         return True
     if not holder.idle:
