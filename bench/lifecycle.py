@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swap", action="store_true", help=(
         "measure one swap in a swap group instead: two copies of the model in a group with awake: 1, "
         "through the endpoint, against a request to the awake member"))
+    parser.add_argument("--alternate", type=int, default=0, help=(
+        "--swap: the swap scheduler instead: two clients alternating, this many requests each, per --max-wait"))
+    parser.add_argument("--max-wait", default="0,5", help=(
+        "--swap --alternate: the group's max_wait values to compare, e.g. 0,5 (0: first come first served)"))
     parser.add_argument("--gpus", default="", help="--swap: GPU indices both members share, e.g. 0 (default: CPU)")
     parser.add_argument("--gpu-memory", type=float, default=0.6, help="--swap: each member's share of its GPUs")
     parser.add_argument("--engine", default="", help=(

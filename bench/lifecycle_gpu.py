@@ -7,7 +7,7 @@ through the fleet's endpoint on a fleet brought up the product's way (fleet file
 2. ``swap-a`` + ``swap-b`` (0.6 of the GPU each: 1.4 with ``sleepy``, so only a swap group with
    ``awake: 1`` fits): alternate requests; each one after the first two is one swap (the other member
    to sleep, this one woken), timed end to end to the first token (goal <= 1.5 s): first right after
-   the other member answered (which is put away only after serve_app.engine.EVICT_QUIET_S of quiet),
+   the other member answered (put away as soon as the routers count none of its requests in flight),
    then with the other member idle a while first, as when a person switches models. /v1/models is
    read after every answer: never both members awake.
 
@@ -30,9 +30,8 @@ from typing import Any
 from probe import BOUND_S, first_token_s, model_states
 from relay import build_tiny_llama, free_port
 
-from serve_app.engine import EVICT_QUIET_S
-
 GIB = 1024**3
+REST_S = 2.0  # the other member idle this long first: a person switching models
 
 
 def used_gib(gpu: int) -> float:
@@ -118,9 +117,9 @@ def swaps(fleet: Fleet, gpu: int, rounds: int, source: str) -> dict[str, Any]:
     timed: list[float] = []
     rested: list[float] = []
     used: list[float] = []
-    # Right after the other member answered (it is put away only after EVICT_QUIET_S of quiet), and
+    # Right after the other member answered (put away once the routers count nothing in flight), and
     # as a person switching models would, the other member idle for a while first.
-    for pause_s, into in ((0.0, timed), (EVICT_QUIET_S + 1.0, rested)):
+    for pause_s, into in ((0.0, timed), (REST_S, rested)):
         for i in range(2 * rounds):
             model = ("swap-a", "swap-b")[i % 2]
             time.sleep(pause_s)
@@ -131,7 +130,7 @@ def swaps(fleet: Fleet, gpu: int, rounds: int, source: str) -> dict[str, Any]:
                 raise RuntimeError(f"after a request to {model}: {states}")
     return {"first_requests_s": first, "swap_ttft_s": statistics.median(timed), "rounds_swap_ttft_s": timed,
             "swap_after_idle_ttft_s": statistics.median(rested), "rounds_swap_after_idle_ttft_s": rested,
-            "idle_s": EVICT_QUIET_S + 1.0, "gpu_used_gib_max": max(used)}
+            "idle_s": REST_S, "gpu_used_gib_max": max(used)}
 
 
 def run(model: Path | None, gpu: int, rounds: int, engine: dict[str, Any], as_json: bool) -> int:

@@ -214,12 +214,21 @@ class EngineUserConfig(_Wire):
     always_on: bool = False
 
 
+DEFAULT_MAX_WAIT_S = 5.0  # the spec's default swap_groups.<name>.max_wait (reasons in reconciler.fleetfiles.spec)
+
+
 class SwapGroupConfig(_Wire):
     """One swap group as the coordinator sees it."""
+
+    omit_none: ClassVar[frozenset[str]] = frozenset({"default"})
 
     awake: int = 1  # at most this many members loaded (not asleep/unloaded) at once
     members: list[str] = []  # model names (each its own engine application)
     queue_timeout_s: float | None = None  # bound on waiting for busy members; None = never (no bound)
+    # the swap scheduler (serve_app.scheduler): how long a request waits for a busy member of its group
+    # before the group swaps; None = never (only when the member is idle); 0 = at once (first come first served)
+    max_wait_s: float | None = DEFAULT_MAX_WAIT_S
+    default: str | None = None  # the member woken (or loaded) when the group has idled down
 
 
 class SwapUserConfig(_Wire):

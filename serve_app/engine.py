@@ -40,11 +40,6 @@ from serve_app.contract import deadline as contract_deadline
 logger = logging.getLogger("ray.serve")
 
 REASON_CHARS = 1800  # the router shows at most 2000 characters of an engine's error
-# A swap member is put away only after this long with nothing in flight and no request finished.
-# vLLM's in-flight signals (/load, the running gauge) both read 0 for an instant while requests
-# came and went back to back on a busy 2-core box, and a swap then cut three of them; requests
-# finishing move the counters, so a member in steady use never looks quiet this long.
-EVICT_QUIET_S = 1.0
 
 
 def _replica_rank() -> int:
@@ -290,12 +285,16 @@ class Engine:
 
     async def evict(self) -> bool:
         """The swap coordinator makes room: sleep (GPU) or unload now, unless requests are in flight
-        (a busy member is never cut). True when this member holds nothing any more."""
+        (a busy member is never cut). True when this member holds nothing any more.
+
+        The coordinator asks only once the routers' exact count of this member's requests is 0 and no
+        router admits new ones (serve_app.swap), so no quiet time is waited here. vLLM's own in-flight
+        signal is a second guard (a request the coordinator does not know of: seconds after its restart)."""
         async with self._lock:
             if self._state is not ModelState.AWAKE:
                 return self._state in (ModelState.ASLEEP, ModelState.UNLOADED, ModelState.FAILED)
             await self._observe()
-            if self._activity.in_flight or time.monotonic() - self._activity.last_at < EVICT_QUIET_S:
+            if self._activity.in_flight:
                 return False
             if self._can_sleep:
                 await self._sleep()

@@ -5,6 +5,11 @@ Runs in the ingress server's loop (serve_app/ingress.py). It knows every engine 
 of its model with the fewest requests in flight from this process. When it knows no URL, or the
 known ones refuse, it asks ``discover`` (the Router, in Serve's loop), which loads or wakes the
 model through the engine's ``endpoint()``. ``settings`` is the router's user_config, parsed.
+
+A swap group's member is sent to only once its group's coordinator admitted the request (``admit``,
+serve_app.swap: the member holds its turn); the admission's ticket is kept in ``tickets`` until the
+request ends and then given back (``leave``), so the coordinator counts every member's requests in
+flight exactly, however many router processes relay them. Other models pay nothing for it.
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ class Upstream:
     response: aiohttp.ClientResponse
     backend: Backend
     complete: bool = field(default=False, init=False)
+    on_finish: Callable[[], None] | None = None  # a swap member's admission given back
 
     @property
     def status(self) -> int:
@@ -131,6 +137,8 @@ class Upstream:
             self.response.release()
         else:
             self.response.close()
+        if self.on_finish is not None:
+            self.on_finish()
 
 
 class Relay:
@@ -147,8 +155,14 @@ class Relay:
         app_states: Callable[[], Awaitable[dict[str, tuple[str, str]]]],
         lifecycles: Callable[[list[str]], Awaitable[dict[str, dict[str, Any] | None]]] | None = None,
         engine_token: str = "",
+        admit: Callable[[str, str], Awaitable[str | None]] | None = None,
+        leave: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
+        # swap members: admit(group, model) waits for the member's turn (a ticket, or None when unscheduled,
+        # raises Unavailable when refused); leave(ticket) gives it back. Open tickets: {ticket: (group, model)}.
+        self._admit, self._leave = admit, leave
+        self.tickets: dict[str, tuple[str, str]] = {}
         # engines on other nodes require it on every request (serve_app.engine_auth); loopback ones ignore it
         self._engine_headers = {ENGINE_TOKEN_HEADER: engine_token} if engine_token else {}
         self.app_states = app_states
@@ -222,9 +236,35 @@ class Relay:
 
     async def open(self, model: str, path: str, body: bytes, request_id: str) -> Upstream:
         """POST to one of the model's engines; raises Unavailable (the message says why)."""
-        headers = {"content-type": "application/json", "x-request-id": request_id, **self._engine_headers}
         session = self._session
         assert session is not None, "Relay.start() was not called"
+        ticket = await self._admitted(model)
+        try:
+            upstream = await self._open(session, model, path, body, request_id)
+        except BaseException:
+            self._give_back(ticket)
+            raise
+        if ticket is not None:
+            upstream.on_finish = lambda: self._give_back(ticket)
+        return upstream
+
+    async def _admitted(self, model: str) -> str | None:
+        """A swap member's admission (waits for its turn); None for other models."""
+        group = self.settings.models.get(model, {}).get("swap_group")
+        if not group or self._admit is None:
+            return None
+        ticket = await self._admit(group, model)
+        if ticket is not None:
+            self.tickets[ticket] = (group, model)
+        return ticket
+
+    def _give_back(self, ticket: str | None) -> None:
+        if ticket is not None and self.tickets.pop(ticket, None) is not None and self._leave is not None:
+            self._leave(ticket)
+
+    async def _open(self, session: aiohttp.ClientSession, model: str, path: str, body: bytes,
+                    request_id: str) -> Upstream:
+        headers = {"content-type": "application/json", "x-request-id": request_id, **self._engine_headers}
         tried: set[str] = set()
         failure = ""
         for _ in range(ATTEMPTS):

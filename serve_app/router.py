@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -50,6 +51,8 @@ from serve_app.contract import (
     ENGINE_DEPLOYMENT,
     ROUTER_DEPLOYMENT,
     SERVE_APP_STATE,
+    SWAP_APP,
+    SWAP_DEPLOYMENT,
     ModelState,
     missing_node,
     node_gone_message,
@@ -119,8 +122,10 @@ class Router:
         self._settings = settings_from({})
         self._handles: dict[str, DeploymentHandle] = {}
         self._status: tuple[float, dict[str, tuple[str, str]]] = (0.0, {})
+        self._replica = serve.get_replica_context().replica_id.unique_id
         relay = Relay(self._settings, self._bridge(self._discover), self._bridge(self._app_states),
-                      self._bridge(self._lifecycles), await asyncio.to_thread(endpoints.engine_token))
+                      self._bridge(self._lifecycles), await asyncio.to_thread(endpoints.engine_token),
+                      admit=self._bridge(self._enter), leave=self._leave)
         self._server = ingress.Server(ingress.listen_socket(host, port), relay, web_app(relay))
         await asyncio.to_thread(self._server.wait_started, 30.0)
         self._refresher = asyncio.ensure_future(self._refresh_registry())
@@ -144,7 +149,7 @@ class Router:
             raise RuntimeError("the fleet ingress's HTTP server is not running (see the replica log)")
 
     async def _refresh_registry(self) -> None:
-        """Keep the relay's view of every engine replica's URL current."""
+        """Keep the relay's view of every engine replica's URL current; report swap admissions held."""
         while True:
             try:
                 listed = await asyncio.to_thread(endpoints.listed)
@@ -152,7 +157,54 @@ class Router:
                 self._server.call(self._server.relay.set_registered, urls)
             except Exception as e:  # the GCS may be briefly away; the next round tries again
                 logger.warning("reading the engine registry failed: %r", e)
+            if any(spec.get("swap_group") for spec in self._settings.models.values()):
+                try:
+                    await self._report()
+                except Exception as e:  # the coordinator may be restarting; the next round tries again
+                    logger.warning("reporting swap admissions failed: %r", e)
             await asyncio.sleep(REGISTRY_REFRESH_S)
+
+    # ---- swap groups: every request for a member is admitted by its group's coordinator ----
+    # Exact in-flight counts (serve_app.swap): each admission is a ticket this replica holds until the
+    # request's last byte (or its failure) and then gives back; every REGISTRY_REFRESH_S it reports the
+    # tickets it holds, so a lost give-back or a restarted coordinator is set right within seconds.
+    # Each router replica (openai.workers) holds its own tickets: the coordinator adds them up, and drops
+    # those of a replica that stops reporting. Only the relay sends to an engine, and it asks for a
+    # ticket for every request to a member, so none reaches a member uncounted.
+
+    def _coordinator(self) -> DeploymentHandle:
+        return serve.get_deployment_handle(SWAP_DEPLOYMENT, app_name=SWAP_APP, _check_exists=False)
+
+    async def _enter(self, group: str, model: str) -> str | None:
+        """Wait for ``model``'s turn (bounded by load_timeout_s): a ticket, or None when the coordinator is away."""
+        bound = self._settings.load_timeout_s
+        try:
+            answer = await asyncio.wait_for(self._coordinator().enter.remote(group, model, self._replica),
+                                            None if math.isinf(bound) else bound)
+        except TimeoutError:
+            raise Unavailable(f"The model `{model}` waited {bound:.0f} s (load_timeout_s) for its turn in swap "
+                              f"group `{group}`.") from None
+        except Exception as e:  # the coordinator away: relay unscheduled (the engine still refuses to cut a request)
+            logger.warning("swap group %s: no admission for %s (%s); relaying unscheduled", group, model, _reason(e))
+            return None
+        if answer.get("busy"):
+            raise Unavailable(str(answer["busy"]))
+        ticket = answer.get("ticket")
+        return str(ticket) if ticket else None
+
+    def _leave(self, ticket: str) -> None:
+        """Give a ticket back (from the server's loop; the call runs in Serve's, and is not waited for)."""
+        asyncio.run_coroutine_threadsafe(self._give_back(ticket), self._loop)
+
+    async def _give_back(self, ticket: str) -> None:
+        try:
+            await self._coordinator().leave.remote(ticket)
+        except Exception as e:  # the next report drops it
+            logger.warning("giving a swap admission back failed: %s", _reason(e))
+
+    async def _report(self) -> None:
+        tickets = {t: list(gm) for t, gm in dict(self._server.relay.tickets).items()}
+        await asyncio.wait_for(self._coordinator().report.remote(self._replica, tickets), LIFECYCLE_TIMEOUT_S)
 
     # ---- discovery (Serve's loop; off the hot path) ----
 

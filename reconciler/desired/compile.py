@@ -204,7 +204,8 @@ def swap_app(fleet: PlacedFleet) -> dict[str, Any] | None:
         return None
     groups = {
         name: SwapGroupConfig(awake=group.awake, members=[m.name for m in fleet.models if m.swap_group == name],
-                              queue_timeout_s=_finite(group.queue_timeout))
+                              queue_timeout_s=_finite(group.queue_timeout), max_wait_s=_finite(group.max_wait),
+                              default=group.default)
         for name, group in sorted(fleet.swap_groups.items())
     }
     user_config = SwapUserConfig(groups=groups)

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Dis
 from reconciler.fleetfiles.redact import ENV_REF
 from reconciler.fleetfiles.units import parse_duration, parse_size
 from serve_app import source as sources
-from serve_app.contract import ROUTER_APP, SWAP_APP
+from serve_app.contract import DEFAULT_MAX_WAIT_S, ROUTER_APP, SWAP_APP
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 GROUP_NAME = MODEL_NAME
@@ -304,6 +304,18 @@ class SwapGroup(Strict):
     queue_timeout: Duration = Field(300.0, description=(
         "how long a request for a member waits while every awake member is busy (requests in flight; "
         "a busy member is never put to sleep) before it is answered 503"))
+    # 5 s: a swap costs ~1.5 s on an H100 (sleep + wake), so a turn of at least 5 s under contention spends
+    # at most ~25 % of the card's time swapping, while a waiting request is served within ~7 s: far inside
+    # queue_timeout and a person's patience. 0 is first come first served (a swap per request when two
+    # clients alternate); "never" swaps only when the busy member goes idle.
+    max_wait: Duration = Field(DEFAULT_MAX_WAIT_S, ge=0, description=(
+        "the swap scheduler's fairness bound: while an awake member has requests queued or in flight, a "
+        "request for another member waits up to this long, then the group swaps and serves the other "
+        "member's whole queue (two clients alternating get runs, not a swap per request); below "
+        "queue_timeout. 0 = a swap as soon as the other member is asked"))
+    default: ModelName | None = Field(None, description=(
+        "a member of the group woken (or loaded) when the awake member has idled past its idle_timeout, "
+        "so the next request finds it ready"))
 
 
 class Model(Strict):

@@ -74,6 +74,17 @@ def check(fleet: Fleet, problem: Callable[[tuple[str | int, ...], str], None]) -
             problem(("swap_groups", group, "awake"), (
                 f"awake: {settings.awake} but the group has {count} members, so they never take turns; "
                 f"lower awake below {count} or remove the group"))
+        members = sorted(n for n, m in fleet.models.items() if m.swap_group == group)
+        if settings.default is not None and settings.default not in members:
+            close = difflib.get_close_matches(settings.default, members, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"name one of {', '.join(members) or '(none)'}"
+            problem(("swap_groups", group, "default"), f"{settings.default!r} is not a member of swap group "
+                                                       f"{group!r}; {hint}")
+        if settings.max_wait >= settings.queue_timeout and not math.isinf(settings.max_wait):
+            problem(("swap_groups", group, "max_wait"), (
+                f"max_wait ({settings.max_wait:g} s) is not below queue_timeout ({settings.queue_timeout:g} s): "
+                "a request would be answered 503 before the group swaps for it; lower max_wait or raise "
+                "queue_timeout"))
 
 
 def asleep_share(gpu_bytes: int) -> float:

@@ -177,9 +177,8 @@ class Busy:
 
     One long stream is not enough: vLLM writes the whole answer into socket buffers as fast as it
     generates, however slowly the client reads, and a fast box finishes 1000 tiny-model tokens in
-    about the queue_timeout. With three loops a request is nearly always in flight and one finishes
-    every second or so, which is what keeps a swap member from looking quiet (serve_app.engine's
-    EVICT_QUIET_S): vLLM's in-flight signals alone read 0 for an instant between requests.
+    about the queue_timeout. With three loops a request is nearly always in flight, so the member is
+    never idle for the scheduler's grace (serve_app.scheduler.TURN_GRACE_S) between two of them.
     """
 
     def __init__(self, fleet: Fleet, model: str) -> None:
@@ -224,8 +223,10 @@ def test_a_request_that_waits_past_queue_timeout_gets_503_with_the_reason(fleet:
 
     awake = next(m for m in (A, B) if _state(m)["state"] == "awake")
     other = B if awake == A else A
-    # the group, now declared: a request may wait 2 s for a busy member (changed in place)
-    fleet.apply(load_timeout=f"{BOUND_S:.0f}s", swap_groups={"pair": {"awake": 1, "queue_timeout": "2s"}})
+    # the group, now declared: a request may wait 2 s for a busy member (changed in place); max_wait never:
+    # the busy member keeps its turn, so the wait runs out
+    fleet.apply(load_timeout=f"{BOUND_S:.0f}s",
+                swap_groups={"pair": {"awake": 1, "queue_timeout": "2s", "max_wait": "never"}})
     try:
         deadline = time.monotonic() + 120
         while _coordinator_timeout("pair") != 2.0:
@@ -236,10 +237,102 @@ def test_a_request_that_waits_past_queue_timeout_gets_503_with_the_reason(fleet:
         error = refused.value.response.json()["error"]
         assert refused.value.status_code == 503 and error["code"] == "model_unavailable"
         assert "swap group `pair`" in error["message"], error["message"]
-        # what kept it busy: the requests vLLM counted, or (every look between two requests) finishing ones
-        assert re.search(rf"`{awake}` \((up to [123] request\(s\) in flight|requests finishing back to back)\)",
-                         error["message"]), error["message"]
+        # what kept it busy: the routers' exact count of its requests in flight (three clients)
+        assert re.search(rf"`{awake}` \(up to [123] request\(s\) in flight\)", error["message"]), error["message"]
         assert busy.errors == [] and busy.finish and set(busy.finish) == {"length"}  # the busy member was not cut
         assert _state(awake)["state"] == "awake" and _state(other)["state"] in ("unloaded", "asleep")
     finally:
+        fleet.apply(load_timeout=f"{BOUND_S:.0f}s")
+
+
+def _group(group: str = "pair") -> dict[str, Any]:
+    from ray import serve
+
+    return dict(serve.get_app_handle(SWAP_APP).status.remote().result(timeout_s=60)[group])
+
+
+def _apply_group(fleet: Fleet, **settings: Any) -> None:
+    """Declare group `pair` with ``settings`` (in place) and wait until the coordinator has them."""
+    fleet.apply(load_timeout=f"{BOUND_S:.0f}s", swap_groups={"pair": {"awake": 1, **settings}})
+    deadline = time.monotonic() + 120
+    while _group()["max_wait_s"] != 10.0 or _group()["default"] != settings.get("default"):
+        assert time.monotonic() < deadline, "the coordinator never got the new settings"
+        time.sleep(0.5)
+
+
+MAX_WAIT_S = 10.0
+BURST = 3
+ANSWER_SLACK_S = 60.0  # a 4-token answer on this busy 2-core box, and the client's own overhead
+
+
+def test_two_clients_alternating_get_runs_not_a_swap_per_request(fleet: Fleet, pair: Sampler) -> None:
+    """Bursts of BURST requests from two clients, sent interleaved (X, Y, X, Y…): the awake member X
+    answers its burst, then the group swaps once and Y answers its whole burst; one turn on the CPU."""
+    _apply_group(fleet, max_wait=f"{MAX_WAIT_S:.0f}s")
+    awake = next(m for m in (A, B) if _state(m)["state"] == "awake")
+    other = B if awake == A else A
+    swaps_before = _group()["swaps"]
+    sent: dict[int, float] = {}
+    answered: dict[int, float] = {}
+    results: dict[int, Answered | BaseException] = {}
+
+    def ask_one(i: int, model: str) -> None:
+        sent[i] = time.monotonic()
+        try:
+            results[i] = _ask(fleet, model, stream=False)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            results[i] = e
+        answered[i] = time.monotonic()
+
+    threads = []
+    for i in range(2 * BURST):  # X, Y, X, Y, …: arrival order alternates
+        threads.append(threading.Thread(target=ask_one, args=(i, (awake, other)[i % 2])))
+        threads[-1].start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(BOUND_S)
+    assert all(r == ANSWERED for r in results.values()) and len(results) == 2 * BURST, results
+    group = _group()
+    swaps = group["swaps"] - swaps_before
+    assert 1 <= swaps <= 2 * BURST // BURST, group  # runs: at most one swap per burst, not one per request
+    assert _state(other)["state"] == "awake" and _state(awake)["state"] in ("unloaded", "asleep")
+    # the swap, timed where it happened: waiting for quiet, the unload, the load, routing to the first request
+    record = group["swap_log"][-1]
+    assert (record["from"], record["to"]) == (awake, other), group["swap_log"]
+    assert {"quiet_s", "sleep_s", "wake_s", "route_s"} <= set(record), record
+    one_swap = record["quiet_s"] + record["sleep_s"] + record["wake_s"] + record["route_s"]
+    waits = {i: answered[i] - sent[i] for i in sent}
+    assert max(waits.values()) <= MAX_WAIT_S + one_swap + ANSWER_SLACK_S, (waits, record)
+    assert pair.both == []
+
+
+def test_the_default_member_comes_back_after_the_awake_one_idled(fleet: Fleet, pair: Sampler) -> None:
+    """Y (awake from the last test) idles out after 3 s; the group then loads its default X unasked, and
+    leaves X down once X idles out in turn (the default that went down last is not woken again)."""
+    awake = next(m for m in (A, B) if _state(m)["state"] == "awake")
+    default = B if awake == A else A
+    loads = _state(default)["counts"].get("load", 0)
+    for name in (A, B):
+        fleet.models[name]["idle_timeout"] = "3s"
+    try:
+        _apply_group(fleet, max_wait=f"{MAX_WAIT_S:.0f}s", default=default)
+        deadline = time.monotonic() + BOUND_S
+        while not any(r.get("reason") == "default" and "wake_s" in r for r in _group()["swap_log"]):
+            assert time.monotonic() < deadline, _group()
+            time.sleep(0.5)
+        record = next(r for r in reversed(_group()["swap_log"]) if r.get("reason") == "default")
+        assert record["to"] == default and "error" not in record, record
+        assert _state(default)["counts"]["load"] == loads + 1  # loaded without a request for it
+        assert _state(awake)["state"] in ("unloaded", "asleep")
+        # and down again after its own idle_timeout, for good: 3 s idle, then a few default checks
+        deadline = time.monotonic() + 120
+        while _state(default)["state"] not in ("unloaded", "asleep"):
+            assert time.monotonic() < deadline, _state(default)
+            time.sleep(0.5)
+        time.sleep(6.0)
+        assert _state(default)["counts"]["load"] == loads + 1 and _state(awake)["state"] in ("unloaded", "asleep")
+        assert pair.both == []
+    finally:
+        for name in (A, B):
+            fleet.models[name]["idle_timeout"] = "never"
         fleet.apply(load_timeout=f"{BOUND_S:.0f}s")

@@ -181,6 +181,13 @@ models:
           "lower awake below 2 or remove the group",
           "fleet.yaml:3:3: swap_groups.spare: no model names swap group 'spare'; add swap_group: spare to the models "
           "that take turns, or remove it"]),
+    Case("swap-group-max-wait-and-default", {"fleet.yaml": "swap_groups:\n"
+                                             "  g: {max_wait: 10m, queue_timeout: 1m, default: bb}\n"
+                                             "models:\n  a: {source: hf://o/a, swap_group: g}\n"
+                                             "  b: {source: hf://o/b, swap_group: g}\n"},
+         ["fleet.yaml:2:17: swap_groups.g.max_wait: max_wait (600 s) is not below queue_timeout (60 s): a request "
+          "would be answered 503 before the group swaps for it; lower max_wait or raise queue_timeout",
+          "fleet.yaml:2:50: swap_groups.g.default: 'bb' is not a member of swap group 'g'; did you mean 'b'?"]),
     Case("swap-member-always-on-or-replicated", {"fleet.yaml": "models:\n"
                                                  "  a: {source: hf://o/a, swap_group: g, always_on: true}\n"
                                                  "  b: {source: hf://o/b, swap_group: g, replicas: 2}\n"},

@@ -47,7 +47,7 @@ def test_an_overbooked_group_fits_when_one_member_is_awake(tmp_path: Path) -> No
     # it stays on the head with the routers, whichever nodes join the cluster
     assert coordinator["ray_actor_options"]["resources"] == {"node:__internal_head__": 0.001}
     assert coordinator["user_config"] == {"groups": {"big": {"awake": 1, "members": ["a", "b"],
-                                                             "queue_timeout_s": 300.0}}}
+                                                             "queue_timeout_s": 300.0, "max_wait_s": 5.0}}}
 
 
 def test_validate_explains_what_fits(tmp_path: Path) -> None:
@@ -100,6 +100,19 @@ def test_group_settings_change_in_place(tmp_path: Path) -> None:
     change = diff.diff_app(after[SWAP_APP], before[SWAP_APP])
     assert change.action is diff.Action.UPDATE
     assert diff.diff_app(after["a"], before["a"]).action is diff.Action.NOOP
+
+
+def test_scheduler_settings_compile_and_change_in_place(tmp_path: Path) -> None:
+    pair = "models:\n" + "".join(f"  {n}: {{source: hf://o/{n}, swap_group: g}}\n" for n in "ab")
+    before = _apps(tmp_path, pair)
+    after = _apps(tmp_path, "swap_groups: {g: {max_wait: 0, default: b}}\n" + pair)
+    assert after[SWAP_APP]["deployments"][0]["user_config"]["groups"]["g"] == {
+        "awake": 1, "members": ["a", "b"], "queue_timeout_s": 300.0, "max_wait_s": 0.0, "default": "b"}
+    never = _apps(tmp_path, "swap_groups: {g: {max_wait: never}}\n" + pair)
+    assert never[SWAP_APP]["deployments"][0]["user_config"]["groups"]["g"]["max_wait_s"] is None
+    # the plan: the coordinator changes in place, no engine restarts
+    assert diff.diff_app(after[SWAP_APP], before[SWAP_APP]).action is diff.Action.UPDATE
+    assert all(diff.diff_app(after[m], before[m]).action is diff.Action.NOOP for m in "ab")
 
 
 def test_status_table_shows_the_group() -> None:
