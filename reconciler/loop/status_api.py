@@ -335,7 +335,9 @@ def render_live(doc: dict[str, Any], placed: Any, pulse: dict[str, Any] | None =
         parts.append(f"<div class=muted>working: {_e(d['progress'])}</div>")
     parts.append(_models(doc.get("models", []), pulse.get("models") or {}))
     parts.append(_events(pulse.get("events") or []))
-    parts.append(_gpu_map(placed, doc.get("models", [])))
+    motion = pulse.get("models") or {}
+    parts.append(_gpu_map(placed, {r["model"]: row_state(r, motion.get(r["model"]) or {})[0]
+                                   for r in doc.get("models", [])}))
     parts.append(_last_change(d.get("last_change")))
     return "".join(parts)
 
@@ -420,14 +422,14 @@ def _events(events: list[dict[str, Any]]) -> str:
     return f"<h2>Lifecycle events <span class=muted>(last {len(events)})</span></h2><table id=events>{rows}</table>"
 
 
-def _gpu_map(placed: Any, rows: list[dict[str, Any]] | None = None) -> str:
+def _gpu_map(placed: Any, states: dict[str, str] | None = None) -> str:
     """A bar per GPU: each engine's share (its state in the tooltip), and under it NVML's used memory."""
     if placed is None:
         return ""
     if not placed.inventory.gpus:
         return "<h2>GPUs</h2><div class=muted>No GPUs on this machine: every model runs on the CPU.</div>"
     used = nvml_memory() if placed.inventory.source == "nvml" else {}
-    states = {r["model"]: r.get("state") for r in rows or []}
+    states = states or {}
     out = ["<h2>GPUs</h2>"]
     for gpu in placed.inventory.gpus:
         segs, i = [], 0
@@ -443,8 +445,8 @@ def _gpu_map(placed: Any, rows: list[dict[str, Any]] | None = None) -> str:
         mem = used.get(gpu.index)
         if mem:
             memtxt = f" · {format_size(mem[0])} of {format_size(mem[1])} in use (NVML)"
-            membar = (f"<div class='bar used'><div class=seg style='width:{100 * mem[0] / max(mem[1], 1):.1f}%;"
-                      f"background:#6e7781'>NVML used</div></div>")
+            membar = (f"<div class='bar used' title='NVML: used memory'><div class=seg style='width:"
+                      f"{100 * mem[0] / max(mem[1], 1):.1f}%;background:#6e7781'></div></div>")
         else:
             memtxt, membar = " · NVML: no reading on this machine", ""
         out.append(f"<div class=gpu><b>GPU {gpu.index}</b> <span class=muted>{_e(gpu.name or '')} "
