@@ -168,19 +168,19 @@ class Ingress:
         try:
             if upstream.content_type and upstream.content_type.startswith("text/event-stream"):
                 await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
-                events, last, before = 0, b"", b""
+                newlines, last, before = 0, b"", b""
                 async for chunk in upstream.chunks():
                     if not first_in:
                         first_in = time.perf_counter()
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if not first_out:
                         first_out = time.perf_counter()
-                    events += chunk.count(b"\n\n")  # SSE events end in a blank line; JSON has no raw newline
+                    newlines += chunk.count(b"\n")  # vLLM's events are "data: <JSON>\n\n"; JSON has no raw newline
                     before, last = last, chunk
                 content = b""
-                usage = metrics.usage_tokens(before[-metrics.USAGE_TAIL:] + last) if events else None
+                usage = metrics.usage_tokens(before[-metrics.USAGE_TAIL:] + last) if newlines else None
                 if usage is None:
-                    stats.chunks += metrics.stream_output_events(events, path)
+                    stats.chunks += metrics.stream_output_events(newlines // 2, path)
             else:
                 content = await upstream.read()
                 first_in = time.perf_counter()
