@@ -24,6 +24,8 @@ from typing import Any
 
 from ray.experimental import internal_kv
 
+from serve_app.contract import LifecycleRecord
+
 NAMESPACE = "vllm_fleet"
 PREFIX = "endpoint/"
 LIFECYCLE_PREFIX = "lifecycle/"
@@ -105,10 +107,8 @@ def lifecycle_records() -> list[dict[str, Any]]:
     out = []
     for key in internal_kv._internal_kv_list(LIFECYCLE_PREFIX, namespace=NAMESPACE):
         raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
-        try:
-            record = json.loads(raw) if raw else None
-        except ValueError:
+        try:  # parsed through the contract: a record of another version is left out, not half read
+            out.append(LifecycleRecord.parse(json.loads(raw)).wire())
+        except (ValueError, TypeError):
             continue
-        if isinstance(record, dict):
-            out.append(record)
     return out

@@ -31,6 +31,7 @@ from serve_app.contract import (
     SWAP_DEPLOYMENT,
     EngineArgs,
     EngineUserConfig,
+    LifecycleRecord,
     ModelState,
     engine_log_name,
     engine_start_attempts,
@@ -317,8 +318,8 @@ class Engine:
         while True:
             await self._unpublished.wait()
             self._unpublished.clear()
-            record = {"model": self._model, "replica": self._replica, "at": time.time(),
-                      "state": self._state.value, "since": self._since, **self._counters.record()}
+            record = LifecycleRecord(model=self._model, replica=self._replica, at=time.time(),
+                                     state=self._state.value, since=self._since, **self._counters.record()).wire()
             try:
                 await asyncio.to_thread(endpoints.publish_lifecycle, self._model, self._replica, record)
             except Exception as e:  # the GCS briefly away: the next change publishes again

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve_app.contract import EngineUserConfig, ModelState
+from serve_app.contract import EngineUserConfig, LifecycleEvent, ModelState
 
 # /metrics counters whose change means "a request passed": vLLM's finished requests (generate and
 # pooling) and the HTTP instrumentator's handled requests (it leaves out /metrics, /health, /load).
@@ -152,7 +152,7 @@ class Counters:
     last_s: dict[str, float] = field(default_factory=dict)
     total_s: dict[str, float] = field(default_factory=dict)
     buckets: dict[str, list[int]] = field(default_factory=dict)  # per transition, not cumulative; +Inf last
-    events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
+    events: deque[LifecycleEvent] = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
 
     def add(self, what: str, seconds: float, at: float | None = None, detail: str = "") -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -160,14 +160,14 @@ class Counters:
         self.total_s[what] = round(self.total_s.get(what, 0.0) + seconds, 3)
         counts = self.buckets.setdefault(what, [0] * (len(TRANSITION_BOUNDS) + 1))
         counts[bisect_left(TRANSITION_BOUNDS, seconds)] += 1
-        self.events.append({"at": time.time() if at is None else at, "event": what, "seconds": round(seconds, 3),
-                            **({"detail": detail} if detail else {})})
+        self.events.append(LifecycleEvent(at=time.time() if at is None else at, event=what,
+                                          seconds=round(seconds, 3), detail=detail or None))
 
     def record(self) -> dict[str, Any]:
         """What the engine publishes (serve_app.endpoints.publish_lifecycle): histograms and events."""
         return {"bounds": list(TRANSITION_BOUNDS),
                 "hist": {w: [list(c), self.total_s.get(w, 0.0)] for w, c in self.buckets.items()},
-                "events": list(self.events)}
+                "events": [e.wire() for e in self.events]}
 
     def as_dict(self) -> dict[str, dict[str, float]]:
         return {"counts": dict(self.counts), "last_seconds": dict(self.last_s), "total_seconds": dict(self.total_s)}

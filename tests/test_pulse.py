@@ -194,3 +194,12 @@ def test_an_unread_endpoint_leaves_the_motion_blank() -> None:
     assert pulse.motion([]) == {"at": None, "every_s": pulse.PULSE_S, "endpoint_answered": False,
                                 "models": {}, "events": []}
     assert ModelSample().requests == 0
+
+
+def test_an_engines_record_round_trips_through_the_contract() -> None:
+    from serve_app.contract import LifecycleRecord
+
+    record = _records()[1]
+    assert LifecycleRecord.parse(record).wire() == json.loads(json.dumps(record))
+    with pytest.raises(ValueError):
+        LifecycleRecord.parse({**record, "unknown": 1})  # another version's record is refused, not half read
