@@ -415,7 +415,7 @@ def event_words(e: dict[str, Any]) -> str:
 
 def _events(events: list[dict[str, Any]]) -> str:
     if not events:
-        return ("<h2>Lifecycle events</h2><div class=muted>None yet (or the endpoint did not answer): loads, "
+        return ("<h2>Lifecycle events</h2><div id=events class=muted>None yet (or the endpoint did not answer): loads, "
                 "sleeps, wakes and swaps show here as they happen.</div>")
     rows = "".join(f"<tr><td class=muted>{time.strftime('%H:%M:%S', time.localtime(float(e.get('at') or 0)))}"
                    f"</td><td>{_e(e.get('model'))}</td><td>{event_words(e)}</td></tr>" for e in events)
