@@ -528,6 +528,93 @@ class Round:
     foreign_cpu_s: float  # CPU time on the box used by processes that are not ours
     samples: list[Sample]
     relay_cpu_s: float = 0.0  # CPU time of the target's relay processes (proxy, router, ingress)
+    # the fleet router's own hops over the round, from its /metrics (hop -> cumulative buckets, sum, count)
+    hops: dict[str, Any] = field(default_factory=dict)
+
+
+HOP_FAMILY = "fleet_router_hop_seconds"
+TTFT_FAMILY = "fleet_ttft_seconds"
+
+
+async def scrape_hops(ep: Target) -> dict[str, Any]:
+    """The router's hop and TTFT histograms for the bench model (serve_app.metrics); {} where the
+    target has no /metrics of the fleet (direct vLLM, Ray Serve LLM, a legacy router)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            r = await client.get(f"{ep.base_url}/metrics")
+    except httpx.HTTPError:
+        return {}
+    if r.status_code != 200 or HOP_FAMILY not in r.text:
+        return {}
+    out: dict[str, Any] = {}
+    for family in text_string_to_metric_families(r.text):
+        if family.name not in (HOP_FAMILY, TTFT_FAMILY):
+            continue
+        for smp in family.samples:
+            if smp.labels.get("model") != ep.model:
+                continue
+            hop = smp.labels.get("hop", "ttft")
+            h = out.setdefault(hop, {"buckets": {}, "sum": 0.0, "count": 0.0})
+            if smp.name.endswith("_bucket"):
+                h["buckets"][float(smp.labels["le"])] = smp.value
+            elif smp.name.endswith("_sum"):
+                h["sum"] = smp.value
+            elif smp.name.endswith("_count"):
+                h["count"] = smp.value
+    return out
+
+
+def hops_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What a round added to each hop's histogram."""
+    out = {}
+    for hop, a in after.items():
+        b = before.get(hop, {"buckets": {}, "sum": 0.0, "count": 0.0})
+        out[hop] = {"buckets": {le: n - b["buckets"].get(le, 0.0) for le, n in a["buckets"].items()},
+                    "sum": a["sum"] - b["sum"], "count": a["count"] - b["count"]}
+    return out
+
+
+def hop_rows(rounds: list[Round]) -> list[dict[str, Any]]:
+    """Per (concurrency, target) with hops: each hop's mean, p50 and p99 in ms over its rounds."""
+    from reconciler.loop.pulse import quantile
+
+    rows = []
+    for conc, target in sorted({(r.concurrency, r.target) for r in rounds if r.hops}):
+        merged: dict[str, Any] = {}
+        for r in rounds:
+            if (r.concurrency, r.target) != (conc, target):
+                continue
+            for hop, h in r.hops.items():
+                m = merged.setdefault(hop, {"buckets": {}, "sum": 0.0, "count": 0.0})
+                for le, n in h["buckets"].items():
+                    m["buckets"][le] = m["buckets"].get(le, 0.0) + n
+                m["sum"] += h["sum"]
+                m["count"] += h["count"]
+        row: dict[str, Any] = {"concurrency": conc, "target": target}
+        for hop, m in merged.items():
+            buckets = sorted(m["buckets"].items())
+            row[hop] = {"mean_ms": 1000 * m["sum"] / m["count"] if m["count"] else float("nan"),
+                        "p50_ms": 1000 * (quantile(0.5, buckets) or float("nan")),
+                        "p99_ms": 1000 * (quantile(0.99, buckets) or float("nan")), "n": m["count"]}
+        rows.append(row)
+    return rows
+
+
+def render_hops(rows: list[dict[str, Any]]) -> str:
+    """Where the router's milliseconds go: route, connect, engine, out (and its TTFT) per row."""
+    names = ("route", "connect", "engine", "out", "ttft")
+    head = f"{'conc':>4} {'target':<8} " + " ".join(f"{n + ' mean/p50/p99 ms':>26}" for n in names)
+    lines = ["the fleet router's hops, from its /metrics (histogram buckets: p50/p99 are interpolated)", head,
+             "-" * len(head)]
+    for r in rows:
+        cells = []
+        for n in names:
+            h = r.get(n)
+            cells.append(f"{h['mean_ms']:>8.2f}/{h['p50_ms']:>7.2f}/{h['p99_ms']:>8.2f}" if h else f"{'-':>26}")
+        lines.append(f"{r['concurrency']:>4} {r['target']:<8} " + " ".join(f"{c:>26}" for c in cells))
+    return "\n".join(lines)
 
 
 def chat_body(model: str, tokens: int) -> dict[str, Any]:
@@ -608,6 +695,7 @@ async def run_round(ep: Target, concurrency: int, n_requests: int, tokens: int, 
     url = f"{ep.base_url}/v1/chat/completions"
     body = chat_body(ep.model, tokens)
     procs = min(pool._max_workers, concurrency) if pool is not None else 1  # type: ignore[attr-defined]
+    hops0 = await scrape_hops(ep)
     load, cpu0, own0, relay0 = load1(), busy_cpu_s(), own_cpu_s(), relay_cpu_s(ep)
     start = time.perf_counter()
     if procs <= 1:
@@ -620,8 +708,10 @@ async def run_round(ep: Target, concurrency: int, n_requests: int, tokens: int, 
         samples = [s for part in parts for s in part]
     wall = time.perf_counter() - start
     busy, own = busy_cpu_s() - cpu0, own_cpu_s() - own0
-    return Round(ep.name, concurrency, index, wall, load, busy, max(0.0, busy - own), samples,
-                 relay_cpu_s(ep) - relay0)
+    relay = relay_cpu_s(ep) - relay0
+    await asyncio.sleep(1.2 if hops0 else 0)  # the other router processes write their totals every second
+    hops = hops_delta(hops0, await scrape_hops(ep)) if hops0 else {}
+    return Round(ep.name, concurrency, index, wall, load, busy, max(0.0, busy - own), samples, relay, hops)
 
 
 # --------------------------------------------------------------------------------------------
@@ -881,13 +971,17 @@ def main(argv: list[str] | None = None) -> int:
         report = {"machine": f"{os.cpu_count()} CPUs", "gpu": args.gpu, "engine_argv": args.engine_argv,
                   "workers": args.workers, "client_procs": args.client_procs,
                   "load1_at_start": load, "tokens": args.tokens,
-                  "ray_env": parse_kv(args.ray_env), "rows": rows, "first_errors": errors,
+                  "ray_env": parse_kv(args.ray_env), "rows": rows, "hops": hop_rows(rounds),
+                  "first_errors": errors,
                   "not_started": NOT_STARTED,
                   "rounds": [asdict(r) for r in rounds] if args.json else None}
         if args.json:
             print(json.dumps(report, indent=1))
         else:
             print(render_table(rows))
+            if any(r.hops for r in rounds):
+                print()
+                print(render_hops(hop_rows(rounds)))
             for e in errors:
                 print("error:", e)
             for e in NOT_STARTED:

@@ -294,6 +294,32 @@ class EngineState(_Wire):
     total_seconds: dict[str, float] = {}
 
 
+class LifecycleEvent(_Wire):
+    """One lifecycle transition of an engine replica: when it ended, what it was, how long it took."""
+
+    omit_none: ClassVar[frozenset[str]] = frozenset({"detail"})
+
+    at: float  # wall-clock time
+    event: str  # load, load_failed, sleep, wake, unload, swap, swap_wait, swapped_out
+    seconds: float
+    detail: str | None = None
+
+
+class LifecycleRecord(_Wire):
+    """What an engine replica publishes on each change (serve_app.endpoints.publish_lifecycle): the
+    endpoint's /metrics sums its histograms over replicas; /fleet/lifecycle and the status page show
+    its state and events."""
+
+    model: str
+    replica: str
+    at: float  # when it was published
+    state: str  # a ModelState value of the lifecycle group
+    since: float
+    bounds: list[float] = []  # the histograms' upper bounds (seconds); +Inf is implied
+    hist: dict[str, tuple[list[int], float]] = {}  # transition -> (counts per bucket, not cumulative; sum)
+    events: list[LifecycleEvent] = []  # its last lifecycle.EVENTS_KEPT, oldest first
+
+
 class ModelEntry(_Wire):
     """One model of the router's ``/v1/models``: OpenAI's fields, then the fleet's extras."""
 

@@ -20,11 +20,15 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ray.experimental import internal_kv
 
+from serve_app.contract import LifecycleRecord
+
 NAMESPACE = "vllm_fleet"
 PREFIX = "endpoint/"
+LIFECYCLE_PREFIX = "lifecycle/"
 TOKEN_KEY = b"engine-token"
 # Health checks run every 10 s (docs/contracts.md); three missed ones mean the replica is gone.
 STALE_S = 45.0
@@ -86,3 +90,25 @@ def engine_token() -> str:
     if not raw:
         raise RuntimeError("the fleet's engine token could not be read back from Ray's key-value store")
     return bytes(raw).decode()
+
+
+def publish_lifecycle(model: str, replica: str, record: dict[str, Any]) -> None:
+    """An engine replica's lifecycle record (state, transition histograms, last events), blocking.
+
+    Written on each transition and kept after the replica goes: the endpoint's /metrics sums the
+    histograms over every replica of this cluster (so they never go backwards) and the status page
+    shows the events. A record is a few KB, one per engine replica ever started in the cluster."""
+    internal_kv._internal_kv_put(f"{LIFECYCLE_PREFIX}{model}/{replica}".encode(), json.dumps(record).encode(),
+                                 overwrite=True, namespace=NAMESPACE)
+
+
+def lifecycle_records() -> list[dict[str, Any]]:
+    """Every engine replica's last lifecycle record (blocking)."""
+    out = []
+    for key in internal_kv._internal_kv_list(LIFECYCLE_PREFIX, namespace=NAMESPACE):
+        raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+        try:  # parsed through the contract: a record of another version is left out, not half read
+            out.append(LifecycleRecord.parse(json.loads(raw)).wire())
+        except (ValueError, TypeError):
+            continue
+    return out

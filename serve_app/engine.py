@@ -31,6 +31,7 @@ from serve_app.contract import (
     SWAP_DEPLOYMENT,
     EngineArgs,
     EngineUserConfig,
+    LifecycleRecord,
     ModelState,
     engine_log_name,
     engine_start_attempts,
@@ -112,6 +113,8 @@ class Engine:
             boundaries=[0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600], tag_keys=("model", "transition"))
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()  # set on every change of state: the watch loop re-times itself
+        self._unpublished = asyncio.Event()  # a transition or state not yet in the cluster's KV (_publish)
+        self._publisher = asyncio.get_running_loop().create_task(self._publish())
         self._up: asyncio.Task[None] | None = None
         self._child = vllm_child.Child(
             model, environ, vllm_child.log_dir() / engine_log_name(model, os.getpid()),
@@ -219,6 +222,7 @@ class Engine:
     def _record(self, transition: str, t0: float) -> None:
         seconds = time.monotonic() - t0
         self._counters.add(transition, seconds)
+        self._unpublished.set()
         tags = {"model": self._model, "transition": transition}
         self._transitions.inc(tags=tags)
         self._durations.observe(seconds, tags=tags)
@@ -227,6 +231,7 @@ class Engine:
         if state is not self._state:
             logger.info("model %s: %s -> %s", self._model, self._state.value, state.value)
             self._changed.set()
+            self._unpublished.set()
         self._state, self._since, self._reason = state, time.time(), reason
 
     # ---- bringing the model up on demand ----
@@ -244,12 +249,15 @@ class Engine:
         async with self._lock:
             if self._state is ModelState.AWAKE:
                 return
+            t0 = time.monotonic()
             grant = await self._acquire_turn()
             try:
                 if self._state is ModelState.ASLEEP:
                     await self._wake()
                 else:
                     await self._load()
+                if grant is not None:  # a swap, as this member's next request sees it (less the routing)
+                    self._record("swap", t0)
             except Exception as e:
                 raise LoadFailed(brief(f"loading {self._model!r} failed: {e}")) from None
             finally:
@@ -302,6 +310,19 @@ class Engine:
                 await self._unload()
             self._record("swapped_out", time.monotonic())
         return True
+
+    async def _publish(self) -> None:
+        """This replica's lifecycle record into the cluster's KV after each change (the endpoint's /metrics
+        and the status page read it there, from every replica); one write at a time, the newest state."""
+        while True:
+            await self._unpublished.wait()
+            self._unpublished.clear()
+            record = LifecycleRecord(model=self._model, replica=self._replica, at=time.time(),
+                                     state=self._state.value, since=self._since, **self._counters.record()).wire()
+            try:
+                await asyncio.to_thread(endpoints.publish_lifecycle, self._model, self._replica, record)
+            except Exception as e:  # the GCS briefly away: the next change publishes again
+                logger.warning("publishing the lifecycle of %s failed: %r", self._model, e)
 
     # ---- the idle rule ----
 
@@ -442,9 +463,9 @@ class Engine:
             self._registered = False
             with contextlib.suppress(Exception):  # the GCS may be gone with the cluster
                 endpoints.unregister(self._model, self._replica)
-        watcher = getattr(self, "_watcher", None)  # __del__ may run on a half-built instance
-        if watcher is not None:
-            watcher.cancel()
+        for task in (getattr(self, "_watcher", None), getattr(self, "_publisher", None)):  # __del__: maybe half-built
+            if task is not None:
+                task.cancel()
         child = getattr(self, "_child", None)
         if child is not None:
             child.stop()

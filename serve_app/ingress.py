@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import uvicorn
 
-from serve_app import keys
+from serve_app import keys, metrics
 from serve_app.relay import Relay, Unavailable, Upstream, error_body, model_of
 
 logger = logging.getLogger("ray.serve")
@@ -88,9 +88,10 @@ async def _send_json(send: Callable[[dict[str, Any]], Awaitable[None]], status: 
 class Ingress:
     """The ASGI app each router replica serves: relay routes here, the rest to ``fallback``."""
 
-    def __init__(self, relay: Relay, fallback: ASGIApp) -> None:
+    def __init__(self, relay: Relay, fallback: ASGIApp, recorder: metrics.Recorder | None = None) -> None:
         self.relay = relay
         self.fallback = fallback
+        self.recorder = recorder or metrics.Recorder()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in RELAY_PATHS:
@@ -99,45 +100,65 @@ class Ingress:
             await self.fallback(scope, receive, send)
 
     async def relay_route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        t0 = time.perf_counter()
         # One id through our answer and vLLM's logs (vLLM takes it as its request id).
         request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
         settings = self.relay.settings
+        recorder = self.recorder
         caller = settings.keyring.caller(_header(scope, b"authorization"))
         if caller is None:
             body = error_body("Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
+            recorder.refused(401)
             return await _send_json(send, 401, body, request_id)
         body = await _read_body(receive)
         if body is None:
-            return
+            return recorder.refused(metrics.CLIENT_GONE)
         model = model_of(body)
         if model is None:
             message = error_body("The JSON body must name a `model`.", "invalid_request_error", "invalid_body")
+            recorder.refused(400)
             return await _send_json(send, 400, message, request_id)
         if model not in settings.models:
             known = ", ".join(sorted(caller.scope.visible(settings.models))) or "(none)"
             message = error_body(f"The model `{model}` does not exist. Models: {known}.",
                                  "invalid_request_error", "model_not_found")
+            recorder.refused(404)
             return await _send_json(send, 404, message, request_id)
+        stats = recorder.model(model)
         if denial := keys.admit(caller, model, settings.models, self.relay.limiter):  # 403 or 429
+            recorder.finish(stats, denial.status)
             return await _send_json(send, denial.status, json.dumps(denial.openai_error()).encode(), request_id,
                                     denial.headers())
         wrong = wrong_task(model, settings.models[model], scope["path"])
         if wrong:
+            recorder.finish(stats, 400)
             return await _send_json(send, 400, error_body(wrong, "invalid_request_error", "model_not_supported"),
                                     request_id)
+        stats.in_flight += 1
+        code = 500
         try:
-            upstream = await self.relay.open(model, scope["path"], body, request_id)
-        except Unavailable as e:
-            return await _send_json(send, 503, error_body(str(e), "service_unavailable", "model_unavailable"),
-                                    request_id)
-        try:
-            await self._pass(upstream, receive, send, request_id)
+            try:
+                upstream = await self.relay.open(model, scope["path"], body, request_id)
+            except Unavailable as e:
+                code = 503
+                return await _send_json(send, 503, error_body(str(e), "service_unavailable", "model_unavailable"),
+                                        request_id)
+            try:
+                code = await self._pass(upstream, receive, send, request_id, stats, t0, scope["path"])
+            except aiohttp.ClientError:
+                code = metrics.ENGINE_BROKE
+                raise
+            finally:
+                upstream.finish()
         finally:
-            upstream.finish()
+            stats.in_flight -= 1
+            recorder.finish(stats, code)
 
     @staticmethod
-    async def _pass(upstream: Upstream, receive: Any, send: Any, request_id: str) -> None:
-        """Stream the engine's answer to the client; the client leaving closes the upstream."""
+    async def _pass(upstream: Upstream, receive: Any, send: Any, request_id: str, stats: metrics.ModelStats,
+                    t0: float, path: str) -> int:
+        """Stream the engine's answer to the client; the client leaving closes the upstream. Records the
+        hops, TTFT and tokens in ``stats``; returns the code to count (the status, or CLIENT_GONE)."""
         done = False
 
         def on_disconnect(task: asyncio.Future[Any]) -> None:
@@ -149,26 +170,57 @@ class Ingress:
         headers = [(b"x-request-id", request_id.encode())]
         if upstream.content_type:
             headers.append((b"content-type", upstream.content_type.encode("latin-1")))
+        first_in = first_out = 0.0
         try:
             if upstream.content_type and upstream.content_type.startswith("text/event-stream"):
                 await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+                newlines, last, before = 0, b"", b""
                 async for chunk in upstream.chunks():
+                    if not first_in:
+                        first_in = time.perf_counter()
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if not first_out:
+                        first_out = time.perf_counter()
+                    newlines += chunk.count(b"\n")  # vLLM's events are "data: <JSON>\n\n"; JSON has no raw newline
+                    before, last = last, chunk
                 content = b""
+                usage = metrics.usage_tokens(before[-metrics.USAGE_TAIL:] + last) if newlines else None
+                if usage is None:
+                    stats.chunks += metrics.stream_output_events(newlines // 2, path)
             else:
                 content = await upstream.read()
+                first_in = time.perf_counter()
                 headers.append((b"content-length", str(len(content)).encode()))
                 await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+                usage = metrics.usage_tokens(content) if upstream.status == 200 else None
+            gone = watcher.done() and not watcher.cancelled()
             done = True
             watcher.cancel()
             await send({"type": "http.response.body", "body": content, "more_body": False})
+            if not first_out:
+                first_in, first_out = first_in or time.perf_counter(), time.perf_counter()
+            if usage is not None:
+                stats.prompt += usage[0]
+                stats.completion += usage[1]
         except aiohttp.ClientError:
             if watcher.done() and not watcher.cancelled():
-                return  # the client left and we closed the upstream: nobody to answer
+                return metrics.CLIENT_GONE  # the client left and we closed the upstream: nobody to answer
             raise  # the engine broke off: the response ends unfinished, so the client sees it
         finally:
             done = True
             watcher.cancel()
+            if first_out:
+                _hops(stats, t0, upstream, first_in, first_out)
+        return metrics.CLIENT_GONE if gone else upstream.status
+
+
+def _hops(stats: metrics.ModelStats, t0: float, upstream: Upstream, first_in: float, first_out: float) -> None:
+    route, connect, engine, out = stats.hops
+    route.observe(upstream.chosen_at - t0)
+    connect.observe(upstream.connected_at - upstream.chosen_at)
+    engine.observe(first_in - upstream.connected_at)
+    out.observe(first_out - first_in)
+    stats.ttft.observe(first_out - t0)
 
 
 async def _read_until_disconnect(receive: Any) -> None:
@@ -204,9 +256,12 @@ class Server:
     ``app`` is the ASGI app for whatever is not relayed; the relay's connection pool opens and
     closes with the server's loop."""
 
-    def __init__(self, sock: socket.socket, relay: Relay, app: ASGIApp) -> None:
+    def __init__(self, sock: socket.socket, relay: Relay, app: ASGIApp, recorder: metrics.Recorder | None = None,
+                 metrics_dir: Any = None) -> None:
+        self.recorder = recorder or metrics.Recorder()
+        self._metrics_dir = metrics_dir  # where this process writes its totals for the others' scrapes
         config = uvicorn.Config(
-            Ingress(relay, app), loop="none", http="httptools", ws="none", lifespan="off",
+            Ingress(relay, app, self.recorder), loop="none", http="httptools", ws="none", lifespan="off",
             access_log=False, log_level="warning", server_header=False, date_header=False,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         )  # fmt: skip
@@ -228,10 +283,19 @@ class Server:
 
     async def _serve(self) -> None:
         self.relay.start()
+        flusher = asyncio.ensure_future(self._flush_totals())
         try:
             await self._uvicorn.serve(sockets=[self._sock])
         finally:
+            flusher.cancel()
+            self.recorder.flush(self._metrics_dir)
             await self.relay.close()
+
+    async def _flush_totals(self) -> None:
+        """This process's totals to its file, for a scrape that reaches another router process."""
+        while True:
+            await asyncio.sleep(metrics.FLUSH_S)
+            self.recorder.flush(self._metrics_dir)
 
     def wait_started(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

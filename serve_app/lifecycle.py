@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import enum
 import math
+import time
+from bisect import bisect_left
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
-from serve_app.contract import EngineUserConfig, ModelState
+from serve_app.contract import EngineUserConfig, LifecycleEvent, ModelState
 
 # /metrics counters whose change means "a request passed": vLLM's finished requests (generate and
 # pooling) and the HTTP instrumentator's handled requests (it leaves out /metrics, /health, /load).
@@ -133,18 +137,37 @@ class Activity:
         self.last_at, self.in_flight, self.finished = now, 0, math.nan
 
 
+# Buckets (seconds) of the transition histograms on the endpoint's /metrics (serve_app.metrics):
+# a wake is ~0.3 s on a GPU, a swap ~1-2 s, a CPU load about a minute, a large model's several.
+TRANSITION_BOUNDS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+EVENTS_KEPT = 50  # the status page shows the fleet's last 50
+
+
 @dataclass
 class Counters:
-    """How often each transition happened and how long the last and all of them took."""
+    """How often each transition happened, how long the last and all of them took, a histogram of
+    their durations, and the last EVENTS_KEPT of them with their times (for the status page)."""
 
     counts: dict[str, int] = field(default_factory=dict)
     last_s: dict[str, float] = field(default_factory=dict)
     total_s: dict[str, float] = field(default_factory=dict)
+    buckets: dict[str, list[int]] = field(default_factory=dict)  # per transition, not cumulative; +Inf last
+    events: deque[LifecycleEvent] = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
 
-    def add(self, what: str, seconds: float) -> None:
+    def add(self, what: str, seconds: float, at: float | None = None, detail: str = "") -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
         self.last_s[what] = round(seconds, 3)
         self.total_s[what] = round(self.total_s.get(what, 0.0) + seconds, 3)
+        counts = self.buckets.setdefault(what, [0] * (len(TRANSITION_BOUNDS) + 1))
+        counts[bisect_left(TRANSITION_BOUNDS, seconds)] += 1
+        self.events.append(LifecycleEvent(at=time.time() if at is None else at, event=what,
+                                          seconds=round(seconds, 3), detail=detail or None))
+
+    def record(self) -> dict[str, Any]:
+        """What the engine publishes (serve_app.endpoints.publish_lifecycle): histograms and events."""
+        return {"bounds": list(TRANSITION_BOUNDS),
+                "hist": {w: [list(c), self.total_s.get(w, 0.0)] for w, c in self.buckets.items()},
+                "events": [e.wire() for e in self.events]}
 
     def as_dict(self) -> dict[str, dict[str, float]]:
         return {"counts": dict(self.counts), "last_seconds": dict(self.last_s), "total_seconds": dict(self.total_s)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -46,6 +47,21 @@ DOWN_S = 3.0
 
 class Unavailable(Exception):
     """The model's engine cannot take the request now; the message says why."""
+
+
+# When the request running in this task got its upstream connection (pooled or new): set by
+# TimedConnector inside session.post, read by Relay.open; per task, so per request.
+_CONNECTED: contextvars.ContextVar[float] = contextvars.ContextVar("fleet_connected_at")
+
+
+class TimedConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, noting when a request has its connection (the router's "connect" hop).
+    Cheaper than a TraceConfig, which costs a coroutine per received chunk of every stream."""
+
+    async def connect(self, *args: Any, **kwargs: Any) -> Any:
+        connection = await super().connect(*args, **kwargs)
+        _CONNECTED.set(time.perf_counter())
+        return connection
 
 
 
@@ -104,6 +120,8 @@ class Upstream:
 
     response: aiohttp.ClientResponse
     backend: Backend
+    chosen_at: float = 0.0  # time.perf_counter() when its engine was chosen
+    connected_at: float = 0.0  # ... and when a connection to it was in hand
     complete: bool = field(default=False, init=False)
     on_finish: Callable[[], None] | None = None  # a swap member's admission given back
 
@@ -176,7 +194,7 @@ class Relay:
     def start(self) -> None:
         """Open the upstream connection pool (must run in the server's loop)."""
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
+            connector=TimedConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
             # generation may run long; connecting may not
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0),
             auto_decompress=False,
@@ -270,9 +288,10 @@ class Relay:
         for _ in range(ATTEMPTS):
             backend = self._pick(model, tried) or await self._found(model)
             backend.inflight += 1
+            chosen = time.perf_counter()
             try:
                 response = await session.post(backend.url + path, data=body, headers=headers)
-                return Upstream(response, backend)
+                return Upstream(response, backend, chosen, max(chosen, _CONNECTED.get(chosen)))
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
                 # Refused, or not connected within sock_connect (a box too busy, a port that hangs):
                 # nothing was sent, so another replica, or the engine's endpoint(), may take it.

@@ -46,7 +46,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from serve_app import endpoints, ingress, ollama_api, openai_api
+from serve_app import endpoints, ingress, metrics, observe_api, ollama_api, openai_api
 from serve_app.contract import (
     ENGINE_DEPLOYMENT,
     ROUTER_DEPLOYMENT,
@@ -82,12 +82,16 @@ def hold_bound(load_timeout_s: float, last_load_s: float | None) -> float:
 LIVE_STATE = {status: state.value for status, state in SERVE_APP_STATE.items()}
 
 
-def web_app(relay: Relay) -> FastAPI:
-    """What the ingress does not relay: OpenAI's /v1/models and Ollama's API, over the same relay."""
+def web_app(relay: Relay, recorder: metrics.Recorder | None = None, metrics_dir: Any = None) -> FastAPI:
+    """What the ingress does not relay: OpenAI's /v1/models, Ollama's API over the same relay, and
+    the endpoint's /metrics and /fleet/lifecycle (serve_app.observe_api)."""
     api = FastAPI(title="vLLM Fleet", docs_url=None, redoc_url=None, openapi_url=None)
     api.state.relay = relay
+    api.state.recorder = recorder or metrics.Recorder()
+    api.state.metrics_dir = metrics_dir
     openai_api.add_routes(api)
     ollama_api.add_routes(api)
+    observe_api.add_routes(api)
     return api
 
 
@@ -126,7 +130,9 @@ class Router:
         relay = Relay(self._settings, self._bridge(self._discover), self._bridge(self._app_states),
                       self._bridge(self._lifecycles), await asyncio.to_thread(endpoints.engine_token),
                       admit=self._bridge(self._enter), leave=self._leave)
-        self._server = ingress.Server(ingress.listen_socket(host, port), relay, web_app(relay))
+        recorder, folder = metrics.Recorder(), await asyncio.to_thread(metrics.metrics_dir, port)
+        self._server = ingress.Server(ingress.listen_socket(host, port), relay, web_app(relay, recorder, folder),
+                                      recorder, folder)
         await asyncio.to_thread(self._server.wait_started, 30.0)
         self._refresher = asyncio.ensure_future(self._refresh_registry())
         logger.info("fleet ingress listening on %s:%d (pid %d)", host, port, os.getpid())

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from reconciler.live.cluster import free_port
-from serve_app import ingress, router
+from serve_app import ingress, metrics, router
 from serve_app import relay as relay_mod
 from serve_app.keys import KeyRing
 
@@ -71,7 +71,8 @@ class Engine:
                 if body.get("stream"):
                     await self._stream(writer, int(body.get("max_tokens", 4)))
                 else:
-                    data = json.dumps({"model": body["model"], "served_by": self.port}).encode()
+                    data = json.dumps({"model": body["model"], "served_by": self.port,
+                                       "usage": {"prompt_tokens": 5, "completion_tokens": 7}}).encode()
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
                                  + str(len(data)).encode() + b"\r\n\r\n" + data)
                     await writer.drain()
@@ -118,7 +119,8 @@ def _front(engines: list[Engine], *, keyring: KeyRing | None = None, engine_toke
 
     port = free_port()
     relay = relay_mod.Relay(settings, discover, app_states, engine_token=engine_token)
-    server = ingress.Server(ingress.listen_socket("127.0.0.1", port), relay, router.web_app(relay))
+    recorder = metrics.Recorder()
+    server = ingress.Server(ingress.listen_socket("127.0.0.1", port), relay, router.web_app(relay, recorder), recorder)
     server.wait_started(10)
     server.call(relay.set_registered, {name: [e.url for e in engines] for name in models})
     return Front(server, f"http://127.0.0.1:{port}")
@@ -264,3 +266,44 @@ def test_engines_get_the_fleet_token_and_clients_never_see_it(engines: list[Engi
     assert r.status_code == 200 and "fleet-secret" not in r.text and "fleet-secret" not in str(r.headers)
     [head] = [h for e in engines for h in e.heads]
     assert b"x-fleet-engine-token: fleet-secret" in head.lower()
+
+
+def _scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_requests_ttft_hops_and_tokens(front: Front) -> None:
+    with httpx.Client(base_url=front.base, timeout=10) as client:
+        for _ in range(3):  # streams without usage: their output events are counted
+            r = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "stream": True, "max_tokens": 4})
+            assert r.status_code == 200
+        assert client.post("/v1/chat/completions", json={"model": "m", "messages": []}).status_code == 200
+        assert client.post("/v1/chat/completions", json={"model": "nope", "messages": []}).status_code == 404
+    got = _scrape(front.base)
+    m = (("model", "m"),)
+    assert got[("fleet_requests_total", (("code", "200"), *m))] == 4
+    assert got[("fleet_requests_total", (("code", "404"), ("model", metrics.NO_MODEL)))] == 1
+    assert not any(dict(labels).get("model") == "nope" for _, labels in got)  # a client's word is no label
+    assert got[("fleet_requests_in_flight", m)] == 0
+    assert got[("fleet_ttft_seconds_count", m)] == 4
+    assert 0 < got[("fleet_ttft_seconds_sum", m)] < 10
+    hops = {hop: got[("fleet_router_hop_seconds_sum", (("hop", hop), *m))] for hop in metrics.HOPS}
+    assert all(got[("fleet_router_hop_seconds_count", (("hop", hop), *m))] == 4 for hop in metrics.HOPS)
+    assert all(v >= 0 for v in hops.values()) and hops["connect"] > 0  # the connector noted its connection
+    # the hops add up to the TTFT: nothing of the router's time is left out
+    assert abs(sum(hops.values()) - got[("fleet_ttft_seconds_sum", m)]) < 1e-6
+    assert got[("fleet_tokens_total", (("kind", "completion"), *m, ("source", "chunks")))] == 12
+    assert got[("fleet_tokens_total", (("kind", "completion"), *m, ("source", "usage")))] == 7
+    assert got[("fleet_tokens_total", (("kind", "prompt"), *m, ("source", "usage")))] == 5
+
+
+def test_metrics_count_a_client_that_left_mid_stream(front: Front, engines: list[Engine]) -> None:
+    with httpx.Client(base_url=front.base, timeout=10) as client, client.stream(
+            "POST", "/v1/completions", json={"model": "m", "prompt": "hi", "stream": True, "max_tokens": 500}) as r:
+        next(r.iter_bytes())
+    assert _until(lambda: _scrape(front.base).get(("fleet_requests_total", (("code", "499"), ("model", "m")))) == 1)
+    assert _scrape(front.base)[("fleet_requests_in_flight", (("model", "m"),))] == 0

@@ -184,7 +184,7 @@ def api(tmp_path: Path) -> Any:
         yield client
 
 
-@pytest.mark.parametrize("path", ["/", "/status", "/metrics"])
+@pytest.mark.parametrize("path", ["/", "/status", "/metrics", "/fragment", "/pulse"])
 def test_with_a_token_every_route_but_healthz_needs_it(api: Any, path: str) -> None:
     assert api.get(path).status_code == 401
     assert api.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -205,7 +205,7 @@ def test_a_browser_opens_the_page_with_the_token_once(api: Any) -> None:
 
 def test_the_status_api_scrubs_env_values_from_what_it_serves(api: Any) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    for path in ("/", "/status"):
+    for path in ("/", "/status", "/fragment"):
         text = api.get(path, headers=auth).text
         assert KEY not in text and fingerprint(KEY) in text
 

@@ -19,10 +19,13 @@ import logging
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from reconciler import state_files
 from reconciler.change import last_good
@@ -30,9 +33,10 @@ from reconciler.change.rollout import Rollouts
 from reconciler.desired.pipeline import DesiredState, desired_state
 from reconciler.errors import SpecError
 from reconciler.hub import download
-from reconciler.live import cluster, local_head
+from reconciler.live import cluster, endpoint_stats, engine_log, local_head
 from reconciler.live import serve_state as live_mod
 from reconciler.loop import follow as follow_mod
+from reconciler.loop import pulse as pulse_mod
 from reconciler.loop import status as status_mod
 from reconciler.loop.reconcile import Failures, Outcome, Result, plan_for, reconcile
 from reconciler.loop.watch import DEBOUNCE_MS, watch
@@ -113,6 +117,9 @@ class Daemon:
         self._rollouts = Rollouts()  # starts in progress, followed across passes (never waited on)
         self._follower: threading.Thread | None = None
         self._json_cache: tuple[DaemonState, int, bytes] | None = None
+        # the endpoint's samples (reconciler.loop.pulse), taken by their own thread between passes
+        self._samples: deque[endpoint_stats.Sample] = deque(maxlen=pulse_mod.KEPT)
+        self._endpoint_answered = False
         self._lock = threading.Lock()
         self._state = DaemonState(str(self.path), time.time(), os.getpid())
 
@@ -140,6 +147,7 @@ class Daemon:
     def run(self) -> None:
         """Reconcile until stop() — on start, on each edit, each resync interval, and on retries."""
         watch(self.root, lambda _paths: self.kick("edit"), self.stop_event, self._debounce_ms)
+        threading.Thread(target=self._take_pulse, name="pulse", daemon=True).start()
         reason, backoff = "start", 1.0
         while not self.stop_event.is_set():
             try:
@@ -163,6 +171,32 @@ class Daemon:
             kicked = self._kick.wait(wait)
             self._kick.clear()
             reason = self._kick_reason if kicked else reason_if_timeout
+
+    def _take_pulse(self) -> None:
+        """Read the endpoint every PULSE_S (the page's rates, TTFT, in flight, events); never a pass's work."""
+        while not self.stop_event.wait(pulse_mod.PULSE_S):
+            openai = self._last_good.placed.openai if self._last_good else None
+            sample = endpoint_stats.read_endpoint(openai) if openai is not None else None
+            with self._lock:
+                if sample is not None:
+                    self._samples.append(sample)
+                self._endpoint_answered = sample is not None
+
+    def pulse(self) -> dict[str, Any]:
+        """GET /pulse: per model motion and state, the last lifecycle events (reconciler.loop.pulse)."""
+        with self._lock:
+            samples, answered = list(self._samples), self._endpoint_answered
+        return {**pulse_mod.motion(samples), "endpoint_answered": answered}
+
+    def engine_log(self, model: str, lines: int = 200) -> str | None:
+        """The tail of the model's newest engine replica's vLLM log; None when the model has no engine."""
+        s = self.snapshot()
+        live = s.last.live if s.last else None
+        app = live.apps.get(model) if live else None
+        if app is None or self._last_good is None:
+            return None
+        with httpx.Client(base_url=self._last_good.placed.ray.dashboard_url) as client:
+            return engine_log.Reader(client).tail(model, app, lines)
 
     def _start_following(self) -> None:
         """Follow the git remote the files name (daemon.follow), in a thread of its own; once."""

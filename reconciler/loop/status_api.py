@@ -1,6 +1,11 @@
 """The daemon's read-only status API and page (FastAPI), bound to loopback unless told otherwise.
 
-    GET /         a page a person leaves open: models, a GPU map, the last plan and what it did
+    GET /         a page a person leaves open: per model requests/s, tokens/s, TTFT p50, in flight and
+                  state (since when); the last lifecycle events; a bar per GPU; the last plan. It polls
+                  GET /fragment every PULSE_S and swaps it in (inline script, no build step)
+    GET /fragment the page's live part, as HTML
+    GET /pulse    the motion behind it, as JSON (reconciler.loop.pulse)
+    GET /logs/M   the tail of model M's engine log, as text
     GET /status   the status document (as `fleetctl status --json`) with the daemon's section
     GET /healthz  200 while the reconcile loop is alive, 503 when it has stalled
     GET /metrics  Prometheus text: reconciles, their duration and errors, drift, per-model state
@@ -16,6 +21,7 @@ without the token in its address). What it serves is scrubbed of the fleet's env
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import html
@@ -27,7 +33,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -39,6 +45,7 @@ from reconciler.fleetfiles.spec import DaemonSettings
 from reconciler.fleetfiles.units import format_size
 from reconciler.live.health import Health
 from reconciler.loop.daemon import Daemon, DaemonState
+from reconciler.loop.pulse import PULSE_S
 from serve_app.contract import ModelState
 
 READ_METHODS = {"GET", "HEAD"}
@@ -223,7 +230,25 @@ def make_app(daemon: Daemon, metrics: Metrics | None = None, *, token: str | Non
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        return HTMLResponse(scrub(render_page(daemon.status_document(), daemon.placed()), _secrets(daemon)))
+        return HTMLResponse(scrub(render_page(daemon.status_document(), daemon.placed(), daemon.pulse()),
+                                  _secrets(daemon)))
+
+    @app.get("/fragment", response_class=HTMLResponse)
+    async def fragment() -> HTMLResponse:
+        return HTMLResponse(scrub(render_live(daemon.status_document(), daemon.placed(), daemon.pulse()),
+                                  _secrets(daemon)))
+
+    @app.get("/pulse")
+    async def pulse() -> JSONResponse:
+        return JSONResponse(daemon.pulse())
+
+    @app.get("/logs/{model}", response_class=PlainTextResponse)
+    async def logs(model: str) -> PlainTextResponse:
+        text = await asyncio.to_thread(daemon.engine_log, model)  # a dashboard call: off the API's loop
+        if text is None:
+            return PlainTextResponse(f"{model}: no engine replica of this model runs now\n", status_code=404)
+        return PlainTextResponse(scrub(text, _secrets(daemon)) or f"{model}: its engine log is empty or "
+                                 "unreadable now (see Ray's dashboard)\n")
 
     return app
 
@@ -240,6 +265,7 @@ th{color:#656d76;font-weight:600;border-bottom:1px solid #d0d7de}
 .pill{display:inline-block;padding:0 8px;border-radius:10px;color:#fff;font-size:12px}
 .muted{color:#656d76} .err{background:#ffebe9;border:1px solid #ff8182;padding:8px 12px;margin:12px 0}
 .gpu{margin:6px 0} .bar{display:flex;width:480px;height:18px;border:1px solid #d0d7de;background:#f6f8fa}
+.bar.used{height:8px;margin-top:2px;font-size:0} td.rps,td.tps,td.ttft,td.inflight{text-align:right}
 .seg{height:100%;font-size:11px;color:#fff;overflow:hidden;white-space:nowrap;padding-left:4px;box-sizing:border-box}
 code,pre{font:12px ui-monospace,monospace} pre{white-space:pre-wrap;max-width:900px}
 """
@@ -261,19 +287,37 @@ def _ago(ts: float | None) -> str:
     return f"{s} s ago" if s < 120 else f"{s // 60} min ago"
 
 
-def render_page(doc: dict[str, Any], placed: Any) -> str:
+_REFRESH_JS = """<script>
+// Short polling of the page's live part; read-only, no build step. Without JavaScript: <noscript> refresh.
+setInterval(async () => {
+  try {
+    const r = await fetch("fragment", {credentials: "same-origin", cache: "no-store"});
+    if (r.ok) document.getElementById("live").innerHTML = await r.text();
+  } catch (e) { /* the daemon restarting: the next poll tries again */ }
+}, %d);
+</script>"""
+
+
+def render_page(doc: dict[str, Any], placed: Any, pulse: dict[str, Any] | None = None) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><noscript><meta http-equiv='refresh' "
+            f"content='{PAGE_REFRESH_S}'></noscript><title>vLLM Fleet</title><style>{_CSS}</style></head><body>"
+            f"<div id=live>{render_live(doc, placed, pulse)}</div>{_REFRESH_JS % int(PULSE_S * 1000)}</body></html>")
+
+
+def render_live(doc: dict[str, Any], placed: Any, pulse: dict[str, Any] | None = None) -> str:
+    """The part of the page that refreshes: header, models with their motion, events, GPUs, last change."""
+    pulse = pulse or {}
     d = doc.get("daemon") or {}
     last = d.get("last_reconcile") or {}
     rev = d.get("revision") or {}
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' "
-             f"content='{PAGE_REFRESH_S}'><title>vLLM Fleet</title><style>{_CSS}</style></head><body>",
-             f"<h1>vLLM Fleet {_pill(doc.get('health', 'Unknown'))} "
+    parts = [f"<h1>vLLM Fleet {_pill(doc.get('health', 'Unknown'))} "
              f"{'<span class=muted>in sync</span>' if doc.get('in_sync') else '<b>out of sync</b>'}</h1>",
              f"<div class=muted>{_e(d.get('path'))}"
              + (f" · git {_e(str(rev.get('commit', ''))[:10])}{' (uncommitted edits)' if rev.get('dirty') else ''}"
                 if rev else "")
              + f" · last reconcile {_ago(last.get('started_at'))}: {_e(last.get('result', '-'))}"
-             + f" · {d.get('reconciles', 0)} passes, {d.get('drift_corrections', 0)} drift corrections</div>"]
+             + f" · {d.get('reconciles', 0)} passes, {d.get('drift_corrections', 0)} drift corrections"
+             + f" · endpoint read {_ago(pulse.get('at'))}</div>"]
     if d.get("spec_error"):
         errs = "".join(f"<li><code>{_e(p.get('file'))}:{_e(p.get('line'))}:{_e(p.get('column'))}</code> "
                        f"{_e(p.get('field'))}: {_e(p.get('message'))}</li>" for p in d["spec_error"])
@@ -289,46 +333,125 @@ def render_page(doc: dict[str, Any], placed: Any) -> str:
                      f"{_e(fol.get('message'))} ({_ago(fol.get('at'))})</div>")
     if d.get("progress"):
         parts.append(f"<div class=muted>working: {_e(d['progress'])}</div>")
-    parts.append("<h2>Models</h2><table><tr><th>model</th><th>task</th><th>state</th><th>health</th><th>sync</th>"
-                 "<th>replicas</th><th>GPUs</th><th>message</th></tr>")
-    for r in doc.get("models", []):
+    parts.append(_models(doc.get("models", []), pulse.get("models") or {}))
+    parts.append(_events(pulse.get("events") or []))
+    motion = pulse.get("models") or {}
+    parts.append(_gpu_map(placed, {r["model"]: row_state(r, motion.get(r["model"]) or {})[0]
+                                   for r in doc.get("models", [])}))
+    parts.append(_last_change(d.get("last_change")))
+    return "".join(parts)
+
+
+# Serve runs the app: the engine's own record (read every PULSE_S) says more, and sooner, than the pass.
+_ENGINE_SAYS = {s.value for s in (ModelState.READY, ModelState.LOADING, ModelState.AWAKE, ModelState.SLEEPING,
+                                  ModelState.ASLEEP, ModelState.WAKING, ModelState.UNLOADING, ModelState.UNLOADED)}
+
+
+def row_state(row: dict[str, Any], motion: dict[str, Any]) -> tuple[str, float | None]:
+    """The model's state and since when: the engine's own record (read every PULSE_S) while Serve runs
+    its app, else the pass's word (starting, failed, absent...)."""
+    if row.get("state") in _ENGINE_SAYS and motion.get("state"):
+        return str(motion["state"]), motion.get("since")
+    return str(row.get("state")), row.get("since")
+
+
+def _rate(value: Any, unit: str) -> str:
+    if value is None:
+        return "<span class=muted>-</span>"
+    return f"{value:.1f}{unit}" if value < 100 else f"{value:.0f}{unit}"
+
+
+def _ms(seconds: Any) -> str:
+    if seconds is None:
+        return "<span class=muted>-</span>"
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _for(since: Any) -> str:
+    if not since:
+        return ""
+    s = max(0, int(time.time() - float(since)))
+    text = f"{s} s" if s < 120 else f"{s // 60} min" if s < 7200 else f"{s // 3600} h"
+    return f" <span class=muted>for {text}</span>"
+
+
+def _models(rows: list[dict[str, Any]], motion: dict[str, dict[str, Any]]) -> str:
+    out = ["<h2>Models</h2><table id=models><tr><th>model</th><th>task</th><th>state</th><th>health</th>"
+           "<th>req/s</th><th>tok/s</th><th>TTFT p50</th><th>in flight</th><th>sync</th><th>replicas</th>"
+           "<th>GPUs</th><th>log</th><th>message</th></tr>"]
+    for r in rows:
+        m = motion.get(r["model"]) or {}
+        state, since = row_state(r, m)
         sync = r["sync"] + (f" ({r['pending']})" if r.get("pending") else "")
         msg = (r.get("message") or "").strip().splitlines()
         if r.get("starting"):  # a start the daemon follows: how long, and what the engine is doing
             msg = [f"{r['starting']['action']} {r['starting']['elapsed_s']:.0f} s: {r['starting']['doing']}"]
         always = " <span class=muted>always on</span>" if r.get("always_on") else ""
-        parts.append(f"<tr><td><b>{_e(r['model'])}</b>{always}</td><td>{_e(r.get('task') or r.get('kind'))}</td>"
-                     f"<td>{_e(r['state'])}</td>"
-                     f"<td>{_pill(r['health'])}</td><td>{_e(sync)}</td><td>{_e(r['replicas'])}</td>"
-                     f"<td>{_e(r['gpus'])}</td><td class=muted>{_e(msg[-1][:300] if msg else '')}</td></tr>")
-    parts.append("</table>")
-    parts.append(_gpu_map(placed))
-    parts.append(_last_change(d.get("last_change")))
-    parts.append("</body></html>")
-    return "".join(parts)
+        engine = r.get("kind") == "engine"
+        log = f"<a href='logs/{_e(r['model'])}' target=_blank>tail</a>" if engine else ""
+        p50 = _ms(m.get("ttft_p50_s")) + ("" if m.get("ttft_p50_window", True) else " <span class=muted>(all)</span>")
+        out.append(f"<tr data-model='{_e(r['model'])}'><td><b>{_e(r['model'])}</b>{always}</td>"
+                   f"<td>{_e(r.get('task') or r.get('kind'))}</td>"
+                   f"<td class=state>{_e(state)}{_for(since)}</td><td>{_pill(r['health'])}</td>"
+                   f"<td class=rps>{_rate(m.get('requests_per_s'), '') if engine else ''}</td>"
+                   f"<td class=tps>{_rate(m.get('tokens_per_s'), '') if engine else ''}</td>"
+                   f"<td class=ttft>{p50 if engine else ''}</td>"
+                   f"<td class=inflight>{m.get('in_flight', 0) if engine else ''}</td>"
+                   f"<td>{_e(sync)}</td><td>{_e(r['replicas'])}</td><td>{_e(r['gpus'])}</td><td>{log}</td>"
+                   f"<td class=muted>{_e(msg[-1][:300] if msg else '')}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
 
 
-def _gpu_map(placed: Any) -> str:
+def event_words(e: dict[str, Any]) -> str:
+    """One lifecycle event as the page says it: "woke in 312 ms", "swapped in 1.4 s"."""
+    took = _ms(e.get("seconds"))
+    return {
+        "load": f"loaded in {took}", "load_failed": f"failed to load ({took})", "sleep": f"asleep in {took}",
+        "wake": f"woke in {took}", "unload": f"unloaded in {took}", "swap": f"swapped in {took}",
+        "swap_wait": f"waited {took} for room in its swap group", "swapped_out": "swapped out",
+    }.get(str(e.get("event")), f"{_e(e.get('event'))} ({took})")
+
+
+def _events(events: list[dict[str, Any]]) -> str:
+    if not events:
+        return ("<h2>Lifecycle events</h2><div id=events class=muted>None yet (or the endpoint did not answer): loads, "
+                "sleeps, wakes and swaps show here as they happen.</div>")
+    rows = "".join(f"<tr><td class=muted>{time.strftime('%H:%M:%S', time.localtime(float(e.get('at') or 0)))}"
+                   f"</td><td>{_e(e.get('model'))}</td><td>{event_words(e)}</td></tr>" for e in events)
+    return f"<h2>Lifecycle events <span class=muted>(last {len(events)})</span></h2><table id=events>{rows}</table>"
+
+
+def _gpu_map(placed: Any, states: dict[str, str] | None = None) -> str:
+    """A bar per GPU: each engine's share (its state in the tooltip), and under it NVML's used memory."""
     if placed is None:
         return ""
     if not placed.inventory.gpus:
-        return "<h2>GPUs</h2><div class=muted>No GPUs: every model runs on the CPU.</div>"
+        return "<h2>GPUs</h2><div class=muted>No GPUs on this machine: every model runs on the CPU.</div>"
     used = nvml_memory() if placed.inventory.source == "nvml" else {}
+    states = states or {}
     out = ["<h2>GPUs</h2>"]
     for gpu in placed.inventory.gpus:
         segs, i = [], 0
         for m in placed.models:
             if gpu.index in m.gpus and m.gpu_memory:
                 colour = _SEG_COLOURS[i % len(_SEG_COLOURS)]
-                segs.append(f"<div class=seg title='{_e(m.name)} {m.gpu_memory:g}' "
-                            f"style='width:{m.gpu_memory * 100:.1f}%;background:{colour}'>{_e(m.name)} "
-                            f"{m.gpu_memory:g}</div>")
+                state = states.get(m.name) or ""
+                faded = ";opacity:.45" if state in ("asleep", "unloaded", "failed", "absent") else ""
+                segs.append(f"<div class=seg title='{_e(m.name)} {m.gpu_memory:g} {_e(state)}' "
+                            f"style='width:{m.gpu_memory * 100:.1f}%;background:{colour}{faded}'>{_e(m.name)} "
+                            f"{m.gpu_memory:g} {_e(state)}</div>")
                 i += 1
         mem = used.get(gpu.index)
-        memtxt = f" · {format_size(mem[0])} of {format_size(mem[1])} in use (NVML)" if mem else ""
+        if mem:
+            memtxt = f" · {format_size(mem[0])} of {format_size(mem[1])} in use (NVML)"
+            membar = (f"<div class='bar used' title='NVML: used memory'><div class=seg style='width:"
+                      f"{100 * mem[0] / max(mem[1], 1):.1f}%;background:#6e7781'></div></div>")
+        else:
+            memtxt, membar = " · NVML: no reading on this machine", ""
         out.append(f"<div class=gpu><b>GPU {gpu.index}</b> <span class=muted>{_e(gpu.name or '')} "
                    f"{format_size(gpu.memory_bytes)}{memtxt}</span>"
-                   f"<div class=bar>{''.join(segs)}</div></div>")
+                   f"<div class=bar>{''.join(segs)}</div>{membar}</div>")
     return "".join(out)
 
 

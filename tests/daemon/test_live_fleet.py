@@ -278,6 +278,70 @@ def test_the_page_renders_in_a_real_browser(live: Live, tmp_path: Path) -> None:
     assert "tiny-a" in text and "router" in text and "Healthy" in text and "in sync" in text
 
 
+def _row(page: Any, model: str) -> dict[str, str]:
+    """A model's row of the page's table as the browser shows it now (class name -> text)."""
+    return dict(page.eval_on_selector(
+        f"#models tr[data-model='{model}']",
+        "tr => Array.from(tr.cells).filter(c => c.className).map(c => [c.className, c.innerText])"))
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text.split()[0])
+    except (ValueError, IndexError):
+        return 0.0
+
+
+def test_the_page_shows_a_requests_effect_within_its_refresh_interval(live: Live, tmp_path: Path) -> None:
+    """Open the page once (never reloaded): requests to tiny-a show as its requests/s and tokens/s within
+    the page's refresh (the daemon reads the endpoint every PULSE_S, the page polls as often; a router
+    process writes its totals every FLUSH_S); its load is among the lifecycle events; its log tail is a link."""
+    from playwright.sync_api import sync_playwright
+
+    from reconciler.loop.pulse import PULSE_S
+    from serve_app.metrics import FLUSH_S
+
+    bound_s = 2 * PULSE_S + FLUSH_S + 1.5  # sample interval + poll interval + flush + a loaded box's slack
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
+                                    args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(live.api + "/")
+            live.wait("a quiet tiny-a on the page", lambda: _number(_row(page, "tiny-a").get("rps", "")) == 0, 60, 0.5)
+            for _ in range(3):
+                assert chat(live, "tiny-a")
+            done = time.monotonic()
+            while time.monotonic() - done < bound_s + 10:
+                row = _row(page, "tiny-a")
+                if _number(row.get("rps", "")) > 0 and _number(row.get("tps", "")) > 0:
+                    break
+                time.sleep(0.2)
+            seen_after = time.monotonic() - done
+            events = page.inner_text("#events")
+            log_link = page.get_attribute("#models tr[data-model='tiny-a'] a", "href")
+            page.screenshot(path=str(tmp_path / "status.png"), full_page=True)
+            if os.environ.get("FLEET_STATUS_SCREENSHOT"):  # the lead refreshes docs/status-page.png with it
+                page.screenshot(path=os.environ["FLEET_STATUS_SCREENSHOT"], full_page=True)
+        finally:
+            browser.close()
+    assert _number(row["rps"]) > 0 and _number(row["tps"]) > 0, row
+    assert seen_after <= bound_s, f"the page showed the requests {seen_after:.1f} s after they ended (bound {bound_s})"
+    assert "tiny-a" in events and "loaded in" in events
+    assert log_link == "logs/tiny-a"
+    # vLLM's own log, its access lines included: the chats just sent
+    assert "/v1/chat/completions" in httpx.get(live.api + "/logs/tiny-a", timeout=30).text
+    # the same numbers on the endpoint's own /metrics, for Prometheus
+    text = httpx.get(f"http://127.0.0.1:{live.fleet.port}/metrics", headers={"Authorization": f"Bearer {KEY}"},
+                     timeout=10).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("fleet_requests_total", (("code", "200"), ("model", "tiny-a")))] >= 3
+    assert samples[("fleet_tokens_total", (("kind", "completion"), ("model", "tiny-a"), ("source", "usage")))] >= 15
+    assert samples[("fleet_model_transition_seconds_count", (("model", "tiny-a"), ("transition", "load")))] >= 1
+    assert httpx.get(f"http://127.0.0.1:{live.fleet.port}/metrics", timeout=10).status_code == 401  # the fleet's key
+
+
 def test_a_daemon_started_on_broken_files_heals_from_the_last_good_copy(live: Live) -> None:
     assert live.stop_daemon() == 0
     good = (live.fleet.root / "fleet.yaml").read_text()
