@@ -10,6 +10,7 @@ tests/serve; here the relay is given its engines' URLs directly.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import threading
@@ -255,6 +256,19 @@ def test_client_leaving_mid_stream_closes_the_engine_request(front: Front, engin
         assert next(response.iter_lines()).startswith("data: ")
     assert _until(lambda: sum(e.aborted for e in engines) == 1)
     assert sum(e.open_streams for e in engines) == 0
+
+
+def test_clients_leaving_mid_stream_leave_nothing_behind(front: Front, engines: list[Engine]) -> None:
+    """Nothing of a request whose client left stays alive: the router's memory stays flat (issue 16;
+    aiohttp's shared "Connection closed" exception used to keep every such request's frames)."""
+    body = {"model": "m", "stream": True, "max_tokens": 1000}
+    for n in range(1, 6):
+        with httpx.stream("POST", front.base + "/v1/completions", json=body) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+        assert _until(lambda n=n: sum(e.aborted for e in engines) == n)
+    time.sleep(0.2)  # the relay's side of the last one ends after the engine saw it go
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, relay_mod.Upstream)] == []
 
 
 def test_engines_get_the_fleet_token_and_clients_never_see_it(engines: list[Engine]) -> None:
