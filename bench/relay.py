@@ -49,6 +49,18 @@ from typing import Any, Protocol
 import httpx
 
 from serve_app import proctable
+from serve_app.contract import (
+    ENGINE_DEPLOYMENT,
+    ENGINE_IMPORT,
+    ROUTER_APP,
+    ROUTER_DEPLOYMENT,
+    ROUTER_IMPORT,
+    EngineArgs,
+    EngineUserConfig,
+    RouterArgs,
+    RouterModel,
+    RouterUserConfig,
+)
 
 MODEL_NAME = "bench-tiny"
 CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -320,30 +332,24 @@ def engine_app(model_dir: Path, engine: EngineSetup, engine_options: dict[str, A
                split_gpus: list[int] | None = None) -> dict[str, Any]:
     """The fleet's engine application for the model, in the shape of docs/contracts.md; with
     ``split_gpus``, one replica on each of those GPUs (``gpus`` + ``replica_gpus: 1``)."""
-    split = {"gpus": list(split_gpus), "replica_gpus": 1} if split_gpus else {}
+    gpus = list(split_gpus) if split_gpus else ([] if engine.gpu is None else [engine.gpu])
+    args = EngineArgs(model=MODEL_NAME, source=str(model_dir), task="generate", engine_argv=list(engine.argv),
+                      env=dict(engine.env), gpus=gpus, start_timeout_s=600.0,
+                      replica_gpus=1 if split_gpus else None)
     return {
         "name": MODEL_NAME,
         "route_prefix": None,
-        "import_path": "serve_app.engine:app",
-        "args": {
-            "model": MODEL_NAME,
-            "source": str(model_dir),
-            "task": "generate",
-            "engine_argv": list(engine.argv),
-            "env": dict(engine.env),
-            "gpus": [] if engine.gpu is None else [engine.gpu],
-            "start_timeout_s": 600.0,
-            **split,
-        },
+        "import_path": ENGINE_IMPORT,
+        "args": args.wire(),
         "deployments": [{
-            "name": "engine",
+            "name": ENGINE_DEPLOYMENT,
             "num_replicas": len(split_gpus) if split_gpus else 1,
             "max_ongoing_requests": 1000,
             "health_check_period_s": 10.0,
             "health_check_timeout_s": 30.0,
             "graceful_shutdown_timeout_s": 20.0,
             "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
-            "user_config": {"idle_timeout_s": None, "always_on": True},
+            "user_config": EngineUserConfig(idle_timeout_s=None, always_on=True).wire(),
             **engine_options,
         }],
     }
@@ -353,20 +359,17 @@ def router_app(router_options: dict[str, Any], port: int, workers: int, legacy: 
     """The fleet's router application (docs/contracts.md); ``legacy``: another router's import path,
     served at "/" through Serve's HTTP proxy instead of on its own port."""
     return {
-        "name": "router",
+        "name": ROUTER_APP,
         "route_prefix": "/" if legacy else None,
-        "import_path": legacy or "serve_app.router:app",
-        "args": {} if legacy else {"host": "127.0.0.1", "port": port},
+        "import_path": legacy or ROUTER_IMPORT,
+        "args": {} if legacy else RouterArgs(host="127.0.0.1", port=port).wire(),
         "deployments": [{
-            "name": "router",
+            "name": ROUTER_DEPLOYMENT,
             "num_replicas": 1 if legacy else workers,
             "max_ongoing_requests": 1000,
             "ray_actor_options": {"num_cpus": 0},
-            "user_config": {
-                "models": {MODEL_NAME: {"task": "generate", "always_on": True}},
-                "api_key_envs": [],
-                "load_timeout_s": 600.0,
-            },
+            "user_config": RouterUserConfig(models={MODEL_NAME: RouterModel(task="generate", always_on=True)},
+                                            load_timeout_s=600.0).wire(),
             **router_options,
         }],
     }
