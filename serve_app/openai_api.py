@@ -11,9 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from serve_app.contract import (
-    ModelState,
-)
+from serve_app.contract import ModelEntry, ModelState
 from serve_app.relay import Relay
 
 
@@ -69,17 +67,9 @@ async def list_models(request: Request) -> Response:
     running = [name for name in models if states.get(name, ("absent", ""))[0] == "ready"]
     lifecycles = await relay.lifecycles(running) if relay.lifecycles and running else {}
     data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "vllm-fleet",
-            "task": spec.get("task", "generate"),
-            "always_on": bool(spec.get("always_on", False)),
-            **({"swap_group": spec["swap_group"]} if spec.get("swap_group") else {}),
-            **_model_state(*states.get(name, ("absent", "")), lifecycles.get(name)),
-            **_ui_hints(spec),
-        }
+        ModelEntry(id=name, task=spec.get("task", "generate"), always_on=bool(spec.get("always_on", False)),
+                   swap_group=spec.get("swap_group") or None,
+                   **_model_state(*states.get(name, ("absent", "")), lifecycles.get(name)), **_ui_hints(spec)).wire()
         for name, spec in sorted(models.items(), key=_chat_first)
     ]
     return JSONResponse({"object": "list", "data": data})

@@ -321,3 +321,13 @@ def test_metrics_count_a_client_that_left_mid_stream(front: Front, engines: list
         next(r.iter_bytes())
     assert _until(lambda: _scrape(front.base).get(("fleet_requests_total", (("code", "499"), ("model", "m")))) == 1)
     assert _scrape(front.base)[("fleet_requests_in_flight", (("model", "m"),))] == 0
+
+
+def test_v1_models_lists_each_model_in_openais_shape_then_the_fleets_extras(front: Front) -> None:
+    """OpenAI's four fields first (clients read those), then task, always_on, the live state and
+    OpenWebUI's hints; built through the contract's ModelEntry, as the engine side reads it."""
+    entry = httpx.get(front.base + "/v1/models").json()["data"][0]
+    assert entry == {"id": "m", "object": "model", "created": 0, "owned_by": "vllm-fleet", "task": "generate",
+                     "always_on": False, "state": "ready", "since": None,
+                     "info": {"meta": {"capabilities": {"builtin_tools": False}}}}
+    assert list(entry)[:4] == ["id", "object", "created", "owned_by"]
