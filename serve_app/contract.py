@@ -292,6 +292,8 @@ class RouterUserConfig(_Wire):
 class EngineState(_Wire):
     """What an engine's ``state()`` answers (status, /v1/models, `fleetctl load/unload`, the swap coordinator)."""
 
+    omit_none: ClassVar[frozenset[str]] = frozenset({"adapters"})
+
     state: str  # a ModelState value of the lifecycle group
     since: float
     reason: str = ""
@@ -307,6 +309,7 @@ class EngineState(_Wire):
     counts: dict[str, int] = {}
     last_seconds: dict[str, float] = {}
     total_seconds: dict[str, float] = {}
+    adapters: dict[str, str] | None = None  # only for a model with adapters: each one's "loaded", or why it is not
 
 
 class ModelEntry(_Wire):
