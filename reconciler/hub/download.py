@@ -132,6 +132,13 @@ def is_hub_source(source: str) -> bool:
     return sources.hub(source) is not None
 
 
+def hub_sources(model: PlacedModel) -> list[tuple[str, str]]:
+    """What `pull` fetches for a model: its hf:// source, then its hf:// LoRA adapters' (labelled
+    ``model/adapter``), each as (label, source)."""
+    own = [(model.name, model.source)] if is_hub_source(model.source) else []
+    return own + [(f"{model.name}/{name}", source) for name, source in model.adapters.items() if is_hub_source(source)]
+
+
 # ---- where, and who ------------------------------------------------------------------------
 
 def _env_value(env: Mapping[str, str], name: str) -> str | None:
