@@ -108,3 +108,20 @@ def test_the_first_adapter_restarts_the_engine_and_the_plan_says_why(tmp_path: P
     # the router only learns a model name: in place
     router = plan.change_for("router")
     assert router is not None and router.action is Action.UPDATE
+
+
+def test_status_lists_each_adapter_under_its_base(tmp_path: Path) -> None:
+    from reconciler.loop import status
+
+    adapter(tmp_path / "ad", "sql")
+    config = fleet(tmp_path, {"sql-helper": "./ad/sql"})
+    state = desired_state(tmp_path)
+    plan = make_plan(config, live_of(config))
+    runtime = {"tiny": {"state": "awake"}, "sql-helper": {"state": "failed", "reason": "vLLM answered 400: bad"}}
+    rows = status.model_rows(plan, live_of(config), state.placed, runtime)
+    tiny = next(r for r in rows if r["model"] == "tiny")
+    assert [(a["name"], a["state"]) for a in tiny["adapters"]] == [("sql-helper", "failed")]
+    lines = status.format_table(rows).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("tiny "))
+    assert lines[at + 1].split() == ["+", "sql-helper", "failed"]
+    assert "sql-helper: vLLM answered 400: bad" in lines

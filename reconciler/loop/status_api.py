@@ -301,6 +301,10 @@ def render_page(doc: dict[str, Any], placed: Any) -> str:
                      f"<td>{_e(r['state'])}</td>"
                      f"<td>{_pill(r['health'])}</td><td>{_e(sync)}</td><td>{_e(r['replicas'])}</td>"
                      f"<td>{_e(r['gpus'])}</td><td class=muted>{_e(msg[-1][:300] if msg else '')}</td></tr>")
+        for a in r.get("adapters") or []:  # each LoRA adapter under its base
+            parts.append(f"<tr><td>&nbsp;&nbsp;↳ {_e(a['name'])}</td><td class=muted>adapter</td>"
+                         f"<td>{_e(a['state'])}</td><td></td><td></td><td></td><td></td>"
+                         f"<td class=muted>{_e(a['reason'][:300])}</td></tr>")
     parts.append("</table>")
     parts.append(_gpu_map(placed))
     parts.append(_last_change(d.get("last_change")))
