@@ -125,3 +125,17 @@ def test_status_lists_each_adapter_under_its_base(tmp_path: Path) -> None:
     at = next(i for i, line in enumerate(lines) if line.startswith("tiny "))
     assert lines[at + 1].split() == ["+", "sql-helper", "failed"]
     assert "sql-helper: vLLM answered 400: bad" in lines
+
+
+def test_apply_fetches_the_hub_adapters_an_edit_adds_and_a_restarted_model_s(tmp_path: Path) -> None:
+    from reconciler.hub.download import plan_sources
+
+    adapter(tmp_path / "ad", "sql")
+    live = fleet(tmp_path, {"sql": "./ad/sql"})
+    config = fleet(tmp_path, {"sql": "./ad/sql", "poem": "hf://org/poem-lora"})
+    placed = desired_state(tmp_path).placed
+    assert [s[:2] for s in plan_sources(make_plan(config, live_of(live)), placed)] == \
+        [("tiny/poem", "hf://org/poem-lora")]  # added in place: only it; the local one is not the Hub's
+    without = fleet(tmp_path, {})
+    assert [s[:2] for s in plan_sources(make_plan(config, live_of(without)), placed)] == \
+        [("tiny/poem", "hf://org/poem-lora")]  # restarted (its first adapters): its hf:// adapters
