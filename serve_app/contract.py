@@ -141,6 +141,7 @@ def deadline(start: float, seconds: float | None) -> float:
 TASK_RUNNER = {"generate": "generate", "embed": "pooling"}
 RUNNER_FLAG = "--runner"
 SLEEP_FLAG = "--enable-sleep-mode"
+LORA_FLAG = "--enable-lora"  # compile adds it for a model with adapters; the plan explains the restart it brings
 
 
 class _Wire(BaseModel):
@@ -209,9 +210,14 @@ class EngineArgs(_Wire):
 class EngineUserConfig(_Wire):
     """An engine deployment's ``user_config``: changed in place, no restart."""
 
+    omit_none: ClassVar[frozenset[str]] = frozenset({"adapters"})
+
     idle_timeout_s: float | None = None  # None = never idle out
     unload_after_s: float | None = None  # asleep (GPU) → unloaded after this much more idle time; None = stays asleep
     always_on: bool = False
+    # LoRA adapters by the model name each is served as: {name: source} (a path made absolute, pkg://, hf://);
+    # the engine loads them into its running vLLM (serve_app.adapters). Absent when the model has none.
+    adapters: dict[str, str] | None = None
 
 
 DEFAULT_MAX_WAIT_S = 5.0  # the spec's default swap_groups.<name>.max_wait (reasons in reconciler.fleetfiles.spec)
@@ -245,13 +251,22 @@ class RouterArgs(_Wire):
 
 
 class RouterModel(_Wire):
-    omit_none: ClassVar[frozenset[str]] = frozenset({"tool_parser", "swap_group", "node"})
+    """One model name on the endpoint: a model (its own engine application), or a LoRA adapter."""
+
+    omit_none: ClassVar[frozenset[str]] = frozenset({"tool_parser", "swap_group", "node", "parent"})
 
     task: str = "generate"
     always_on: bool = False
     tool_parser: str | None = None  # present only when the engine takes tools (vLLM --tool-call-parser)
     swap_group: str | None = None  # present only for members of a swap group
     node: str | None = None  # present only when pinned: the node's IP; its model is unavailable while the node is gone
+    # present only for a LoRA adapter: the model it sits on, whose engine serves it (under the adapter's name);
+    # the other fields are its parent's
+    parent: str | None = None
+
+    def engine(self, name: str) -> str:
+        """The engine application that serves the model name ``name`` (this entry's)."""
+        return self.parent or name
 
 
 class KeyScope(_Wire):
@@ -277,6 +292,8 @@ class RouterUserConfig(_Wire):
 class EngineState(_Wire):
     """What an engine's ``state()`` answers (status, /v1/models, `fleetctl load/unload`, the swap coordinator)."""
 
+    omit_none: ClassVar[frozenset[str]] = frozenset({"adapters"})
+
     state: str  # a ModelState value of the lifecycle group
     since: float
     reason: str = ""
@@ -292,6 +309,7 @@ class EngineState(_Wire):
     counts: dict[str, int] = {}
     last_seconds: dict[str, float] = {}
     total_seconds: dict[str, float] = {}
+    adapters: dict[str, str] | None = None  # only for a model with adapters: each one's "loaded", or why it is not
 
 
 class LifecycleEvent(_Wire):
@@ -323,12 +341,13 @@ class LifecycleRecord(_Wire):
 class ModelEntry(_Wire):
     """One model of the router's ``/v1/models``: OpenAI's fields, then the fleet's extras."""
 
-    omit_none: ClassVar[frozenset[str]] = frozenset({"swap_group", "reason", "info"})
+    omit_none: ClassVar[frozenset[str]] = frozenset({"parent", "swap_group", "reason", "info"})
 
     id: str
     object: str = "model"
     created: int = 0
     owned_by: str = "vllm-fleet"
+    parent: str | None = None  # a LoRA adapter's base model (as vLLM's own /v1/models says it)
     task: str = "generate"
     always_on: bool = False
     swap_group: str | None = None

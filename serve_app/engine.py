@@ -24,7 +24,7 @@ import httpx
 from ray import serve
 from ray.serve import Application, metrics
 
-from serve_app import endpoints, gpu_turns, lifecycle, vllm_child
+from serve_app import adapters, endpoints, gpu_turns, lifecycle, vllm_child
 from serve_app.contract import (
     ENGINE_DEPLOYMENT,
     SWAP_APP,
@@ -116,6 +116,7 @@ class Engine:
         self._unpublished = asyncio.Event()  # a transition or state not yet in the cluster's KV (_publish)
         self._publisher = asyncio.get_running_loop().create_task(self._publish())
         self._up: asyncio.Task[None] | None = None
+        self._adapters = adapters.Adapters(model)  # LoRA adapters in its vLLM (serve_app.adapters)
         self._child = vllm_child.Child(
             model, environ, vllm_child.log_dir() / engine_log_name(model, os.getpid()),
             await asyncio.to_thread(vllm_child.listen_host), await asyncio.to_thread(endpoints.engine_token))
@@ -159,6 +160,7 @@ class Engine:
             self._record("load_failed", t0)
             self._set(ModelState.FAILED, brief(str(e)))
             raise
+        await self._adapters.sync(self._child.client, self._child.url, fresh=True)  # a new vLLM holds none
         self._record("load", t0)
         self._activity.restart(time.monotonic())
         self._set(ModelState.AWAKE)
@@ -214,6 +216,7 @@ class Engine:
             self._stop_child()
             await self._load()
             return
+        await self._adapters.sync(self._child.client, self._child.url)  # an edit may have come while asleep
         self._record("wake", t0)
         self._activity.touch(time.monotonic())
         self._set(ModelState.AWAKE)
@@ -377,8 +380,13 @@ class Engine:
     # ---- what Serve, the router and operators call ----
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """In-place lifecycle settings: idle_timeout_s, unload_after_s, always_on."""
-        self._rules = lifecycle.Rules.from_user_config(EngineUserConfig.parse(user_config))
+        """In-place settings: idle_timeout_s, unload_after_s, always_on; the LoRA adapters its vLLM holds."""
+        config = EngineUserConfig.parse(user_config)
+        self._rules = lifecycle.Rules.from_user_config(config)
+        self._adapters.want(config.adapters)
+        async with self._lock:  # not mid-load or mid-sleep: a load or wake syncs them itself
+            if self._state is ModelState.AWAKE:
+                await self._adapters.sync(self._child.client, self._child.url)
 
     async def check_health(self) -> None:
         """Unhealthy only when a child that should run died or fails /health: Serve then replaces us.
@@ -442,6 +450,7 @@ class Engine:
             "swap_group": self._swap_group,
             "load_seconds": self._counters.last_s.get("load"),
             **self._counters.as_dict(),
+            **self._adapters.state(),
         }
 
     async def info(self) -> dict[str, Any]:

@@ -80,7 +80,8 @@ def _digest(model: str) -> str:
 
 def _details(spec: dict[str, Any]) -> dict[str, Any]:
     family = "bert" if spec.get("task") == "embed" else ""
-    return {"parent_model": "", "format": "", "family": family, "families": [family] if family else None,
+    parent = ollama_name(spec["parent"]) if spec.get("parent") else ""  # a LoRA adapter's base model
+    return {"parent_model": parent, "format": "", "family": family, "families": [family] if family else None,
             "parameter_size": "", "quantization_level": ""}
 
 

@@ -57,7 +57,11 @@ class _OllamaUpstream:
         return self._relay.authorized(header)
 
     async def states(self) -> dict[str, tuple[str, str]]:
-        return await self._relay.app_states()
+        """Each model name's engine state: a LoRA adapter is as loaded as its parent."""
+        states = await self._relay.app_states()
+        adapters = {name: states[spec["parent"]] for name, spec in self.models.items()
+                    if spec.get("parent") in states}
+        return {**states, **adapters}
 
     async def load(self, model: str) -> None:
         try:

@@ -35,6 +35,17 @@ def _model_state(app_state: str, message: str, lifecycle: dict[str, Any] | None)
 
 
 
+def _adapter_state(base: dict[str, Any], lifecycle: dict[str, Any] | None, adapter: str) -> dict[str, Any]:
+    """A LoRA adapter is as loaded as its parent, except while its parent's awake vLLM lacks it: loading
+    (not synced yet), or failed with the engine's reason (serve_app.adapters)."""
+    outcome = ((lifecycle or {}).get("adapters") or {}).get(adapter)
+    if base["state"] != ModelState.AWAKE.value or outcome in (None, "loaded"):
+        return base
+    if outcome == "not loaded yet":
+        return {**base, "state": ModelState.LOADING.value}
+    return {**base, "state": ModelState.FAILED.value, "reason": outcome}
+
+
 def _chat_first(item: tuple[str, dict[str, Any]]) -> tuple[bool, str]:
     # Chat UIs (OpenWebUI among them) preselect the first model listed: never an embedding model.
     return (item[1].get("task") == "embed", item[0])
@@ -63,15 +74,20 @@ async def list_models(request: Request) -> Response:
     if caller is None:
         return error(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
     models = caller.scope.visible(settings.models)  # a scoped key sees only its models
+    # the engine application behind each name: a LoRA adapter's is its parent's
+    engines = {name: str(spec.get("parent") or name) for name, spec in models.items()}
     states = await relay.app_states()
-    running = [name for name in models if states.get(name, ("absent", ""))[0] == "ready"]
+    running = sorted({e for e in engines.values() if states.get(e, ("absent", ""))[0] == "ready"})
     lifecycles = await relay.lifecycles(running) if relay.lifecycles and running else {}
-    data = [
-        ModelEntry(id=name, task=spec.get("task", "generate"), always_on=bool(spec.get("always_on", False)),
-                   swap_group=spec.get("swap_group") or None,
-                   **_model_state(*states.get(name, ("absent", "")), lifecycles.get(name)), **_ui_hints(spec)).wire()
-        for name, spec in sorted(models.items(), key=_chat_first)
-    ]
+    data = []
+    for name, spec in sorted(models.items(), key=_chat_first):
+        engine = engines[name]
+        state = _model_state(*states.get(engine, ("absent", "")), lifecycles.get(engine))
+        if spec.get("parent"):
+            state = _adapter_state(state, lifecycles.get(engine), name)
+        data.append(ModelEntry(id=name, parent=spec.get("parent") or None, task=spec.get("task", "generate"),
+                               always_on=bool(spec.get("always_on", False)), swap_group=spec.get("swap_group") or None,
+                               **state, **_ui_hints(spec)).wire())
     return JSONResponse({"object": "list", "data": data})
 
 

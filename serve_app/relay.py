@@ -75,6 +75,12 @@ class Settings:
     load_timeout_s: float
 
 
+def engine_of(settings: Settings, model: str) -> str:
+    """The engine application serving the model name ``model``: a LoRA adapter's parent, else the model's own."""
+    spec = settings.models.get(model) or {}
+    return str(spec.get("parent") or model)
+
+
 def settings_from(user_config: dict[str, Any]) -> Settings:
     """Parse user_config (the contract's RouterUserConfig); API keys come from the named env vars here."""
     config = RouterUserConfig.parse(user_config)
@@ -231,8 +237,9 @@ class Relay:
 
     async def ensure(self, model: str) -> None:
         """Wait (bounded) until the model has an engine to send to: loads or wakes it if need be."""
-        if self._pick(model, set()) is None:
-            await self._found(model)
+        engine = engine_of(self.settings, model)
+        if self._pick(engine, set()) is None:
+            await self._found(engine)
 
     def backends(self, model: str) -> list[Backend]:
         return list(self._backends.get(model, []))
@@ -263,7 +270,10 @@ class Relay:
         return backend
 
     async def open(self, model: str, path: str, body: bytes, request_id: str) -> Upstream:
-        """POST to one of the model's engines; raises Unavailable (the message says why)."""
+        """POST to one of the model's engines (a LoRA adapter's: its parent's, which serves it under the
+        adapter's name, the body's ``model``; a swap member's admission is its parent's); raises Unavailable
+        (the message says why)."""
+        model = engine_of(self.settings, model)
         session = self._session
         assert session is not None, "Relay.start() was not called"
         ticket = await self._admitted(model)

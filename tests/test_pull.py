@@ -249,3 +249,19 @@ def test_vllm_files_fall_back_to_pytorch_weights_only_without_safetensors() -> N
             "model.safetensors.index.json", "pytorch_model.bin", "original/consolidated.00.pth", "tf_model.h5"]
     assert vllm_files(both) == ["config.json", "model-00001-of-00002.safetensors",
                                 "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+
+
+def test_pull_fetches_a_model_s_hf_adapters_with_it(hub: StandInHub, tmp_path: Path, fleet: Path) -> None:
+    add_repo(hub, size=MiB)
+    config = json.dumps({"r": 8, "base_model_name_or_path": REPO, "peft_type": "LORA"}).encode()
+    lora = hub.add(Repo("test-org/tiny-sql-lora", {"adapter_config.json": config,
+                                                    "adapter_model.safetensors": weights(64 * 1024)}))
+    text = (fleet / "fleet.yaml").read_text().replace(
+        "    size: 8MiB\n", "    size: 8MiB\n    adapters:\n      sql: hf://test-org/tiny-sql-lora\n")
+    (fleet / "fleet.yaml").write_text(text)
+    r = pull(hub, tmp_path, fleet, "tiny", "--json")
+    assert r.returncode == 0, r.stderr
+    assert events(r.stdout)[-1]["models"] == ["tiny", "tiny/sql"]
+    folder = tmp_path / "cache" / "models--test-org--tiny-sql-lora" / "snapshots" / lora.commit
+    assert (folder / "adapter_config.json").read_bytes() == config
+    assert hub.bytes_served("test-org/tiny-sql-lora") == len(config) + 64 * 1024

@@ -20,6 +20,7 @@ from reconciler.change import diff
 from reconciler.change.diff import Action
 from reconciler.fleetfiles import redact as redact_mod
 from reconciler.live.serve_state import LiveState
+from serve_app.contract import LORA_FLAG
 
 FORMAT_VERSION = "1"
 FOREIGN_KEEP = "keep"
@@ -144,9 +145,48 @@ def _reasons(action: Action, d: diff.AppDiff) -> tuple[str, ...]:
         return (("not the fleet's app, and the fleet setting foreign_apps is delete",) if d.foreign
                 else ("no longer in the fleet files",))
     if action is Action.RESTART:
-        # Only the fields that force the restart explain it; the rest ride along.
-        return tuple(dict.fromkeys(diff.why(f) for f in d.fields if f.effect.restarts))
-    return tuple(dict.fromkeys(diff.why(f) for f in d.fields))
+        # Only the fields that force the restart explain it; the rest ride along (adapters are named).
+        return tuple(dict.fromkeys([*_lora_switch(d), *(diff.why(f) for f in d.fields if f.effect.restarts),
+                                    *_adapter_reasons(d, after_restart=True)]))
+    # an adapter's own sentence stands for its field's generic one
+    return tuple(dict.fromkeys([*_adapter_reasons(d), *(diff.why(f) for f in d.fields
+                                                        if not f.path.startswith(_ADAPTERS))]))
+
+
+# An engine's adapters ride in its user_config (contract.EngineUserConfig.adapters): one field per adapter.
+_ADAPTERS = "deployments.engine.user_config.adapters."
+
+
+def _adapter_reasons(d: diff.AppDiff, after_restart: bool = False) -> list[str]:
+    """One reason per adapter added, removed or moved to another source: all in place (vLLM's runtime loading)."""
+    out = []
+    for f in d.fields:
+        if not f.path.startswith(_ADAPTERS):
+            continue
+        name = f.path.removeprefix(_ADAPTERS)
+        if f.before is None:
+            out.append(f"adapter added {name}" + (" (loaded once the engine is up)" if after_restart else
+                                                  " (in place: loaded into the running vLLM, no restart)"))
+        elif f.after is None:
+            out.append(f"adapter removed {name}" + ("" if after_restart else
+                                                    " (in place: unloaded from the running vLLM, no restart)"))
+        else:
+            out.append(f"adapter {name} changed source" + ("" if after_restart else
+                                                           " (in place: loaded again from its new source)"))
+    return out
+
+
+def _lora_switch(d: diff.AppDiff) -> list[str]:
+    """Why adding the first adapter (or removing the last) restarts: vLLM turns LoRA on only at start."""
+    for f in d.fields:
+        if f.path == "args.engine_argv":
+            had, has = LORA_FLAG in (f.before or []), LORA_FLAG in (f.after or [])
+            if has and not had:
+                return [f"its first adapter turns LoRA on ({LORA_FLAG}), which vLLM takes only at start; "
+                        "later adapters load in place"]
+            if had and not has:
+                return [f"its last adapter is gone, which turns LoRA off ({LORA_FLAG}) at a restart"]
+    return []
 
 
 def _foreign(p: diff.Pair, foreign_apps: str) -> Foreign:

@@ -28,8 +28,8 @@ JSON_EVERY_S = 1.0
               help="The fleet folder (fleet.yaml + fleet.d/) or file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line (events, then a summary).")
 def pull_cmd(models: tuple[str, ...], path: Path, as_json: bool) -> None:
-    """Download the files of hf:// MODELS (default: every served hf:// model) into the cache the
-    engines read, so starting them is never also a download.
+    """Download the files of hf:// MODELS (default: every served hf:// model), and of their hf://
+    LoRA adapters, into the cache the engines read, so starting them is never also a download.
 
     \b
     Checks the free disk space first (from the sizes the Hub lists) and downloads nothing when it
@@ -53,16 +53,18 @@ def pull_cmd(models: tuple[str, ...], path: Path, as_json: bool) -> None:
                              f"its models: {', '.join(placed) or '(none)'}")
     chosen = [placed[n] for n in models] if models else list(placed.values())
     for m in chosen:
-        if not download.is_hub_source(m.source):
+        if not download.hub_sources(m):
             out.note(m.name, f"{m.name}: {m.source} is not on the Hub; nothing to pull")
-    chosen = [m for m in chosen if download.is_hub_source(m.source)]
-    if not chosen:
+    # a model's hf:// LoRA adapters come with it, labelled model/adapter, in the model's cache (its env)
+    wanted = [(label, source, m.env) for m in chosen for label, source in download.hub_sources(m)]
+    if not wanted:
         out.summary(True, [], 0)
         return
-    needs, errors = [], []
-    for m in chosen:
+    needs, errors, envs = [], [], {}
+    for label, source, model_env in wanted:
+        envs[label] = model_env
         try:
-            needs.append(download.measure(m.name, m.source, m.env))
+            needs.append(download.measure(label, source, model_env))
         except download.DownloadError as e:
             errors.append(str(e))
     if errors:
@@ -77,7 +79,7 @@ def pull_cmd(models: tuple[str, ...], path: Path, as_json: bool) -> None:
     try:
         with download.ProgressFile(state.placed.ray.dashboard_url, then=out.progress) as progress:
             for mf in needs:
-                download.pull(mf, progress, mf_env(placed, mf.model))
+                download.pull(mf, progress, envs[mf.model])
                 fetched += mf.missing
     except download.DownloadError as e:
         out.fail(EXIT_ERROR, str(e))
@@ -85,10 +87,6 @@ def pull_cmd(models: tuple[str, ...], path: Path, as_json: bool) -> None:
         out.close_bars()
         out.fail(EXIT_INTERRUPTED, "interrupted; run the same `fleetctl pull` again to continue where it stopped")
     out.summary(True, [mf.model for mf in needs], fetched, time.monotonic() - t0)
-
-
-def mf_env(placed: dict[str, Any], model: str) -> Any:  # the model env (cache dir, token)
-    return placed[model].env
 
 
 class _Output:

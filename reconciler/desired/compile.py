@@ -16,12 +16,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from reconciler.desired.placement import PlacedFleet, PlacedModel
+from reconciler.fleetfiles.adapters import VLLM_MAX_LORA_RANK
 from reconciler.fleetfiles.spec import ApiKey
 from serve_app.contract import (
     ENGINE_DEPLOYMENT,
     ENGINE_IMPORT,
     ENGINE_NUM_CPUS,
     HEAD_NODE_RESOURCE,
+    LORA_FLAG,
     NODE_PIN,
     ROUTER_APP,
     ROUTER_DEPLOYMENT,
@@ -45,6 +47,8 @@ from serve_app.contract import (
 )
 
 SLEEP_ENV = "VLLM_SERVER_DEV_MODE"  # vLLM serves /sleep and /wake_up only in its dev mode
+# vLLM serves /v1/load_lora_adapter and /v1/unload_lora_adapter only with this set (serve_app.adapters calls them)
+LORA_RUNTIME_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 
 def engine_argv(engine: Mapping[str, Any]) -> list[str]:
@@ -91,7 +95,21 @@ def model_argv(model: PlacedModel) -> list[str]:
         argv.append(SLEEP_FLAG)
     if model.tool_parser and "tool_call_parser" not in model.engine:
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_parser]
-    return argv + engine_argv(model.engine)
+    return argv + lora_argv(model) + engine_argv(model.engine)
+
+
+def lora_argv(model: PlacedModel) -> list[str]:
+    """LoRA on, for a model with adapters: vLLM takes these only at start, so the first adapter restarts
+    the engine and the next ones load at run time (serve_app.adapters). The rank bound is the model's
+    engine max_lora_rank when set (engine_argv carries it), else vLLM's default written out: the bound
+    validation checks each adapter against, and not the adapters' largest rank, so that a later adapter of
+    a larger rank within it still loads in place."""
+    if not model.adapters:
+        return []
+    argv = [] if "enable_lora" in model.engine else [LORA_FLAG]
+    if "max_lora_rank" not in model.engine:
+        argv += ["--max-lora-rank", str(VLLM_MAX_LORA_RANK)]
+    return argv
 
 
 def model_env(model: PlacedModel) -> dict[str, str]:
@@ -103,6 +121,8 @@ def model_env(model: PlacedModel) -> dict[str, str]:
     env = dict(model.env)
     if model.sleep:
         env[SLEEP_ENV] = "1"
+    if model.adapters:
+        env[LORA_RUNTIME_ENV] = "True"
     return dict(sorted(env.items()))
 
 
@@ -141,7 +161,9 @@ def model_app(model: PlacedModel, multi_node: bool = False) -> dict[str, Any]:
         swap_group=model.swap_group or None, replica_gpus=model.tensor_parallel if split_gpus(model) else None,
     )
     user_config = EngineUserConfig(idle_timeout_s=model.idle_timeout_s, unload_after_s=model.unload_after_s,
-                                   always_on=model.always_on)
+                                   always_on=model.always_on,
+                                   # absent without adapters: other engines' user_config stays as it was
+                                   adapters=dict(model.adapters) or None)
     return {
         "name": model.name,
         "route_prefix": None,
@@ -160,10 +182,19 @@ def model_app(model: PlacedModel, multi_node: bool = False) -> dict[str, Any]:
     }
 
 
-def _router_model(model: PlacedModel) -> RouterModel:
+def _router_model(model: PlacedModel, parent: str | None = None) -> RouterModel:
     # tool_parser only when set, so fleets without one keep the router config they had
     return RouterModel(task=model.task, always_on=model.always_on, tool_parser=model.tool_parser or None,
-                       swap_group=model.swap_group or None, node=model.node or None)
+                       swap_group=model.swap_group or None, node=model.node or None, parent=parent)
+
+
+def _router_models(fleet: PlacedFleet) -> dict[str, RouterModel]:
+    """Every model name on the endpoint: each model, then its adapters (served by its engine, under their names)."""
+    out: dict[str, RouterModel] = {}
+    for m in fleet.models:
+        out[m.name] = _router_model(m)
+        out.update({adapter: _router_model(m, parent=m.name) for adapter in m.adapters})
+    return out
 
 
 def _key_scopes(keys: list[ApiKey]) -> dict[str, KeyScope]:
@@ -175,7 +206,7 @@ def router_app(fleet: PlacedFleet) -> dict[str, Any]:
     """The fleet ingress: each replica serves the OpenAI port itself (SO_REUSEPORT), so host and
     port are constructor args (a change restarts it on the new port)."""
     keys = fleet.openai.api_key_entries()
-    user_config = RouterUserConfig(models={m.name: _router_model(m) for m in fleet.models},
+    user_config = RouterUserConfig(models=_router_models(fleet),
                                    api_key_envs=[key.env for key in keys],
                                    # absent without scoped keys: such fleets' router config stays as it was
                                    key_scopes=_key_scopes(keys) or None,

@@ -58,6 +58,8 @@ class PlacedModel:
     # What it asks of Ray per GPU (aligned with gpus): its share, or for a swap-group member its
     # part of what the group needs at once (reconciler.fleetfiles.swap_groups). Empty: gpu_memory on each.
     reserved: tuple[float, ...] = ()
+    # LoRA adapters served on it, by the model name each is served as: {name: source, local paths absolute}
+    adapters: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -312,4 +314,5 @@ def _placed(fleet: Fleet, name: str, model: Model, root: Path, where: tuple[tupl
         tool_parser=tool_parsers.tool_parser(
             model.source, model.task, model.tool_parser or model.engine.get("tool_call_parser")),
         swap_group=model.swap_group,
+        adapters={a: _absolute(src, root) for a, src in sorted(model.adapters.items())},
     )

@@ -132,6 +132,13 @@ def is_hub_source(source: str) -> bool:
     return sources.hub(source) is not None
 
 
+def hub_sources(model: PlacedModel) -> list[tuple[str, str]]:
+    """What `pull` fetches for a model: its hf:// source, then its hf:// LoRA adapters' (labelled
+    ``model/adapter``), each as (label, source)."""
+    own = [(model.name, model.source)] if is_hub_source(model.source) else []
+    return own + [(f"{model.name}/{name}", source) for name, source in model.adapters.items() if is_hub_source(source)]
+
+
 # ---- where, and who ------------------------------------------------------------------------
 
 def _env_value(env: Mapping[str, str], name: str) -> str | None:
@@ -448,29 +455,50 @@ def annotate(plan: Plan, placed: PlacedFleet) -> Plan:
 
 
 def fetch_for_plan(plan: Plan, placed: PlacedFleet, report: Callable[[str], None]) -> list[str]:
-    """Fetch every created/restarted hf:// model's missing files (space checked first for all of
-    them), reporting a line per file and every few seconds. Returns the models fetched.
+    """Fetch every created/restarted hf:// model's missing files, its adapters' and those an edit adds
+    (space checked first for all of them), reporting a line per file and every few seconds. Returns
+    the models (and model/adapter) fetched.
     Raises DownloadError (NoSpaceError) when a model cannot be fetched and is not cached."""
     needs: list[ModelFiles] = []
-    for m in plan_models(plan, placed):
+    envs: dict[str, Mapping[str, str]] = {}
+    for label, source, env in plan_sources(plan, placed):
+        envs[label] = env
         try:
-            needs.append(measure(m.name, m.source, m.env))
+            needs.append(measure(label, source, env))
         except DownloadError:
-            if not cached_offline(m.source, m.env):
+            if not cached_offline(source, env):
                 raise
-            report(f"{m.name}: the Hub cannot be asked, but {m.source} is in the cache; using it")
+            report(f"{label}: the Hub cannot be asked, but {source} is in the cache; using it")
     todo = [mf for mf in needs if mf.missing]
     check_space(todo)
     lines = LineReporter(report)
     with ProgressFile(placed.ray.dashboard_url, then=lines) as progress:
         for mf in todo:
             report(f"{mf.model}: downloading {format_bytes(mf.missing)} of {mf.source} before starting it")
-            pull(mf, progress, placed_env(placed, mf.model))
+            pull(mf, progress, envs[mf.model])
     return [mf.model for mf in todo]
 
 
-def placed_env(placed: PlacedFleet, model: str) -> Mapping[str, str]:
-    return next((m.env for m in placed.models if m.name == model), {})
+_ADAPTER_FIELD = "deployments.engine.user_config.adapters."
+
+
+def plan_sources(plan: Plan, placed: PlacedFleet) -> list[tuple[str, str, Mapping[str, str]]]:
+    """(label, hf:// source, env) that apply fetches first: every created or restarted model's own and its
+    adapters' (reconciler.hub.download.hub_sources), and each hf:// adapter an in-place change adds."""
+    by_name = {m.name: m for m in placed.models}
+    out = []
+    for c in plan.changes:
+        m = by_name.get(c.model)
+        if m is None:
+            continue
+        if c.action in (Action.CREATE, Action.RESTART):
+            out += [(label, source, m.env) for label, source in hub_sources(m)]
+        elif c.action is Action.UPDATE:
+            added = {f.path.removeprefix(_ADAPTER_FIELD) for f in c.fields
+                     if f.path.startswith(_ADAPTER_FIELD) and f.before is None}
+            out += [(f"{m.name}/{a}", src, m.env) for a, src in m.adapters.items()
+                    if a in added and is_hub_source(src)]
+    return out
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from reconciler.change.plan import Action, Plan
-from reconciler.desired.placement import PlacedFleet
+from reconciler.desired.placement import PlacedFleet, PlacedModel
 from reconciler.fleetfiles.redact import env_values, scrub
 from reconciler.fleetfiles.units import format_size
 from reconciler.live.health import STATE_HEALTH, AppHealth, Health, Sync, app_health, worst
@@ -73,8 +73,23 @@ def model_rows(plan: Plan, live: LiveState, placed: PlacedFleet | None = None,
             "always_on": m.always_on if m else False,
             "swap_group": m.swap_group if m else None,
             "message": scrub(h.message, secrets),
+            "adapters": _adapters(m, state, runtime or {}, secrets),
         })
     return rows
+
+
+def _adapters(model: PlacedModel | None, base_state: str, runtime: Mapping[str, Mapping[str, Any]],
+              secrets: set[str]) -> list[dict[str, Any]]:
+    """A model's LoRA adapters, each with the state the router shows for it (its base's, or loading/failed
+    while its base's vLLM lacks it), else its base's state."""
+    if model is None:
+        return []
+    out = []
+    for name, source in model.adapters.items():
+        seen = runtime.get(name) or {}
+        out.append({"name": name, "source": source, "state": seen.get("state") or base_state,
+                    "reason": scrub(str(seen.get("reason") or ""), secrets)})
+    return out
 
 
 def _kind(app_config: Mapping[str, Any]) -> str:
@@ -143,10 +158,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         cols += ("swap_group",)
     if any(r.get("node") for r in rows):  # a fleet over several nodes: say where each model is
         cols += ("node",)
-    table = [tuple(c.upper() for c in cols)] + [
-        tuple(str(r.get(c) or "-") + (f" ({r['pending']})" if c == "sync" and r.get("pending") else "")
-              for c in cols)
-        for r in rows]
+    table = [tuple(c.upper() for c in cols)]
+    for r in rows:
+        table.append(tuple(str(r.get(c) or "-") + (f" ({r['pending']})" if c == "sync" and r.get("pending") else "")
+                           for c in cols))
+        # each LoRA adapter under its base: a model name of its own, served by the base's engine
+        table += [(f"  + {a['name']}", a["state"], *("" for _ in cols[2:])) for a in r.get("adapters") or []]
     widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip() for t in table]
     for r in rows:
@@ -154,6 +171,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"{r['model']}: {r['message'].strip().splitlines()[-1][:300]}")
         if r.get("download"):
             lines.append(f"{r['model']}: {format_download(r['download'])}")
+        lines += [f"{a['name']}: {a['reason'].strip().splitlines()[-1][:300]}" for a in r.get("adapters") or []
+                  if a.get("reason")]
     return "\n".join(lines)
 
 

@@ -399,6 +399,10 @@ def _models(rows: list[dict[str, Any]], motion: dict[str, dict[str, Any]]) -> st
                    f"<td class=inflight>{m.get('in_flight', 0) if engine else ''}</td>"
                    f"<td>{_e(sync)}</td><td>{_e(r['replicas'])}</td><td>{_e(r['gpus'])}</td><td>{log}</td>"
                    f"<td class=muted>{_e(msg[-1][:300] if msg else '')}</td></tr>")
+        for a in r.get("adapters") or []:  # each LoRA adapter under its base
+            out.append(f"<tr><td>&nbsp;&nbsp;↳ {_e(a['name'])}</td><td class=muted>adapter</td>"
+                       f"<td>{_e(a['state'])}</td>" + "<td></td>" * 9 +
+                       f"<td class=muted>{_e(a['reason'][:300])}</td></tr>")
     out.append("</table>")
     return "".join(out)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -213,3 +214,60 @@ def test_an_engine_that_cannot_start_fails_apply_with_vllms_own_error(fleet: Fle
     r = fleet.fleetctl("apply", "--auto-approve")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "broken" not in fleet.live().apps
+
+
+# ---- LoRA adapters (last: the base keeps them, and the scenarios above compare against CURRENT) ----
+
+@pytest.fixture(scope="module")
+def loras(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two random rank-8 adapters for the tiny Llama (peft), with different seeds."""
+    from tests.fixtures.tiny_lora import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    return {name: build_tiny_lora(fleet.model_dir, root / name, seed=seed)
+            for name, seed in (("lora-one", 1), ("lora-two", 2))}
+
+
+def greedy(fleet: Fleet, model: str) -> str:
+    body = {"model": model, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+    r = httpx.post(f"http://127.0.0.1:{fleet.port}/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["text"])
+
+
+def with_adapters(loras: dict[str, Path], *names: str) -> dict[str, dict[str, Any]]:
+    lines = "".join(f"\n      {n}: {loras[n]}" for n in names)
+    return {**CURRENT, "tiny-b": {"adapters": lines}}
+
+
+def test_a_model_s_first_adapter_restarts_it_and_answers_under_its_own_name(fleet: Fleet,
+                                                                            loras: dict[str, Path]) -> None:
+    fleet.write(with_adapters(loras, "lora-one"))
+    plan = apply_and_compare(fleet)
+    assert actions(plan) == {"router": "update", "tiny-a": "noop", "tiny-b": "restart"}
+    [b] = [c for c in plan["changes"] if c["model"] == "tiny-b"]
+    assert b["reasons"][0].startswith("its first adapter turns LoRA on (--enable-lora)")
+    assert greedy(fleet, "lora-one") != greedy(fleet, "tiny-b")
+
+
+def test_an_adapter_added_by_an_edit_answers_without_restarting_its_base(fleet: Fleet,
+                                                                         loras: dict[str, Path]) -> None:
+    base_answer = greedy(fleet, "tiny-b")
+    fleet.write(with_adapters(loras, "lora-one", "lora-two"))
+    r = fleet.fleetctl("plan")
+    assert r.returncode == 0, r.stderr
+    assert "~ tiny-b  will be updated in place" in r.stdout
+    assert "why: adapter added lora-two (in place" in r.stdout
+    plan = apply_and_compare(fleet)  # same replica ids and vLLM child pids: nothing restarted
+    assert actions(plan) == {"router": "update", "tiny-a": "noop", "tiny-b": "update"}
+    listed = {m["id"]: m for m in httpx.get(f"http://127.0.0.1:{fleet.port}/v1/models").json()["data"]}
+    assert listed["lora-two"]["parent"] == "tiny-b" and listed["lora-two"]["state"] == "awake"
+    two = greedy(fleet, "lora-two")
+    assert two != base_answer and two != greedy(fleet, "lora-one")
+    assert greedy(fleet, "tiny-b") == base_answer  # the base itself is as it was
+
+    fleet.write(with_adapters(loras, "lora-one"))  # and one removed: in place too, and gone from the endpoint
+    plan = apply_and_compare(fleet)
+    assert actions(plan)["tiny-b"] == "update"
+    gone = httpx.post(f"http://127.0.0.1:{fleet.port}/v1/completions", json={"model": "lora-two", "prompt": "x"})
+    assert gone.status_code == 404
