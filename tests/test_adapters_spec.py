@@ -73,3 +73,10 @@ def test_an_adapter_name_is_a_model_name_and_may_not_repeat_one(tmp_path: Path, 
              f"      {taken}: ./adapters/sql\n  other:\n    source: hf://Qwen/Qwen2.5-0.5B-Instruct\n")
     [problem] = errors(tmp_path, fleet)
     assert problem.startswith(f"fleet.yaml:5:7: models.qwen.adapters.{taken}: '{taken}' is already a model's name")
+
+
+def test_adapters_on_an_embedding_model_are_an_error(tmp_path: Path) -> None:
+    adapter(tmp_path / "adapters", "sql")
+    fleet = FLEET.format(engine="    task: embed\n", adapter="sql")
+    [problem] = errors(tmp_path, fleet)
+    assert problem.startswith("fleet.yaml:5:5: models.qwen.adapters: qwen is an embedding model (task: embed)"), problem

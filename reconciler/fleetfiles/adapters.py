@@ -72,6 +72,11 @@ def problems(fleet: Fleet, origins: Origins, root: Path) -> list[Problem]:
     found: list[Problem] = []
     taken: dict[str, str] = {name: "a model" for name in fleet.models}
     for name, model in fleet.models.items():
+        if model.adapters and model.task == "embed":
+            found.append(Problem(origins.of(("models", name, "adapters"), key=True), f"models.{name}.adapters", (
+                f"{name} is an embedding model (task: embed); LoRA adapters serve generation only: move them "
+                "under a generate model, or remove them")))
+            continue
         for adapter, source in model.adapters.items():
             where = ("models", name, "adapters", adapter)
             field = f"models.{name}.adapters.{adapter}"
