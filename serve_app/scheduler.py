@@ -3,7 +3,7 @@
 A member that holds a *turn* is admitted requests; at most ``awake`` members hold one. Requests for a
 member without a turn wait. A turn ends (the holder *closes*: it admits nothing new, and is put away
 once its requests in flight are done) when a waiting member has waited ``max_wait`` since the holder's
-turn began, or at once when the holder is idle (nothing in flight, nothing queued). So two busy
+turn began (its wake or load done), or at once when the holder is idle (nothing in flight, nothing queued). So two busy
 clients asking A, B, A, B… get runs of A, then runs of B, and a request waits at most ``max_wait`` for
 a busy member, then one swap (the holder's requests finishing, its sleep, the other's wake).
 

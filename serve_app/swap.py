@@ -341,6 +341,9 @@ class SwapGroups:
         record["_ready_at"] = time.monotonic()
         record.pop("for", None)
         group.log.append(record)
+        # The turn's slice (what max_wait bounds) starts now, when it can serve: counted from the grant,
+        # a wake longer than max_wait (a CPU load, a large model) ended the turn as soon as its queue went.
+        group.turns[model] = record["_ready_at"]
         group.ready.add(model)
         if group.queues.get(model):
             group.routing[model] = record

@@ -237,8 +237,9 @@ def test_a_request_that_waits_past_queue_timeout_gets_503_with_the_reason(fleet:
         error = refused.value.response.json()["error"]
         assert refused.value.status_code == 503 and error["code"] == "model_unavailable"
         assert "swap group `pair`" in error["message"], error["message"]
-        # what kept it busy: the routers' exact count of its requests in flight (three clients)
-        assert re.search(rf"`{awake}` \(up to [123] request\(s\) in flight\)", error["message"]), error["message"]
+        # what kept it busy: the routers' count of its requests in flight (three clients; a fourth for an
+        # instant, when a client's next request is admitted before the router has handed back its last one)
+        assert re.search(rf"`{awake}` \(up to [1-4] request\(s\) in flight\)", error["message"]), error["message"]
         assert busy.errors == [] and busy.finish and set(busy.finish) == {"length"}  # the busy member was not cut
         assert _state(awake)["state"] == "awake" and _state(other)["state"] in ("unloaded", "asleep")
     finally:
