@@ -285,13 +285,25 @@ def test_two_clients_alternating_get_runs_not_a_swap_per_request(fleet: Fleet, p
             results[i] = e
         answered[i] = time.monotonic()
 
+    # X's client is busy already (a long answer in flight), as a client that keeps asking is: an idle X
+    # would give way at once to the first Y that reaches the coordinator, whatever the send order
+    long_answer: list[str | None] = []
+    client = fleet.client(timeout=BOUND_S)
+    busy = threading.Thread(target=lambda: long_answer.append(client.completions.create(
+        model=awake, prompt="a long story", max_tokens=300, extra_body={"ignore_eos": True}).choices[0].finish_reason))
+    busy.start()
+    deadline = time.monotonic() + 120
+    while _state(awake)["in_flight"] < 1:
+        assert time.monotonic() < deadline and busy.is_alive(), "X's long answer never reached its engine"
+        time.sleep(0.1)
     threads = []
     for i in range(2 * BURST):  # X, Y, X, Y, …: arrival order alternates
         threads.append(threading.Thread(target=ask_one, args=(i, (awake, other)[i % 2])))
         threads[-1].start()
         time.sleep(0.05)
-    for thread in threads:
+    for thread in [busy, *threads]:
         thread.join(BOUND_S)
+    assert long_answer == ["length"]  # X's long answer was not cut by the swap
     assert all(r == ANSWERED for r in results.values()) and len(results) == 2 * BURST, results
     group = _group()
     swaps = group["swaps"] - swaps_before
