@@ -10,12 +10,11 @@ last part of either, since an adapter trained on a copy records that copy's path
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from reconciler.errors import Problem
-from reconciler.fleetfiles.estimate import local_folder
+from reconciler.fleetfiles.estimate import local_folder, source_json
 from reconciler.fleetfiles.loader import Origins
 from reconciler.fleetfiles.spec import Fleet, Model
 from serve_app import source as sources
@@ -25,25 +24,7 @@ VLLM_MAX_LORA_RANK = 16  # vLLM's default --max-lora-rank
 
 def adapter_config(source: str, root: Path) -> dict[str, Any] | None:
     """peft's adapter_config.json of an adapter source, when it is on this machine; None otherwise."""
-    folder = local_folder(source, root)
-    if folder is None:
-        hub = sources.hub(source)
-        if hub is None:
-            return None
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(hub.repo, "adapter_config.json", revision=hub.revision)
-        except Exception:
-            return None
-        if not isinstance(cached, str):
-            return None
-        folder = Path(cached).parent
-    try:
-        data = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return source_json(source, root, "adapter_config.json")
 
 
 def max_lora_rank(fleet: Fleet, model: Model) -> int:

@@ -131,25 +131,31 @@ def local_folder(source: str, root: Path) -> Path | None:
     return path if path.is_absolute() else (root / path).resolve()
 
 
-def hub_config(source: str) -> dict | None:
-    """config.json of an hf:// model when it is in the local Hub cache (never downloads)."""
+def hub_json(source: str, name: str = "config.json") -> dict | None:
+    """A JSON file (config.json, adapter_config.json) of an hf:// repository when it is in the local Hub
+    cache (never downloads)."""
     hub = sources.hub(source)
     if hub is None:
         return None
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        path = try_to_load_from_cache(hub.repo, "config.json", revision=hub.revision)
+        path = try_to_load_from_cache(hub.repo, name, revision=hub.revision)
     except Exception:
         return None
     return _read_json(Path(path)) if isinstance(path, str) else None
 
 
-def model_config(source: str, root: Path) -> dict | None:
+def source_json(source: str, root: Path, name: str = "config.json") -> dict | None:
+    """A JSON file of a model or adapter source: from its folder here, else from the Hub cache."""
     folder = local_folder(source, root)
     if folder is not None:
-        return _read_json(folder / "config.json")
-    return hub_config(source)
+        return _read_json(folder / name)
+    return hub_json(source, name)
+
+
+def model_config(source: str, root: Path) -> dict | None:
+    return source_json(source, root)
 
 
 def attention_heads(config: dict) -> int | None:
