@@ -100,6 +100,14 @@ def test_abandoned_stream_is_aborted_in_vllm(fleet: Fleet, ray_driver: None) -> 
     assert metric(text, "vllm:generation_tokens_total") - tokens_before < max_tokens
 
 
+def _without_keys(fleet: Fleet) -> None:
+    """The shared fleet back as the other tests use it: no API keys, /v1/models open again."""
+    fleet.apply()
+    deadline = time.monotonic() + 60
+    while httpx.get(fleet.base_url + "/models").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def test_api_key_is_required_when_configured(fleet: Fleet, api_key: str) -> None:
     from tests.conftest import TEST_API_KEY_ENV
     from tests.fixtures.serve_api import replicas, wait_running
@@ -120,10 +128,7 @@ def test_api_key_is_required_when_configured(fleet: Fleet, api_key: str) -> None
         wait_running(fleet.dashboard, ["router"])
         assert {r["replica_id"] for r in replicas(fleet.dashboard, "router", "router")} == router_before
     finally:
-        fleet.apply()
-        deadline = time.monotonic() + 60
-        while httpx.get(fleet.base_url + "/models").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        _without_keys(fleet)
 
 
 def test_scoped_keys_forbid_other_models_filter_the_lists_and_limit_the_rate(fleet: Fleet, api_key: str) -> None:
@@ -160,7 +165,4 @@ def test_scoped_keys_forbid_other_models_filter_the_lists_and_limit_the_rate(fle
         wait_running(fleet.dashboard, ["router"])  # in place: the same router replica
         assert {r["replica_id"] for r in replicas(fleet.dashboard, "router", "router")} == router_before
     finally:
-        fleet.apply()
-        deadline = time.monotonic() + 60
-        while httpx.get(fleet.base_url + "/models").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        _without_keys(fleet)
