@@ -6,6 +6,7 @@ Tests that need Ray Serve + vLLM are marked ``@pytest.mark.serve`` (deselect: -m
 
 from __future__ import annotations
 
+import fcntl
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,28 @@ TEST_API_KEY = "fleet-test-key"
 TINY_LLAMA_VERSION = "v1"
 # What a skip for a missing client says (tests/clients/conftest.py's missing_client).
 MISSING_CLIENT_HINT = "scripts/install-clients.sh"
+
+
+# The folders whose tests start real Ray heads and vLLM engines, the longest first. Under
+# scripts/test.sh's `-n 2 --dist loadgroup` each folder runs whole on one worker (its heads and fleets
+# are session or module fixtures there, started once), two folders at a time: a vLLM cold start is
+# mostly single-threaded imports, so two of them share the 2-core box well. The fast tests fill in.
+ENGINE_FOLDERS = ("serve", "serve_apply", "daemon", "clients")
+
+
+def _folder(item: pytest.Item) -> str:
+    rel = item.path.relative_to(Path(__file__).parent)
+    return rel.parts[0] if len(rel.parts) > 1 else ""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One xdist group per real-engine folder, and those folders first (the order xdist hands them out
+    with --no-loadscope-reorder): the longest work starts first, the short tests balance the end."""
+    rank = {name: i for i, name in enumerate(ENGINE_FOLDERS)}
+    for item in items:
+        if _folder(item) in rank:
+            item.add_marker(pytest.mark.xdist_group(_folder(item)))
+    items.sort(key=lambda item: rank.get(_folder(item), len(rank)))  # stable: a folder keeps its order
 
 
 def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
@@ -98,7 +121,9 @@ def tiny_llama_path() -> Path:
     """A tiny random Llama for vLLM on the CPU, built once and cached in the temp dir."""
     cache = Path(tempfile.gettempdir()) / "vllm-fleet-test-models" / f"tiny-llama-{TINY_LLAMA_VERSION}"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    return build_tiny_llama(cache)
+    with open(cache.with_name(cache.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test workers may ask at once: one builds, one waits
+        return build_tiny_llama(cache)
 
 
 @pytest.fixture(scope="session")
