@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -310,6 +310,7 @@ class DirectVLLM:
         proc = self.proc
         assert proc is not None
         wait_http_ok(f"{self.base_url}/health", deadline - time.monotonic(), alive=lambda: proc.poll() is None)
+        print(f"{self.name} up", file=sys.stderr)
         return [self]
 
     def stop(self) -> None:
@@ -462,7 +463,7 @@ class RayServeStack:
             endpoints.append(ServeEndpoint("rayllm", f"{url}/rayllm", session_id=self.head.pid))
         for ep in endpoints:
             try:
-                wait_chat_ok(ep, deadline)
+                wait_chat_ok(ep, deadline, self.app_states)
             except TimeoutError as e:
                 raise TimeoutError(f"{e}\nServe's applications on that head: {self.app_states()}") from None
         return endpoints
@@ -488,18 +489,25 @@ class RayServeStack:
             shutil.rmtree(self.head.temp_dir, ignore_errors=True)
 
 
-def wait_chat_ok(ep: Target, deadline: float) -> None:
-    """Send a 2-token chat request until one succeeds (the app is up end to end)."""
+def wait_chat_ok(ep: Target, deadline: float, describe: Callable[[], str] | None = None) -> None:
+    """Send a 2-token chat request until one succeeds (the app is up end to end); every 30 s, say on
+    stderr what it answers so far (and ``describe()``: e.g. Serve's application states)."""
     body = {"model": ep.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     last = ""
+    started = next_note = time.monotonic()
     while time.monotonic() < deadline:
         try:
             r = httpx.post(f"{ep.base_url}/v1/chat/completions", json=body, timeout=60)
             if r.status_code == 200:
+                print(f"{ep.name} up in {time.monotonic() - started:.0f} s", file=sys.stderr)
                 return
             last = f"{r.status_code} {r.text[:200]}"
         except httpx.HTTPError as e:
             last = repr(e)
+        if time.monotonic() >= next_note:
+            extra = f"; {describe()}" if describe is not None else ""
+            print(f"waiting for {ep.name} ({time.monotonic() - started:.0f} s): {last}{extra}", file=sys.stderr)
+            next_note += 30
         time.sleep(3)
     raise TimeoutError(f"{ep.name} not answering chat: {last}")
 

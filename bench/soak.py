@@ -23,6 +23,16 @@ vanishers vLLM stopped before their end. Exit code 0 when both goals hold, 1 oth
     python bench/soak.py --model DIR --gpu 0 --streams 64 --duration-s 300 --workers 4 --client-procs 4 \
         --engine-argv "--dtype bfloat16 --max-model-len 1024 --kv-cache-memory-bytes 4294967296"
 
+``--standin``: the relay alone, on any CPU, no GPU, Ray or vLLM: the router in a process of its own
+(``bench/router_alone.py``) in front of a stand-in engine (``bench/standin.py``), ``--requests``
+requests (streamed and not, in turn, a share ``--vanish`` of the streams left mid-way) from
+``--streams`` clients. Its RSS is read after ``--warmup`` requests and every ``--sample-every`` after;
+exit code 1 when it grew more than ``--max-growth-mib`` from the warm-up to the end (a leak: the
+one fixed in ``serve_app/relay.py`` grew 1.2 MiB per 1000 requests here), or on any error.
+
+    python bench/soak.py --standin                          # 10k warm-up, then 200k requests
+    python bench/soak.py --standin --requests 30000 --warmup 5000 --sample-every 5000
+
 Everything started is stopped at the end (our Ray head by its process group, never a global
 ``ray stop``).
 """
@@ -40,6 +50,7 @@ import random
 import shutil
 import signal
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,8 +78,11 @@ from relay import (  # noqa: E402
     build_tiny_llama,
     chat_body,
     engine_setup,
+    free_port,
     one_request,
     percentile,
+    stop_process_group,
+    wait_http_ok,
 )
 
 from serve_app import lifecycle, proctable  # noqa: E402
@@ -478,6 +492,134 @@ def render(rep: dict[str, Any]) -> str:
 # Main
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# --standin: the relay alone (router_alone.py in front of standin.py), memory against requests
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class StandinResult:
+    """What a stand-in soak saw: RSS samples (requests done, router RSS in KiB) and the failures."""
+
+    done: int = 0
+    samples: list[tuple[int, int]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    vanished: int = 0
+    wall_s: float = 0.0
+
+
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+async def _whole_request(client: httpx.AsyncClient, url: str, body: dict[str, Any], tokens: int) -> str:
+    """A non-streamed request: '' when it came back whole, else what went wrong."""
+    try:
+        r = await client.post(url, json={**{k: v for k, v in body.items() if k != "stream_options"}, "stream": False})
+        if r.status_code != 200:
+            return f"HTTP {r.status_code}: {r.text[:200]}"
+        got = r.json()["usage"]["completion_tokens"]
+        return "" if got == tokens else f"whole answer of {got} of {tokens} tokens"
+    except (httpx.HTTPError, ValueError, KeyError) as e:
+        return repr(e)[:200]
+
+
+async def standin_load(args: argparse.Namespace, url: str, router_pid: int) -> StandinResult:
+    """``--requests`` requests from ``--streams`` clients; the router's RSS at the warm-up and every
+    ``--sample-every`` requests after. Streamed and whole requests alternate per client; a share
+    ``--vanish`` of the streamed ones leave mid-stream."""
+    out = StandinResult()
+    body = chat_body("m", args.tokens)
+    rng = random.Random(args.seed)
+    tls = ssl.create_default_context()
+    started = 0
+    marks = {args.warmup + i * args.sample_every
+             for i in range((args.requests - args.warmup) // args.sample_every + 1)}
+
+    async def one_client(client: httpx.AsyncClient) -> None:
+        nonlocal started
+        whole = False
+        while started < args.requests:
+            started += 1
+            whole = not whole
+            if whole:
+                error = await _whole_request(client, url, body, args.tokens)
+            elif rng.random() < args.vanish:
+                v = await vanish_request(url, body, rng.randint(1, max(1, args.tokens // 2)), tls)
+                error, out.vanished = v.error, out.vanished + 1
+            else:
+                error = (await stay_request(client, url, body, args.tokens)).error
+            if error:
+                out.errors.append(error)
+            out.done += 1
+            if out.done in marks:
+                out.samples.append((out.done, _rss_kb(router_pid)))
+                if len(out.samples) == 1 or out.done % (5 * args.sample_every) == 0:
+                    print(f"  {out.done} requests: router RSS {_mib(out.samples[-1][1]):.1f} MiB",
+                          file=sys.stderr)
+
+    limits = httpx.Limits(max_connections=args.streams + 2, max_keepalive_connections=args.streams + 2)
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(READ_TIMEOUT_S, connect=30.0), limits=limits,
+                                 verify=tls) as client:
+        await asyncio.gather(*(one_client(client) for _ in range(args.streams)))
+    out.wall_s = time.monotonic() - t0
+    return out
+
+
+def run_standin(args: argparse.Namespace, work: Path) -> StandinResult:
+    """Start the stand-in engine and the router alone, load them, stop them."""
+    engine_port, router_port = free_port(), free_port()
+    engine = _spawn([str(BENCH_DIR / "standin.py"), "--port", str(engine_port),
+                     "--token-delay-s", str(args.token_delay_s)], work / "standin.log")
+    router = _spawn([str(BENCH_DIR / "router_alone.py"), "--port", str(router_port),
+                     "--engine", f"http://127.0.0.1:{engine_port}"], work / "router.log")
+    try:
+        wait_http_ok(f"http://127.0.0.1:{engine_port}/health", 60, alive=lambda: engine.poll() is None)
+        wait_http_ok(f"http://127.0.0.1:{router_port}/v1/models", 120, alive=lambda: router.poll() is None)
+        print(f"router (pid {router.pid}) and stand-in engine up", file=sys.stderr)
+        return asyncio.run(standin_load(args, f"http://127.0.0.1:{router_port}/v1/chat/completions", router.pid))
+    finally:
+        for proc in (router, engine):
+            stop_process_group(proc)
+
+
+def summarize_standin(args: argparse.Namespace, r: StandinResult) -> dict[str, Any]:
+    """The report: RSS at the warm-up and at the end, the growth between, its slope; ok or not."""
+    first, last = (r.samples[0], r.samples[-1]) if r.samples else ((0, 0), (0, 0))
+    xs, ys = [n for n, _ in r.samples], [_mib(kb) for _, kb in r.samples]
+    slope = 0.0
+    if len(xs) > 1:  # least squares, MiB per 100k requests: a trend, where first and last may be noise
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs) * 1e5
+    growth = _mib(last[1] - first[1])
+    complete = r.done == args.requests and len(r.samples) >= 2
+    return {
+        "mode": "standin", "requests": r.done, "warmup": args.warmup, "streams": args.streams,
+        "vanish": args.vanish, "vanished": r.vanished, "tokens": args.tokens, "wall_s": round(r.wall_s, 1),
+        "requests_per_s": round(r.done / r.wall_s, 1) if r.wall_s else None,
+        "errors": len(r.errors), "first_errors": sorted(set(r.errors))[:5],
+        "rss_mib_at_warmup": round(_mib(first[1]), 1), "rss_mib_at_end": round(_mib(last[1]), 1),
+        "growth_mib": round(growth, 2), "slope_mib_per_100k": round(slope, 3),
+        "max_growth_mib": args.max_growth_mib, "samples": [[n, round(_mib(kb), 2)] for n, kb in r.samples],
+        "ok": complete and not r.errors and growth <= args.max_growth_mib,
+    }
+
+
+def render_standin(rep: dict[str, Any]) -> str:
+    lines = [
+        f"relay alone, stand-in engine: {rep['requests']} requests ({rep['warmup']} warm-up), {rep['streams']} "
+        f"clients, {rep['vanished']} left mid-stream, {rep['requests_per_s']} requests/s",
+        f"router RSS after the warm-up {rep['rss_mib_at_warmup']} MiB, at the end {rep['rss_mib_at_end']} MiB: "
+        f"growth {rep['growth_mib']:+.2f} MiB (bound {rep['max_growth_mib']} MiB), trend "
+        f"{rep['slope_mib_per_100k']:+.3f} MiB per 100k requests",
+        f"errors {rep['errors']}" + "".join(f"\n  {e}" for e in rep["first_errors"]),
+        "OK: flat" if rep["ok"] else "FAIL: the router's memory grew (or requests failed)",
+    ]
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -493,7 +635,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-timeout-s", type=float, default=600.0, help="time to bring the stack up")
     p.add_argument("--keep-dir", action="store_true", help="keep the work folder (logs) at the end")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    standin = p.add_argument_group("--standin: the relay alone on the CPU (no GPU, Ray or vLLM)")
+    standin.add_argument("--standin", action="store_true", help="router_alone.py in front of standin.py")
+    standin.add_argument("--requests", type=int, default=210_000, help="requests in all, the warm-up included")
+    standin.add_argument("--warmup", type=int, default=10_000, help="requests before the first RSS reading")
+    standin.add_argument("--sample-every", type=int, default=10_000, help="requests between RSS readings")
+    standin.add_argument("--token-delay-s", type=float, default=0.002, help="the stand-in's pause per token")
+    standin.add_argument("--max-growth-mib", type=float, default=1.0,
+                         help="RSS growth from the warm-up to the end above this fails the run")
     args = p.parse_args(argv)
+    if args.standin and "--tokens" not in (argv if argv is not None else sys.argv):
+        args.tokens = 32
+    if args.standin and not 0 < args.warmup < args.requests or args.sample_every < 1:
+        p.error("need 0 < --warmup < --requests and --sample-every >= 1")
     if args.streams < 1 or args.tokens < 2 or not 0.0 <= args.vanish <= 1.0 or args.sample_s <= 0:
         p.error("need --streams >= 1, --tokens >= 2, 0 <= --vanish <= 1, --sample-s > 0")
     return args
@@ -520,11 +674,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="soak-bench-"))
     print(f"work folder {work}", file=sys.stderr)
     try:
-        report = summarize(args, run(args, work))
-        if args.json:
-            print(json.dumps(report, indent=1))
+        if args.standin:
+            report = summarize_standin(args, run_standin(args, work))
+            text = render_standin(report)
         else:
-            print(render(report))
+            report = summarize(args, run(args, work))
+            text = render(report)
+        print(json.dumps(report, indent=1) if args.json else text)
         return 0 if report["ok"] else 1
     finally:
         if args.keep_dir:

@@ -9,7 +9,8 @@ without errors, and a document uploaded into a chat is embedded by the fleet's
 embedding model (its vLLM counts the requests) and a question about it is answered from it (the
 answer's sources hold the memo); a streamed answer is stopped and then regenerated; and a second
 OpenWebUI with only its Ollama connection, pointed at the same port (the fleet speaks Ollama's API
-there too), chats. No error may show in the page at any point, and ERROR_SELECTORS are shown to
+there too), chats. With its task model set to the fleet's small model (as the README advises), a chat
+with a member of a swap group gets its title from the task model and causes no swap. No error may show in the page at any point, and ERROR_SELECTORS are shown to
 match a real OpenWebUI error (a prompt longer than the model's context), so they cannot pass
 because OpenWebUI's markup changed.
 """
@@ -234,6 +235,90 @@ def test_stop_then_regenerate_a_streamed_answer(browser: Any, webui: OpenWebUI) 
     regenerated = last_answer(page, webui)
     assert regenerated
     assert_no_error(page, webui)
+
+
+# A swap group the task-model test adds to the client fleet (and removes): two tiny Llamas, one awake
+# at a time, answering in a few tokens. Its members start unloaded.
+GROUP_FILE = "task-model-group.yaml"
+MEMBER, OTHER = "helper-a", "helper-b"
+
+
+def _group_file(model_dir: Path) -> str:
+    member = (f"    source: {model_dir}\n    swap_group: pair\n"
+              "    engine: {max_model_len: 512, override_generation_config: {max_new_tokens: 8}}\n")
+    return f"models:\n  {MEMBER}:\n{member}  {OTHER}:\n{member}"
+
+
+def _endpoint_metrics(fleet: ClientFleet) -> dict[tuple[str, str, str], float]:
+    """The endpoint's own /metrics: {(name, model, code or transition): value} for requests and transitions."""
+    out: dict[tuple[str, str, str], float] = {}
+    for line in httpx.get(fleet.endpoint + "/metrics", timeout=30).text.splitlines():
+        name, _, rest = line.partition("{")
+        if name not in ("fleet_requests_total", "fleet_model_transition_seconds_count"):
+            continue
+        labels = dict(part.split("=", 1) for part in rest.rsplit("}", 1)[0].split(","))
+        labels = {k: v.strip('"') for k, v in labels.items()}
+        key = (name, labels["model"], labels.get("code") or labels.get("transition", ""))
+        out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _requests(metrics: dict[tuple[str, str, str], float], model: str) -> float:
+    return sum(v for (name, m, _), v in metrics.items() if name == "fleet_requests_total" and m == model)
+
+
+def _wait_listed(fleet: ClientFleet, want: bool) -> None:
+    """Until the fleet's daemon has applied the group file's arrival (want) or removal."""
+    deadline = time.monotonic() + 600
+    while True:
+        ids = {m["id"] for m in httpx.get(fleet.endpoint + "/v1/models", timeout=30).json()["data"]}
+        listed = ids & {MEMBER, OTHER}
+        if listed == ({MEMBER, OTHER} if want else set()):
+            return
+        assert time.monotonic() < deadline, f"the daemon did not apply {GROUP_FILE} in time: {sorted(ids)}"
+        time.sleep(2)
+
+
+def test_a_task_model_keeps_background_tasks_off_a_swap_group(browser: Any, webui: OpenWebUI,
+                                                             client_fleet: ClientFleet, tiny_llama_path: Path) -> None:
+    """The README's advice, followed: OpenWebUI's task model (Admin → Settings → Interface → Task Model,
+    External) set to the fleet's small model outside any swap group. A chat with a swap-group member
+    then gets its title from the task model, and the title, tags and follow-ups cause no swap: the
+    member answers the chat alone, the group's other member is never loaded."""
+    group_file = client_fleet.root / "fleet.d" / GROUP_FILE
+    group_file.write_text(_group_file(tiny_llama_path))  # the daemon `up` started applies it
+    with api(webui) as client:
+        config = client.get("/api/v1/tasks/config").json()
+        try:
+            _wait_listed(client_fleet, want=True)
+            r = client.post("/api/v1/tasks/config/update", json={**config, "TASK_MODEL_EXTERNAL": CHAT})
+            assert r.status_code == 200 and r.json()["TASK_MODEL_EXTERNAL"] == CHAT, r.text
+            before = _endpoint_metrics(client_fleet)
+            page = open_chat(browser, f"{webui.url}/?models={MEMBER}")
+            assert MEMBER in selected_model(page)
+            question = "Say hello to the lighthouse keeper."
+            send(page, question)
+            assert last_answer(page, webui)
+            deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
+            title = ""
+            while time.monotonic() < deadline and title in ("", "New Chat", question):
+                assert_no_error(page, webui)
+                time.sleep(2)
+                title = client.get("/api/v1/chats/?page=1").json()[0]["title"]
+            assert title not in ("New Chat", question), webui.log_tail()
+            assert_no_error(page, webui)
+            page.close()
+            after = _endpoint_metrics(client_fleet)
+            # the chat alone reached the member; its title (and tags, follow-ups) the task model
+            assert _requests(after, MEMBER) - _requests(before, MEMBER) == 1, (before, after)
+            assert _requests(after, CHAT) > _requests(before, CHAT), (before, after)
+            # no swap: the group's other member was never asked for, loaded or woken
+            assert _requests(after, OTHER) == 0, after
+            assert not [k for k, v in after.items() if k[1] == OTHER and k[0].endswith("_count") and v], after
+        finally:
+            client.post("/api/v1/tasks/config/update", json=config)
+            group_file.unlink()
+            _wait_listed(client_fleet, want=False)
 
 
 def test_error_selectors_match_a_real_openwebui_error(browser: Any, webui: OpenWebUI) -> None:
