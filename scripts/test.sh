@@ -12,4 +12,4 @@ export HF_HUB_OFFLINE=1   # tests never reach a model hub; they build or ship th
 # --durations: the 25 slowest tests and fixtures, to see where the suite's time goes.
 # -n: two test workers (FLEET_TEST_WORKERS; 0 runs in one process); each folder that starts real
 # engines runs whole on one of them (tests/conftest.py), so two such folders run side by side.
-exec "$PY" -m pytest -q --durations=25 -n "${FLEET_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder "$@"
+exec "$PY" -m pytest -q --durations=25 -n "${FLEET_TEST_WORKERS:-2}" "$@"

@@ -27,25 +27,37 @@ MISSING_CLIENT_HINT = "scripts/install-clients.sh"
 
 
 # The folders whose tests start real Ray heads and vLLM engines, the longest first. Under
-# scripts/test.sh's `-n 2 --dist loadgroup` each folder runs whole on one worker (its heads and fleets
-# are session or module fixtures there, started once), two folders at a time: a vLLM cold start is
-# mostly single-threaded imports, so two of them share the 2-core box well. The fast tests fill in.
+# scripts/test.sh's `-n 2` each folder runs whole on one worker (its heads and fleets are session or
+# module fixtures there, started once), two folders at a time: a vLLM cold start is mostly
+# single-threaded imports, so two of them share the 2-core box well. The fast tests fill in.
 ENGINE_FOLDERS = ("serve", "serve_apply", "daemon", "clients")
 
 
-def _folder(item: pytest.Item) -> str:
-    rel = item.path.relative_to(Path(__file__).parent)
-    return rel.parts[0] if len(rel.parts) > 1 else ""
+def _engine_folder(nodeid: str) -> str | None:
+    parts = nodeid.split("::", 1)[0].split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == "tests" and parts[1] in ENGINE_FOLDERS else None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """One xdist group per real-engine folder, and those folders first (the order xdist hands them out
-    with --no-loadscope-reorder): the longest work starts first, the short tests balance the end."""
+    """The real-engine folders first, longest first (the order the scheduler below hands them out in):
+    the longest work starts first, the short tests balance the end."""
     rank = {name: i for i, name in enumerate(ENGINE_FOLDERS)}
-    for item in items:
-        if _folder(item) in rank:
-            item.add_marker(pytest.mark.xdist_group(_folder(item)))
-    items.sort(key=lambda item: rank.get(_folder(item), len(rank)))  # stable: a folder keeps its order
+    items.sort(key=lambda item: rank.get(_engine_folder(item.nodeid) or "", len(rank)))  # stable
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's scope scheduling with one scope per real-engine folder and one per other test, handed
+    out in collection order. (xdist's own `--dist loadgroup` does not group under pytest 9: it renames
+    the items through an attribute pytest 9 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FolderScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _engine_folder(nodeid) or nodeid
+
+    config.option.loadscopereorder = False  # keep the order above (xdist would sort scopes by size)
+    return FolderScheduling(config, log)
 
 
 def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
@@ -138,3 +150,4 @@ def minilm_path() -> Path:
 def api_key() -> str:
     """The key the router accepts once TEST_API_KEY_ENV is in its api_key_envs."""
     return TEST_API_KEY
+
