@@ -406,6 +406,8 @@ class SwapGroups:
         return token
 
     async def _await_turn(self, group_name: str, group: Group, model: str, t0: float) -> None:
+        logger.info("swap group %s: %s's engine asks to come up without a turn (fleetctl load, or a request "
+                    "that reached its engine unscheduled); it waits for one as a request does", group_name, model)
         queue = group.queues.setdefault(model, [])
         queue.append(t0)
         group.notify()

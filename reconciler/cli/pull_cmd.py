@@ -79,7 +79,7 @@ def pull_cmd(models: tuple[str, ...], path: Path, as_json: bool) -> None:
     try:
         with download.ProgressFile(state.placed.ray.dashboard_url, then=out.progress) as progress:
             for mf in needs:
-                download.pull(mf, progress, envs[mf.model])
+                download.pull_interruptibly(mf, progress, envs[mf.model])
                 fetched += mf.missing
     except download.DownloadError as e:
         out.fail(EXIT_ERROR, str(e))

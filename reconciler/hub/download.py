@@ -335,6 +335,37 @@ class _Tally:
         self.current = None
 
 
+def pull_interruptibly(mf: ModelFiles, on_progress: OnProgress | None = None,
+                       env: Mapping[str, str] | None = None) -> Path:
+    """``pull`` in a worker thread while this (main) thread waits in short joins, so Ctrl-C ends it at once.
+
+    A download stalled in a socket read holds the thread that reads; a SIGINT the kernel hands to any
+    other thread (those the HTTP libraries start inherit the mask of their creator) only sets Python's
+    flag and leaves the main thread in its read until the read times out. So the worker, and every
+    thread it starts, runs with SIGINT blocked: the kernel can only give Ctrl-C to the main thread,
+    which raises KeyboardInterrupt within a join; the worker is a daemon thread, ended with the
+    process, and the partial file stays for the next pull to continue."""
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["path"] = pull(mf, on_progress, env)
+        except BaseException as e:  # handed to the main thread
+            result["error"] = e
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        worker = threading.Thread(target=work, name=f"pull-{mf.model}", daemon=True)
+        worker.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in result:
+        raise result["error"]
+    return Path(result["path"])
+
+
 def _fetch_file(mf: ModelFiles, f: RepoFile, state: _Tally, env: Mapping[str, str] | None) -> None:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import http_get

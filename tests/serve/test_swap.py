@@ -320,7 +320,7 @@ def test_two_clients_alternating_get_runs_not_a_swap_per_request(fleet: Fleet, p
     group = _group()
     swaps = group["swaps"] - swaps_before
     assert 1 <= swaps <= 2 * BURST // BURST, group  # runs: at most one swap per burst, not one per request
-    assert _state(other)["state"] == "awake" and _state(awake)["state"] in ("unloaded", "asleep")
+    assert _state(other)["state"] == "awake" and _state(awake)["state"] in ("unloaded", "asleep"), group
     # the swap, timed where it happened: waiting for quiet, the unload, the load, routing to the first request
     record = group["swap_log"][-1]
     assert (record["from"], record["to"]) == (awake, other), group["swap_log"]
