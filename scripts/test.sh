@@ -10,6 +10,7 @@ source scripts/python-env.sh
 fleet_python_env
 export HF_HUB_OFFLINE=1   # tests never reach a model hub; they build or ship their models
 # --durations: the 25 slowest tests and fixtures, to see where the suite's time goes.
-# -n: two test workers (FLEET_TEST_WORKERS; 0 runs in one process); each folder that starts real
-# engines runs whole on one of them (tests/conftest.py), so two such folders run side by side.
-exec "$PY" -m pytest -q --durations=25 -n "${FLEET_TEST_WORKERS:-2}" "$@"
+# -n: FLEET_TEST_WORKERS pytest workers (default 0: one process). With N, each folder that starts
+# real engines runs whole on one worker (tests/conftest.py), N such folders side by side: for boxes
+# with cores to spare; on 2 cores two workers were no faster and timed out under the load.
+exec "$PY" -m pytest -q --durations=25 -n "${FLEET_TEST_WORKERS:-0}" "$@"

@@ -7,6 +7,7 @@ Tests that need Ray Serve + vLLM are marked ``@pytest.mark.serve`` (deselect: -m
 from __future__ import annotations
 
 import fcntl
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,8 +40,10 @@ def _engine_folder(nodeid: str) -> str | None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The real-engine folders first, longest first (the order the scheduler below hands them out in):
-    the longest work starts first, the short tests balance the end."""
+    """Under xdist: the real-engine folders first, longest first (the order the scheduler below hands
+    them out in): the longest work starts first, the short tests balance the end."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the files' own order
     rank = {name: i for i, name in enumerate(ENGINE_FOLDERS)}
     items.sort(key=lambda item: rank.get(_engine_folder(item.nodeid) or "", len(rank)))  # stable
 

@@ -62,9 +62,9 @@ class Engine:
             while True:  # keep-alive: one request after another on the connection
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.heads.append(head)
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length"))
-                body = json.loads(await reader.readexactly(length))
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0)
+                body = json.loads(await reader.readexactly(length)) if length else {}  # a GET: no body
                 if self.dropped < self.drop_first:
                     self.dropped += 1
                     writer.close()
