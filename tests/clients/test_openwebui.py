@@ -144,6 +144,20 @@ def chat_with(ui: OpenWebUI, question: str) -> dict[str, Any]:
     raise AssertionError(f"no stored chat asks {question!r}")
 
 
+def generated_title(page: Any, ui: OpenWebUI, client: httpx.Client, question: str) -> str:
+    """The newest chat's title once OpenWebUI's title task has written one (on a failed task it falls
+    back to the question itself), with no error shown meanwhile."""
+    deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
+    title = ""
+    while time.monotonic() < deadline and title in ("", "New Chat", question):
+        assert_no_error(page, ui)
+        time.sleep(2)
+        title = client.get("/api/v1/chats/?page=1").json()[0]["title"]
+    assert title not in ("New Chat", question), ui.log_tail()
+    assert_no_error(page, ui)
+    return str(title)
+
+
 def test_first_chat_message_gets_an_answer(browser: Any, webui: OpenWebUI) -> None:
     page = open_chat(browser, webui.url)
     assert CHAT in selected_model(page)  # not the embedding model
@@ -153,16 +167,8 @@ def test_first_chat_message_gets_an_answer(browser: Any, webui: OpenWebUI) -> No
     # its background tasks ran on the engine: the chat gets a generated title (on a failed task
     # OpenWebUI falls back to the question itself). Follow-ups and tags are asked for too, but a
     # 135M model rarely writes the JSON OpenWebUI parses them from.
-    question = "What is the capital of France?"
     with api(webui) as client:
-        deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
-        title = ""
-        while time.monotonic() < deadline and title in ("", "New Chat", question):
-            assert_no_error(page, webui)
-            time.sleep(2)
-            title = client.get("/api/v1/chats/?page=1").json()[0]["title"]
-    assert title not in ("New Chat", question), webui.log_tail()
-    assert_no_error(page, webui)
+        generated_title(page, webui, client, "What is the capital of France?")
 
 
 def test_embedding_model_is_not_offered_for_chat(browser: Any, webui: OpenWebUI) -> None:
@@ -300,14 +306,7 @@ def test_a_task_model_keeps_background_tasks_off_a_swap_group(browser: Any, webu
             question = "Say hello to the lighthouse keeper."
             send(page, question)
             assert last_answer(page, webui)
-            deadline = time.monotonic() + ANSWER_TIMEOUT_MS / 1000
-            title = ""
-            while time.monotonic() < deadline and title in ("", "New Chat", question):
-                assert_no_error(page, webui)
-                time.sleep(2)
-                title = client.get("/api/v1/chats/?page=1").json()[0]["title"]
-            assert title not in ("New Chat", question), webui.log_tail()
-            assert_no_error(page, webui)
+            generated_title(page, webui, client, question)
             page.close()
             after = _endpoint_metrics(client_fleet)
             # the chat alone reached the member; its title (and tags, follow-ups) the task model
