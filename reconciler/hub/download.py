@@ -335,6 +335,16 @@ class _Tally:
         self.current = None
 
 
+def _start_without_sigint(thread: threading.Thread) -> None:
+    """Start ``thread`` (and so every thread it starts) with SIGINT blocked: the kernel then gives
+    Ctrl-C only to the main thread, which is never left waiting in a stalled read for it."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def pull_interruptibly(mf: ModelFiles, on_progress: OnProgress | None = None,
                        env: Mapping[str, str] | None = None) -> Path:
     """``pull`` in a worker thread while this (main) thread waits in short joins, so Ctrl-C ends it at once.
@@ -353,12 +363,8 @@ def pull_interruptibly(mf: ModelFiles, on_progress: OnProgress | None = None,
         except BaseException as e:  # handed to the main thread
             result["error"] = e
 
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        worker = threading.Thread(target=work, name=f"pull-{mf.model}", daemon=True)
-        worker.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    worker = threading.Thread(target=work, name=f"pull-{mf.model}", daemon=True)
+    _start_without_sigint(worker)
     while worker.is_alive():
         worker.join(0.2)
     if "error" in result:
@@ -580,13 +586,8 @@ class ProgressFile:
         self._thread = threading.Thread(target=self._writer, name="pull-progress", daemon=True)
 
     def __enter__(self) -> ProgressFile:
-        # The thread starts with SIGINT blocked, so the kernel gives Ctrl-C to the main thread: one
-        # delivered here left the main thread in a stalled download's read until its timeout.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            self._thread.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        # One delivered here left the main thread in a stalled download's read until its timeout.
+        _start_without_sigint(self._thread)
         return self
 
     def __exit__(self, *exc: object) -> None:
