@@ -27,10 +27,10 @@ TINY_LLAMA_VERSION = "v1"
 MISSING_CLIENT_HINT = "scripts/install-clients.sh"
 
 
-# The folders whose tests start real Ray heads and vLLM engines, the longest first. Under
-# scripts/test.sh's `-n 2` each folder runs whole on one worker (its heads and fleets are session or
-# module fixtures there, started once), two folders at a time: a vLLM cold start is mostly
-# single-threaded imports, so two of them share the 2-core box well. The fast tests fill in.
+# The folders whose tests start real Ray heads and vLLM engines, the longest first. With pytest
+# workers (FLEET_TEST_WORKERS=N in scripts/test.sh) each folder runs whole on one worker (its heads and
+# fleets are session or module fixtures there, started once), N folders at a time; the fast tests fill
+# in. (On 2 cores this was no faster: docs/testing.md.)
 ENGINE_FOLDERS = ("serve", "serve_apply", "daemon", "clients")
 
 

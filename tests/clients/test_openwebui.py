@@ -27,6 +27,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fixtures.prom import metric
+
 from .conftest import CHAT, EMBED, ClientFleet, OpenWebUI, run_open_webui
 
 pytestmark = pytest.mark.serve
@@ -256,22 +258,9 @@ def _group_file(model_dir: Path) -> str:
     return f"models:\n  {MEMBER}:\n{member}  {OTHER}:\n{member}"
 
 
-def _endpoint_metrics(fleet: ClientFleet) -> dict[tuple[str, str, str], float]:
-    """The endpoint's own /metrics: {(name, model, code or transition): value} for requests and transitions."""
-    out: dict[tuple[str, str, str], float] = {}
-    for line in httpx.get(fleet.endpoint + "/metrics", timeout=30).text.splitlines():
-        name, _, rest = line.partition("{")
-        if name not in ("fleet_requests_total", "fleet_model_transition_seconds_count"):
-            continue
-        labels = dict(part.split("=", 1) for part in rest.rsplit("}", 1)[0].split(","))
-        labels = {k: v.strip('"') for k, v in labels.items()}
-        key = (name, labels["model"], labels.get("code") or labels.get("transition", ""))
-        out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
-def _requests(metrics: dict[tuple[str, str, str], float], model: str) -> float:
-    return sum(v for (name, m, _), v in metrics.items() if name == "fleet_requests_total" and m == model)
+def _endpoint_metrics(fleet: ClientFleet) -> str:
+    """The endpoint's own /metrics (Prometheus text)."""
+    return httpx.get(fleet.endpoint + "/metrics", timeout=30).text
 
 
 def _wait_listed(fleet: ClientFleet, want: bool) -> None:
@@ -309,12 +298,13 @@ def test_a_task_model_keeps_background_tasks_off_a_swap_group(browser: Any, webu
             generated_title(page, webui, client, question)
             page.close()
             after = _endpoint_metrics(client_fleet)
+            requests = "fleet_requests_total"  # the endpoint's own, by model
             # the chat alone reached the member; its title (and tags, follow-ups) the task model
-            assert _requests(after, MEMBER) - _requests(before, MEMBER) == 1, (before, after)
-            assert _requests(after, CHAT) > _requests(before, CHAT), (before, after)
+            assert metric(after, requests, model=MEMBER) - metric(before, requests, model=MEMBER) == 1, after
+            assert metric(after, requests, model=CHAT) > metric(before, requests, model=CHAT), after
             # no swap: the group's other member was never asked for, loaded or woken
-            assert _requests(after, OTHER) == 0, after
-            assert not [k for k, v in after.items() if k[1] == OTHER and k[0].endswith("_count") and v], after
+            assert metric(after, requests, model=OTHER) == 0, after
+            assert metric(after, "fleet_model_transition_seconds_count", model=OTHER) == 0, after
         finally:
             client.post("/api/v1/tasks/config/update", json=config)
             group_file.unlink()

@@ -112,12 +112,3 @@ def engine_info(model: str) -> dict[str, Any]:
     return dict(serve.get_app_handle(model).info.remote().result(timeout_s=60))
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus metric's samples whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            head, _, value = line.rpartition(" ")
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                total += float(value)
-    return total

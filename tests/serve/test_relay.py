@@ -9,7 +9,8 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import EMB, GEN, Fleet, engine_info, metric
+from tests.fixtures.prom import metric
+from tests.serve.conftest import EMB, GEN, Fleet, engine_info
 
 pytestmark = pytest.mark.serve
 

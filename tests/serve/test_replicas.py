@@ -19,7 +19,8 @@ import pytest
 
 from serve_app import endpoints
 from tests.fixtures.procs import alive, vllm_server
-from tests.serve.conftest import GEN, Fleet, engine_info, metric
+from tests.fixtures.prom import metric
+from tests.serve.conftest import GEN, Fleet, engine_info
 
 pytestmark = pytest.mark.serve
 START_S = 900.0  # a bound for the test, not an expectation: a vLLM start is ~1 min on an idle box
