@@ -331,10 +331,23 @@ def test_error_selectors_match_a_real_openwebui_error(browser: Any, webui: OpenW
 
 
 @pytest.fixture
-def ollama_webui(client_fleet: ClientFleet, tmp_path: Path) -> Iterator[OpenWebUI]:
-    """OpenWebUI with its OpenAI connection off and its Ollama connection at the fleet's port."""
-    yield from run_open_webui(tmp_path, client_fleet, ENABLE_OPENAI_API="false", ENABLE_OLLAMA_API="true",
-                              OLLAMA_BASE_URL=client_fleet.endpoint)
+def ollama_webui(webui: OpenWebUI, client_fleet: ClientFleet) -> Iterator[OpenWebUI]:
+    """The same OpenWebUI, switched by its admin (Admin → Settings → Connections) to the fleet as an
+    Ollama server: its OpenAI connection off, its Ollama connection on at the fleet's port. Switched
+    back afterwards."""
+    with api(webui) as client:
+        openai_cfg, ollama_cfg = client.get("/openai/config").json(), client.get("/ollama/config").json()
+        try:
+            r = client.post("/openai/config/update", json={**openai_cfg, "ENABLE_OPENAI_API": False})
+            assert r.status_code == 200 and r.json()["ENABLE_OPENAI_API"] is False, r.text
+            r = client.post("/ollama/config/update", json={"ENABLE_OLLAMA_API": True,
+                                                           "OLLAMA_BASE_URLS": [client_fleet.endpoint],
+                                                           "OLLAMA_API_CONFIGS": {}})
+            assert r.status_code == 200 and r.json()["ENABLE_OLLAMA_API"] is True, r.text
+            yield webui
+        finally:
+            client.post("/ollama/config/update", json=ollama_cfg)
+            client.post("/openai/config/update", json=openai_cfg)
 
 
 def test_openwebuis_ollama_connection_chats(browser: Any, ollama_webui: OpenWebUI, client_fleet: ClientFleet) -> None:

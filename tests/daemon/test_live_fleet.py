@@ -6,6 +6,7 @@ vLLM start costs a minute here). Restarts are judged by replica ids and vLLM chi
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -107,10 +108,23 @@ def test_a_burst_of_writes_is_one_reconcile(live: Live) -> None:
 def remove_by_hand(lv: Live, app: str) -> None:
     """A PUT of the live config without ``app``, as a dashboard user or another tool would send."""
     state = lv.fleet.live()
-    body = {"proxy_location": "EveryNode", **dict(state.globals),
-            "applications": [a.config for n, a in state.apps.items() if n != app]}
+    put_by_hand(lv, [a.config for n, a in state.apps.items() if n != app])
+
+
+def put_by_hand(lv: Live, apps: list[Any]) -> None:
+    state = lv.fleet.live()
+    body = {"proxy_location": "EveryNode", **dict(state.globals), "applications": apps}
     with live_mod.make_client(lv.head.dashboard_url) as c:
         assert c.put(live_mod.APPLICATIONS_PATH, json=body).status_code == 200
+
+
+def set_idle_by_hand(lv: Live, app: str, seconds: float) -> None:
+    """Change one app's idle_timeout on Serve behind the daemon's back (an in-place field: no restart)."""
+    apps = [copy.deepcopy(a.config) for a in lv.fleet.live().apps.values()]
+    for cfg in apps:
+        if cfg["name"] == app:
+            cfg["deployments"][0]["user_config"]["idle_timeout_s"] = seconds
+    put_by_hand(lv, apps)
 
 
 def engine_argv(lv: Live, app: str) -> list[str]:
@@ -343,17 +357,26 @@ def test_the_page_shows_a_requests_effect_within_its_refresh_interval(live: Live
 
 
 def test_a_daemon_started_on_broken_files_heals_from_the_last_good_copy(live: Live) -> None:
+    """Broken files and a live fleet changed by hand while no daemon ran: the new daemon shows the
+    error, keeps to the copy of the last valid files, and puts the hand-made change back from it
+    (an idle_timeout, changed in place on Serve: healed in place, no restart)."""
     assert live.stop_daemon() == 0
     good = (live.fleet.root / "fleet.yaml").read_text()
     write_atomic(live.fleet.root / "fleet.yaml", good + "# pasted \x1b[0m junk\n")
-    remove_by_hand(live, "tiny-a")
+    want = user_config(live, "tiny-a")["idle_timeout_s"]
+    set_idle_by_hand(live, "tiny-a", want + 60)
+    live.wait("the hand-made change on Serve", lambda: user_config(live, "tiny-a")["idle_timeout_s"] == want + 60, 60)
+    before = fingerprint(live.fleet.live())
     live.start_daemon()
     daemon = live.wait("the daemon holding to the last good files", lambda: (d := live.status()["daemon"])["holding"]
                        and d["spec_error"] and d, 60)
     assert daemon["spec_error"][0]["file"] == "fleet.yaml" and daemon["spec_error"][0]["line"]
     assert daemon["holding"]["files"] == ["fleet.yaml"] and daemon["holding"]["saved_at"]
     assert "last good" in httpx.get(live.api + "/").text
-    live.wait("tiny-a put back from the kept copy", lambda: healthy(live, "tiny-a"), 600)
+    live.wait("tiny-a's idle_timeout put back from the kept copy",
+              lambda: user_config(live, "tiny-a")["idle_timeout_s"] == want, 120)
+    live.wait("in sync", lambda: healthy(live, "tiny-a"), 120)
+    assert fingerprint(live.fleet.live())["tiny-a"] == before["tiny-a"]  # in place: same replica, same vLLM
     write_atomic(live.fleet.root / "fleet.yaml", good)
     live.wait("the files valid again", lambda: (d := live.status()["daemon"])["holding"] is None
               and d["spec_error"] == [], 60)

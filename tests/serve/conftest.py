@@ -1,6 +1,7 @@
 """One shared two-model fleet on real Ray Serve + vLLM (CPU) for the tests in this folder.
 
-Each vLLM start costs about a minute on this box, so the fleet is started once per session:
+Each vLLM start costs about a minute on this box, so the fleet is started once for the folder (and
+stopped with its head when the folder is done, so it takes no CPU from the tests after it):
 a tiny random Llama (generate) and all-MiniLM-L6-v2 (embed) behind the router.
 """
 
@@ -14,9 +15,57 @@ from typing import Any, NamedTuple
 import pytest
 from openai import OpenAI
 
+from reconciler.live.cluster import Head, free_port, gpu_resources, start_head, stop_head
 from tests.fixtures import serve_api
 
 GEN, EMB = "tiny-chat", "minilm"
+# Not a secret: a key that only this test cluster's router accepts.
+TEST_API_KEY_ENV = "FLEET_TEST_API_KEY"
+TEST_API_KEY = "fleet-test-key"
+
+
+@pytest.fixture(scope="package")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
+    """A Ray head of our own (free ports, short temp dir), stopped with everything it ran."""
+    logs = tmp_path_factory.mktemp("vllm-logs")
+    head = start_head(
+        num_cpus=8,
+        resources=gpu_resources(0),
+        object_store_bytes=256 * 1024**2,
+        env={TEST_API_KEY_ENV: TEST_API_KEY, "FLEET_LOG_DIR": str(logs)},
+    )
+    try:
+        yield head
+    finally:
+        stop_head(head)
+
+
+@pytest.fixture(scope="package")
+def dashboard(ray_head: Head) -> str:
+    """Base URL of the dashboard (Serve's REST API lives there)."""
+    return ray_head.dashboard_url
+
+
+@pytest.fixture(scope="package")
+def serve_http_port() -> int:
+    """The port the fleet's OpenAI endpoint (the router's own HTTP servers) binds."""
+    return free_port()
+
+
+@pytest.fixture(scope="package")
+def serve_put(dashboard: str):  # type: ignore[no-untyped-def]
+    """``serve_put(apps)``: PUT a full config with these applications, as apply does."""
+
+    def put(apps: list[dict]) -> None:  # type: ignore[type-arg]
+        serve_api.serve_put(dashboard, serve_api.serve_config(apps))
+
+    return put
+
+
+@pytest.fixture(scope="package")
+def api_key() -> str:
+    """The key the router accepts once TEST_API_KEY_ENV is in its api_key_envs."""
+    return TEST_API_KEY
 
 
 @dataclass
@@ -38,7 +87,7 @@ class Fleet:
         self.put(serve_api.compile_apps(self.root, self.models, port=self.port, **fleet_kw))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fleet(
     dashboard: str, serve_http_port: int, serve_put: Callable[..., None], tiny_llama_path: Path, minilm_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
@@ -57,7 +106,7 @@ def fleet(
     yield fleet
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_driver(ray_head: Any) -> Iterator[None]:
     """This test process joined to the test cluster, to ask engines for their info()."""
     import ray

@@ -125,18 +125,19 @@ def test_ten_concurrent_requests_to_an_unloaded_model_load_it_once(fleet: Fleet,
     assert "loading" in seen
 
 
-def test_fleetctl_unload_and_load(fleet: Fleet, cold: Path, ray_head: Any) -> None:
-    _fleetctl(ray_head.gcs_address, "load", COLD)  # whatever the idle rule did meanwhile: awake now
+def test_fleetctl_load_and_unload(fleet: Fleet, cold: Path, ray_head: Any) -> None:
+    _wait_state(COLD, "unloaded")  # the idle rule, after the last test's requests
+    loaded = _fleetctl(ray_head.gcs_address, "load", COLD, "--json")
+    assert loaded.returncode == 0, loaded.stderr
+    assert '"state": "awake"' in loaded.stdout
     guard = engine_info(COLD)["guard_pid"]
+    assert guard is not None and alive(guard)  # a vLLM started
+
     unloaded = _fleetctl(ray_head.gcs_address, "unload", COLD)
     assert unloaded.returncode == 0, unloaded.stderr
     assert unloaded.stdout.startswith(f"{COLD}: unloaded since ")
     assert _state(COLD)["state"] == "unloaded"
     assert wait_session_gone(guard) == []
-
-    loaded = _fleetctl(ray_head.gcs_address, "load", COLD, "--json")
-    assert loaded.returncode == 0, loaded.stderr
-    assert '"state": "awake"' in loaded.stdout
 
     refused = _fleetctl(ray_head.gcs_address, "unload", EMB)
     assert refused.returncode == 1 and "always_on" in refused.stderr

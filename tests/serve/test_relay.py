@@ -110,8 +110,8 @@ def _without_keys(fleet: Fleet) -> None:
 
 
 def test_api_key_is_required_when_configured(fleet: Fleet, api_key: str) -> None:
-    from tests.conftest import TEST_API_KEY_ENV
     from tests.fixtures.serve_api import replicas, wait_running
+    from tests.serve.conftest import TEST_API_KEY_ENV
 
     router_before = {r["replica_id"] for r in replicas(fleet.dashboard, "router", "router")}
     fleet.apply(api_keys=[TEST_API_KEY_ENV])
@@ -135,8 +135,8 @@ def test_api_key_is_required_when_configured(fleet: Fleet, api_key: str) -> None
 def test_scoped_keys_forbid_other_models_filter_the_lists_and_limit_the_rate(fleet: Fleet, api_key: str) -> None:
     """One key scoped to the chat model with rpm 3, applied in place: the embedding model is 403 (OpenAI's and
     Ollama's shapes) and unlisted, and the 4th request to a model in a minute is 429 with Retry-After."""
-    from tests.conftest import TEST_API_KEY_ENV
     from tests.fixtures.serve_api import replicas, wait_running
+    from tests.serve.conftest import TEST_API_KEY_ENV
 
     router_before = {r["replica_id"] for r in replicas(fleet.dashboard, "router", "router")}
     fleet.apply(api_keys=[{"env": TEST_API_KEY_ENV, "models": [GEN], "rpm": 3}])

@@ -1,5 +1,6 @@
-"""`replicas: 2` of one model behind the router: both engines serve, a dead one drops out and returns,
-and concurrent streams with some clients vanishing mid-stream all end well (real Serve + vLLM, CPU).
+"""`replicas: 2` of one model behind the router: both engines serve, a killed replica drops out (its
+vLLM with it) and returns, and concurrent streams with some clients vanishing mid-stream all end well
+(real Serve + vLLM, CPU).
 
 Runs after test_relay.py and before test_resilience.py (file order); the model is back at one
 replica when it ends.
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from serve_app import endpoints
-from tests.fixtures.procs import alive, vllm_server
+from tests.fixtures.procs import alive, vllm_server, wait_session_gone
 from tests.fixtures.prom import metric
 from tests.serve.conftest import GEN, Fleet, engine_info
 
@@ -127,10 +128,13 @@ def test_streams_complete_while_other_clients_vanish(fleet: Fleet, two_replicas:
 
 
 def test_dead_replica_drops_out_and_returns(fleet: Fleet, two_replicas: set[str]) -> None:
+    """One replica SIGKILLed (as the OOM killer would): its vLLM goes with it (no orphan), the other
+    replica serves meanwhile, and Serve's replacement registers and serves. (A vLLM that dies under
+    a live replica: tests/serve/test_resilience.py.)"""
     victim = engine_info(GEN)
-    os.kill(vllm_server(victim["guard_pid"]), signal.SIGKILL)
-    while alive(victim["guard_pid"]):
-        time.sleep(0.1)
+    assert alive(vllm_server(victim["guard_pid"]))
+    os.kill(victim["replica_pid"], signal.SIGKILL)
+    assert wait_session_gone(victim["guard_pid"], timeout_s=30) == []  # no vLLM process left behind
     # The survivor takes every request meanwhile: the router skips a replica that refuses.
     results = asyncio.run(_load(fleet.base_url, streams=6, concurrency=3, tokens=8))
     assert results == [8] * 6

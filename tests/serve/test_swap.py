@@ -113,7 +113,7 @@ def test_members_start_unloaded_and_alternating_requests_are_all_answered(fleet:
     listed = _listed(fleet)
     assert listed[A]["swap_group"] == listed[B]["swap_group"] == "pair"
     # Each member streamed and not; two turns (a turn is a vLLM cold start on the CPU). The way back,
-    # B swapped out for A, is the next test's first request.
+    # B swapped out for A, is the next test's.
     for i, (model, stream) in enumerate([(A, True), (B, False), (B, True)]):
         assert _ask(fleet, model, stream) == ANSWERED, (i, model)
         assert _state(model)["state"] == "awake"
@@ -130,39 +130,40 @@ def test_members_start_unloaded_and_alternating_requests_are_all_answered(fleet:
 
 
 def test_a_long_stream_is_not_cut_the_other_member_waits_for_it(fleet: Fleet, pair: Sampler) -> None:
-    assert _ask(fleet, A, stream=False) == ANSWERED  # A's turn again: B swapped out, A awake
-    assert _state(B)["counts"]["swapped_out"] >= 1 and _state(B)["state"] in ("unloaded", "asleep")
+    """B (awake since the last test) streams a long answer; A, asked meanwhile, waits for it to end."""
+    assert _state(B)["state"] == "awake" and _state(A)["state"] in ("unloaded", "asleep")
     tokens = 600
     client = fleet.client(timeout=BOUND_S)
-    stream = client.completions.create(model=A, prompt="a long story", max_tokens=tokens, stream=True,
+    stream = client.completions.create(model=B, prompt="a long story", max_tokens=tokens, stream=True,
                                        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     events: dict[str, float] = {}
     answer: dict[str, Answered | BaseException] = {}
 
-    def ask_b() -> None:
+    def ask_a() -> None:
         try:
-            answer["b"] = _ask(fleet, B, stream=False)
+            answer["a"] = _ask(fleet, A, stream=False)
         except BaseException as e:  # noqa: BLE001 - reported below
-            answer["b"] = e
-        events["b_answered"] = time.monotonic()
+            answer["a"] = e
+        events["a_answered"] = time.monotonic()
 
-    asker = threading.Thread(target=ask_b)
+    asker = threading.Thread(target=ask_a)
     usage = None
     finish = None
     for i, chunk in enumerate(stream):
         if i == 0:
-            asker.start()  # B is asked while A streams
+            asker.start()  # A is asked while B streams
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
         if chunk.usage:
             usage = chunk.usage
-        time.sleep(0.02)  # a slow reader: A keeps a request in flight for a while
-    events["a_done"] = time.monotonic()
+        time.sleep(0.02)  # a slow reader: B keeps a request in flight for a while
+    events["b_done"] = time.monotonic()
     asker.join(BOUND_S)
-    assert finish == "length" and usage is not None and usage.completion_tokens == tokens  # A was not cut
-    assert answer["b"] == ANSWERED, answer["b"]
-    assert events["b_answered"] > events["a_done"]  # B got its turn only after A's stream ended
-    assert _state(B)["state"] == "awake" and _state(A)["state"] in ("unloaded", "asleep")
+    assert finish == "length" and usage is not None and usage.completion_tokens == tokens  # B was not cut
+    assert answer["a"] == ANSWERED, answer["a"]
+    assert events["a_answered"] > events["b_done"]  # A got its turn only after B's stream ended
+    assert _state(A)["state"] == "awake" and _state(B)["state"] in ("unloaded", "asleep")
+    assert _state(B)["counts"]["swapped_out"] >= 1  # both members have now been swapped out
     assert pair.both == []
 
 

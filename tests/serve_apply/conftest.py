@@ -19,12 +19,18 @@ from .helpers import Fleet
 
 
 @pytest.fixture(scope="module")
-def apply_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Head]:
+def head_env() -> dict[str, str]:
+    """What a module adds to its head's environment (override it in the module)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def apply_head(tmp_path_factory: pytest.TempPathFactory, head_env: dict[str, str]) -> Iterator[cluster.Head]:
     logs = tmp_path_factory.mktemp("vllm-logs")
     head = cluster.start_head(num_cpus=8, resources={}, object_store_bytes=256 * 1024**2,
                               # one start per engine (3 by default): the broken engine's test waits for
                               # every failed start, each a vLLM import on the CPU
-                              env={"FLEET_LOG_DIR": str(logs), ENGINE_START_ATTEMPTS_ENV: "1"})
+                              env={"FLEET_LOG_DIR": str(logs), ENGINE_START_ATTEMPTS_ENV: "1", **head_env})
     try:
         yield head
     finally:

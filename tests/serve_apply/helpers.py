@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ class Fleet:
     port: int
     lock_dir: Path
     model_dir: Path
+    env_extra: dict[str, str | None] = field(default_factory=dict)  # for fleetctl; None removes a variable
 
     def write(self, models: dict[str, dict[str, Any]], extra: str = "") -> None:
         write_atomic(self.root / "fleet.yaml", self.text(models, extra))
@@ -42,8 +43,8 @@ class Fleet:
         ]  # fmt: skip
         for name, fields in models.items():
             lines.append(f"  {name}:")
-            lines.append(f"    source: {self.model_dir}")
-            lines += [f"    {k}: {v}" for k, v in fields.items()]
+            lines.append(f"    source: {fields.get('source', self.model_dir)}")
+            lines += [f"    {k}: {v}" for k, v in fields.items() if k != "source"]
         return "\n".join(lines) + "\n" + extra
 
     def fleetctl(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -55,7 +56,13 @@ class Fleet:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "FLEET_LOCK_DIR": str(self.lock_dir), "NO_COLOR": "1"}
+        env = {**os.environ, "FLEET_LOCK_DIR": str(self.lock_dir), "NO_COLOR": "1"}
+        for k, v in self.env_extra.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        return env
 
     def live(self) -> live.LiveState:
         return live.read_live_state(self.dashboard_url)

@@ -3,12 +3,19 @@
 The tests share one Ray head and the deployments of the previous test (vLLM starts cost about
 a minute each here), so they run in file order. In every scenario the action the plan predicts
 for each app must equal what happened, judged by replica ids and vLLM child pids.
+
+The model added on the way is an hf:// one, from a local stand-in of the Hub (tests/fixtures/hub.py;
+the real Hub is not reachable here): `plan` says how much will be downloaded, `apply` downloads it
+before it touches Serve, and the engine starts from the cache alone — the head has
+``HF_HUB_OFFLINE=1``, so vLLM could not have fetched anything itself.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +23,8 @@ import httpx
 import pytest
 
 from reconciler.change.plan import fingerprint_live
+from reconciler.fleetfiles.units import format_size
+from tests.fixtures.hub import StandInHub
 
 from .helpers import Fleet, fingerprint
 
@@ -24,6 +33,32 @@ pytestmark = pytest.mark.serve
 MODELS: dict[str, dict[str, Any]] = {"tiny-a": {}, "tiny-b": {}}
 # What each predicted action must look like in replica ids / child pids.
 EXPECTED = {"noop": "kept", "update": "kept", "restart": "replaced", "create": "new", "delete": "gone"}
+REPO = "test-org/tiny-llama"  # on the stand-in Hub: the tiny Llama's files
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_llama_path: Path) -> Iterator[StandInHub]:
+    with StandInHub() as h:
+        h.add_folder(REPO, tiny_llama_path)
+        yield h
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hf-cache")
+
+
+@pytest.fixture(scope="module")
+def head_env(hf_cache: Path) -> dict[str, str]:
+    """The engines read the Hub cache that fleetctl fills, and may not reach a Hub themselves."""
+    return {"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def fleet(fleet: Fleet, hub: StandInHub, hf_cache: Path) -> Fleet:
+    """The folder's fleet, with fleetctl pointed at the stand-in Hub (HF_ENDPOINT) and the same cache."""
+    fleet.env_extra = {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": None}
+    return fleet
 
 
 def plan_json(fleet: Fleet) -> dict[str, Any]:
@@ -54,13 +89,18 @@ def observed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, str]:
 
 def apply_and_compare(fleet: Fleet) -> dict[str, Any]:
     """Plan, apply, and check that each app did what the plan said. Returns the plan."""
+    return applied_as_planned(fleet)[0]
+
+
+def applied_as_planned(fleet: Fleet) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """apply_and_compare, and what `apply` printed."""
     plan = plan_json(fleet)
     before = fingerprint(fleet.live())
     r = fleet.fleetctl("apply", "--auto-approve")
     assert r.returncode == 0, r.stdout + r.stderr
     after = fingerprint(fleet.live())
     assert observed(before, after) == predicted(plan)
-    return plan
+    return plan, r
 
 
 def actions(plan: dict[str, Any]) -> dict[str, str]:
@@ -107,11 +147,37 @@ def test_engine_arg_restarts_only_that_model(fleet: Fleet) -> None:
     assert a["restart_fields"] == ["args.engine_argv"]
 
 
-def test_adding_a_model_creates_only_it(fleet: Fleet) -> None:
-    fleet.write({"tiny-a": {"idle_timeout": "30m", "engine": "{max_model_len: 128}"}, "tiny-b": {}, "tiny-c": {}})
-    plan = apply_and_compare(fleet)
+def test_adding_a_model_creates_only_it(fleet: Fleet, hub: StandInHub) -> None:
+    """The model added is a Hub one: downloaded by apply before Serve is asked to start it."""
+    total = sum(len(v) for v in hub.repos[REPO].files.values())
+    fleet.write({"tiny-a": {"idle_timeout": "30m", "engine": "{max_model_len: 128}"}, "tiny-b": {},
+                 "tiny-c": {"source": f"hf://{REPO}", "size": "2MiB"}})
+    r = fleet.fleetctl("plan")
+    assert r.returncode == 0, r.stderr
+    assert f"      download: {format_size(total)} from the Hub before it starts" in r.stdout.splitlines()
+    [c] = [c for c in plan_json(fleet)["changes"] if c["model"] == "tiny-c"]
+    assert c["download"] == {"source": f"hf://{REPO}", "total_bytes": total, "missing_bytes": total, "note": ""}
+    assert hub.bytes_served(REPO) == 0  # planning measures; it downloads nothing
+
+    plan, applied = applied_as_planned(fleet)
     # The router learns the new name in place (its user_config): its replica is kept.
     assert actions(plan) == {"router": "update", "tiny-a": "noop", "tiny-b": "noop", "tiny-c": "create"}
+    lines = applied.stderr.splitlines()
+    fetched = lines.index(f"tiny-c: downloading {format_size(total)} of hf://{REPO} before starting it")
+    sent = next(i for i, line in enumerate(lines) if line.startswith("sending the config to Serve"))
+    assert fetched < sent  # the download came first
+    assert hub.bytes_served(REPO) == total
+    body = {"model": "tiny-c", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
+            "ignore_eos": True}
+    r = httpx.post(f"http://127.0.0.1:{fleet.port}/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4  # its engine, started from the cache, answered
+
+    again = fleet.fleetctl("plan", "--detailed-exitcode")
+    assert again.returncode == 0, again.stdout + again.stderr
+    pulled = fleet.fleetctl("pull", "tiny-c")
+    assert pulled.returncode == 0 and "already downloaded" in pulled.stderr, pulled.stderr
+    assert hub.bytes_served(REPO) == total
 
 
 def test_removing_a_model_deletes_only_it(fleet: Fleet) -> None:
