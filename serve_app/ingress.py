@@ -39,6 +39,11 @@ RELAY_PATHS = frozenset({
     "/v1/rerank",
 })
 SHUTDOWN_GRACE_S = 5.0
+# How long an idle client connection stays open: longer than the keep-alive of the clients people use
+# (httpx, so the openai SDK: 5 s; aiohttp, so OpenWebUI: 15 s; Node's agent: 5 s), so the client is the
+# side that closes an idle connection. At uvicorn's default (5 s, the same as httpx's), a client that
+# reused a connection just as the server closed it got a read error (bench/soak.py: 3 of 210k).
+KEEP_ALIVE_S = 75  # nginx's default
 
 
 GENERATE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -263,7 +268,7 @@ class Server:
         config = uvicorn.Config(
             Ingress(relay, app, self.recorder), loop="none", http="httptools", ws="none", lifespan="off",
             access_log=False, log_level="warning", server_header=False, date_header=False,
-            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=KEEP_ALIVE_S,
         )  # fmt: skip
         self.relay = relay
         self._uvicorn = uvicorn.Server(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import http.client
 import json
 import socket
 import threading
@@ -156,6 +157,19 @@ def test_stream_is_relayed_whole(front: Front) -> None:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) == 6
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry(front: Front) -> None:
+    """A client that idles past httpx's (the openai SDK's) 5 s keep-alive and then reuses its
+    connection finds it open: the server never closes it first (that race is a read error)."""
+    conn = http.client.HTTPConnection(front.base.removeprefix("http://"), timeout=10)
+    conn.request("GET", "/v1/models")
+    assert conn.getresponse().read() and conn.sock is not None
+    first = conn.sock
+    time.sleep(6.0)
+    conn.request("GET", "/v1/models")
+    assert conn.getresponse().status == 200 and conn.sock is first  # the same connection, still open
+    conn.close()
 
 
 def test_errors_have_openai_shape(front: Front) -> None:

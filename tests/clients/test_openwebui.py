@@ -7,9 +7,9 @@ model through OpenWebUI's OpenAI embedding engine. Checked: the first chat messa
 answer was an engine error), its background tasks (title, tags, follow-ups) reach the engine
 without errors, and a document uploaded into a chat is embedded by the fleet's
 embedding model (its vLLM counts the requests) and a question about it is answered from it (the
-answer's sources hold the memo); a streamed answer is stopped and then regenerated; and a second
-OpenWebUI with only its Ollama connection, pointed at the same port (the fleet speaks Ollama's API
-there too), chats. With its task model set to the fleet's small model (as the README advises), a chat
+answer's sources hold the memo); a streamed answer is stopped and then regenerated; and, switched by its admin to
+only its Ollama connection pointed at the same port (the fleet speaks Ollama's API there too), it
+chats. With its task model set to the fleet's small model (as the README advises), a chat
 with a member of a swap group gets its title from the task model and causes no swap. No error may
 show in the page at any point, and ERROR_SELECTORS are shown to
 match a real OpenWebUI error (a prompt longer than the model's context), so they cannot pass
