@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from tests.fixtures.prom import metric
+from tests.fixtures.serve_api import TEST_ENGINE_ENV
 
 from .conftest import CHAT, EMBED, ClientFleet, OpenWebUI, run_open_webui
 
@@ -254,7 +255,8 @@ MEMBER, OTHER = "helper-a", "helper-b"
 
 def _group_file(model_dir: Path) -> str:
     member = (f"    source: {model_dir}\n    swap_group: pair\n"
-              "    engine: {max_model_len: 512, override_generation_config: {max_new_tokens: 8}}\n")
+              "    engine: {max_model_len: 512, override_generation_config: {max_new_tokens: 8}}\n"
+              f"    env: {json.dumps(TEST_ENGINE_ENV)}\n")
     return f"models:\n  {MEMBER}:\n{member}  {OTHER}:\n{member}"
 
 

@@ -5,6 +5,7 @@ replica ids and vLLM child pids. Restarts are judged by those, never by timestam
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 
 from reconciler.live import serve_state as live
 from serve_app.proctable import cmdline, descendants
+from tests.fixtures.serve_api import TEST_ENGINE_ENV
 
 ENGINE_DEFAULTS = "{dtype: float32, enforce_eager: true, max_model_len: 256}"
 
@@ -38,7 +40,7 @@ class Fleet:
             "ray:", f"  dashboard_url: {self.dashboard_url}",
             "openai:", "  host: 127.0.0.1", f"  port: {self.port}",
             "defaults:", "  idle_timeout: 15m", f"  engine: {ENGINE_DEFAULTS}",
-            "  env: {VLLM_CPU_KVCACHE_SPACE: \"1\"}",
+            f"  env: {json.dumps(TEST_ENGINE_ENV)}",
             "models:",
         ]  # fmt: skip
         for name, fields in models.items():
