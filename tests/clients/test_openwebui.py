@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from tests.fixtures.prom import metric
-from tests.fixtures.serve_api import TEST_ENGINE_ENV
+from tests.fixtures.serve_api import TEST_ENGINE_ARGS, TEST_ENGINE_ENV
 
 from .conftest import CHAT, EMBED, ClientFleet, OpenWebUI, run_open_webui
 
@@ -251,11 +251,12 @@ def test_stop_then_regenerate_a_streamed_answer(browser: Any, webui: OpenWebUI) 
 # at a time, answering in a few tokens. Its members start unloaded.
 GROUP_FILE = "task-model-group.yaml"
 MEMBER, OTHER = "helper-a", "helper-b"
+GROUP_ENGINE = {"max_model_len": 512, "override_generation_config": {"max_new_tokens": 8}}
 
 
 def _group_file(model_dir: Path) -> str:
     member = (f"    source: {model_dir}\n    swap_group: pair\n"
-              "    engine: {max_model_len: 512, override_generation_config: {max_new_tokens: 8}}\n"
+              f"    engine: {json.dumps({**TEST_ENGINE_ARGS, **GROUP_ENGINE})}\n"
               f"    env: {json.dumps(TEST_ENGINE_ENV)}\n")
     return f"models:\n  {MEMBER}:\n{member}  {OTHER}:\n{member}"
 

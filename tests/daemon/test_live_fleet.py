@@ -6,7 +6,6 @@ vLLM start costs a minute here). Restarts are judged by replica ids and vLLM chi
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import signal
@@ -105,28 +104,6 @@ def test_a_burst_of_writes_is_one_reconcile(live: Live) -> None:
     assert after["triggers"].get("edit", 0) - before["triggers"].get("edit", 0) == 1
 
 
-def remove_by_hand(lv: Live, app: str) -> None:
-    """A PUT of the live config without ``app``, as a dashboard user or another tool would send."""
-    state = lv.fleet.live()
-    put_by_hand(lv, [a.config for n, a in state.apps.items() if n != app])
-
-
-def put_by_hand(lv: Live, apps: list[Any]) -> None:
-    state = lv.fleet.live()
-    body = {"proxy_location": "EveryNode", **dict(state.globals), "applications": apps}
-    with live_mod.make_client(lv.head.dashboard_url) as c:
-        assert c.put(live_mod.APPLICATIONS_PATH, json=body).status_code == 200
-
-
-def set_idle_by_hand(lv: Live, app: str, seconds: float) -> None:
-    """Change one app's idle_timeout on Serve behind the daemon's back (an in-place field: no restart)."""
-    apps = [copy.deepcopy(a.config) for a in lv.fleet.live().apps.values()]
-    for cfg in apps:
-        if cfg["name"] == app:
-            cfg["deployments"][0]["user_config"]["idle_timeout_s"] = seconds
-    put_by_hand(lv, apps)
-
-
 def engine_argv(lv: Live, app: str) -> list[str]:
     cfg = live_mod.read_live_state(lv.head.dashboard_url).apps[app].config or {}
     return list(cfg["args"].get("engine_argv") or [])
@@ -155,7 +132,7 @@ def test_a_second_edit_mid_start_replaces_the_first_and_a_hand_removed_start_is_
     live.wait("the second edit on Serve while the first still starts", second_on_serve, 60, every=0.2)
     # Removed by hand while it starts: the daemon's next pass sends it again, and says what happened
     drift_before = live.status()["daemon"]["drift_corrections"]
-    remove_by_hand(live, "tiny-a")
+    live.fleet.remove_by_hand("tiny-a")
     # a pass (not an edit) sends it again: a drift correction, while nothing else has drifted
     live.wait("tiny-a sent again", lambda: live.status()["daemon"]["drift_corrections"] > drift_before
               and (a := live.fleet.live().apps.get("tiny-a")) is not None and a.status != "DELETING"
@@ -186,7 +163,7 @@ def test_an_invalid_edit_changes_nothing_and_is_shown_until_fixed(live: Live) ->
 def test_an_app_deleted_by_hand_is_restored(live: Live) -> None:
     state = live.fleet.live()
     drift_before = live.status()["daemon"]["drift_corrections"]
-    remove_by_hand(live, "tiny-a")
+    live.fleet.remove_by_hand("tiny-a")
     live.wait("tiny-a gone", lambda: "tiny-a" not in live.fleet.live().apps or
               live.fleet.live().apps["tiny-a"].status == "DELETING", 120)
     # the daemon's next pass puts it back (and records that once it is up again)
@@ -364,7 +341,7 @@ def test_a_daemon_started_on_broken_files_heals_from_the_last_good_copy(live: Li
     good = (live.fleet.root / "fleet.yaml").read_text()
     write_atomic(live.fleet.root / "fleet.yaml", good + "# pasted \x1b[0m junk\n")
     want = user_config(live, "tiny-a")["idle_timeout_s"]
-    set_idle_by_hand(live, "tiny-a", want + 60)
+    live.fleet.set_idle_by_hand("tiny-a", want + 60)
     live.wait("the hand-made change on Serve", lambda: user_config(live, "tiny-a")["idle_timeout_s"] == want + 60, 60)
     before = fingerprint(live.fleet.live())
     live.start_daemon()

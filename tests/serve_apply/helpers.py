@@ -5,20 +5,22 @@ replica ids and vLLM child pids. Restarts are judged by those, never by timestam
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reconciler.live import serve_state as live
 from serve_app.proctable import cmdline, descendants
-from tests.fixtures.serve_api import TEST_ENGINE_ENV
+from tests.fixtures.serve_api import TEST_ENGINE_ARGS, TEST_ENGINE_ENV
 
-ENGINE_DEFAULTS = "{dtype: float32, enforce_eager: true, max_model_len: 256}"
+ENGINE_DEFAULTS = json.dumps({**TEST_ENGINE_ARGS, "max_model_len": 256})
 
 
 @dataclass
@@ -68,6 +70,30 @@ class Fleet:
 
     def live(self) -> live.LiveState:
         return live.read_live_state(self.dashboard_url)
+
+    def put_by_hand(self, edit: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
+        """Change Serve behind fleetctl's back, as a person with curl would: PUT the live config's
+        applications as ``edit`` returns them (it gets copies), with the live globals."""
+        state = self.live()
+        apps = edit([copy.deepcopy(dict(a.config or {})) for a in state.apps.values()])
+        body = {"proxy_location": "EveryNode", **dict(state.globals), "applications": apps}
+        with live.make_client(self.dashboard_url) as c:
+            assert c.put(live.APPLICATIONS_PATH, json=body).status_code == 200
+
+    def remove_by_hand(self, app: str) -> None:
+        """The live config without ``app``, PUT by hand."""
+        self.put_by_hand(lambda apps: [a for a in apps if a["name"] != app])
+
+    def set_idle_by_hand(self, app: str, seconds: float) -> None:
+        """One app's idle_timeout changed on Serve by hand (an in-place field: no restart)."""
+
+        def edit(apps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            for cfg in apps:
+                if cfg["name"] == app:
+                    cfg["deployments"][0]["user_config"]["idle_timeout_s"] = seconds
+            return apps
+
+        self.put_by_hand(edit)
 
 
 def write_atomic(path: Path, text: str) -> None:

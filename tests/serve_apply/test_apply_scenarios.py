@@ -190,23 +190,6 @@ def test_removing_a_model_deletes_only_it(fleet: Fleet) -> None:
 CURRENT = {"tiny-a": {"idle_timeout": "30m", "engine": "{max_model_len: 128}"}, "tiny-b": {}}
 
 
-def _put_live(fleet: Fleet, edit: Any) -> None:
-    """Change Serve behind fleetctl's back (as a person with curl would)."""
-    raw = httpx.get(fleet.dashboard_url + "/api/serve/applications/").json()
-    apps = [a["deployed_app_config"] for a in raw["applications"].values()]
-    for app in apps:
-        edit(app)
-    body = {"proxy_location": "Disabled", "applications": apps}
-    assert httpx.put(fleet.dashboard_url + "/api/serve/applications/", json=body, timeout=60).status_code == 200
-
-
-def _set_b_idle(seconds: float) -> Any:
-    def edit(app: dict[str, Any]) -> None:
-        if app["name"] == "tiny-b":
-            app["deployments"][0]["user_config"]["idle_timeout_s"] = seconds
-    return edit
-
-
 def test_stale_saved_plan_is_refused(fleet: Fleet) -> None:
     fleet.write({**CURRENT, "tiny-b": {"idle_timeout": "20m"}})
     r = fleet.fleetctl("plan", "-out", "saved.plan")
@@ -217,11 +200,11 @@ def test_stale_saved_plan_is_refused(fleet: Fleet) -> None:
     assert r.returncode == 1 and "the fleet files changed" in r.stderr
     # 2. the files are back, but someone changes Serve by hand
     fleet.write({**CURRENT, "tiny-b": {"idle_timeout": "20m"}})
-    _put_live(fleet, _set_b_idle(600.0))
+    fleet.set_idle_by_hand("tiny-b", 600.0)
     r = fleet.fleetctl("apply", "saved.plan", "--auto-approve")
     assert r.returncode == 1 and "the live Serve changed" in r.stderr
     # 3. Serve put back as it was: the saved plan applies, exactly
-    _put_live(fleet, _set_b_idle(900.0))
+    fleet.set_idle_by_hand("tiny-b", 900.0)
     before = fingerprint(fleet.live())
     r = fleet.fleetctl("apply", "saved.plan", "--auto-approve")
     assert r.returncode == 0, r.stdout + r.stderr
